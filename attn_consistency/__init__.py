@@ -1,0 +1,45 @@
+"""Visual attention consistency (Guo et al., CVPR 2019) for any multi-label classifier.
+
+The pieces: :class:`CAMHook` records class activation maps with gradients,
+the transform registry (:func:`get_transform`) moves images and heatmaps alike,
+:class:`AttentionConsistencyLoss` compares the two, and
+:class:`WeightedBCEWithLogitsLoss` is the paper's classification loss.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .cam import CAMHook
+from .classification import WeightedBCEWithLogitsLoss, positive_ratio
+from .consistency import AttentionConsistencyLoss, ConsistencyOutput, attention_consistency
+from .transforms import (
+    Flip,
+    Rotate,
+    Scale,
+    Transform,
+    Translate,
+    available_transforms,
+    get_transform,
+    register_transform,
+)
+
+try:
+    __version__ = version("attn_consistency")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AttentionConsistencyLoss",
+    "CAMHook",
+    "ConsistencyOutput",
+    "Flip",
+    "Rotate",
+    "Scale",
+    "Transform",
+    "Translate",
+    "WeightedBCEWithLogitsLoss",
+    "attention_consistency",
+    "available_transforms",
+    "get_transform",
+    "positive_ratio",
+    "register_transform",
+]

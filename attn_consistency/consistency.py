@@ -1,0 +1,269 @@
+r"""The attention consistency loss (paper Eq. 5 and 7) and the multi-view training step.
+
+.. math:: \ell_a = \frac{1}{NLHW} \sum_{i=1}^N \sum_{j=1}^L \lVert T(M)_{ij} - M'_{ij} \rVert^2
+   \qquad \ell_a = \sum_T w_T\, \ell_{a,T}
+
+with :math:`M = g(I)` the heatmaps of the original view and :math:`M' = g(T(I))` those of
+the transformed view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_finite, check_number, check_reduction, check_tensor, data_checks_enabled
+from .cam import CAMHook
+from .transforms import Transform, get_transform
+
+__all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency"]
+
+
+def _pair_checked(heatmaps: Tensor, heatmaps_t: Tensor) -> None:
+    check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+    check_tensor("heatmaps_t", heatmaps_t, 4, "(N, L, h', w')", floating=True)
+    if heatmaps.shape[:2] != heatmaps_t.shape[:2]:
+        raise ValueError(
+            "heatmaps and heatmaps_t must have the same batch size and number of labels, got "
+            f"(N, L) = {tuple(heatmaps.shape[:2])} and {tuple(heatmaps_t.shape[:2])}"
+        )
+
+
+def attention_consistency(
+    heatmaps: Tensor,
+    heatmaps_t: Tensor,
+    transform: str | Transform,
+    params: Any = None,
+    reduction: str = "mean",
+    check_finite_values: bool | None = None,
+) -> Tensor:
+    r"""Attention consistency between two views under one transform (paper Eq. 5).
+
+    Computed in float32 (or float64 for float64 input), also under autocast.
+
+    Args:
+        heatmaps: :math:`M = g(I)`, shape ``(N, L, h, w)``.
+        heatmaps_t: :math:`M' = g(T(I))`, shape ``(N, L, h', w')``.
+        transform: a :class:`~attn_consistency.transforms.Transform` or a registered name.
+        params: what ``transform.sample()`` returned for this step (and was used on the
+            image); ``None`` for a deterministic transform.
+        reduction: ``'mean'`` (Eq. 5: the mean over samples, labels and valid cells),
+            ``'sum'`` (the sum of the per-map means) or ``'none'`` (the ``(N, L)`` per-map
+            means).
+        check_finite_values: raise on nan/inf heatmaps. ``None`` checks CPU tensors only:
+            on an accelerator the check would wait for the device at every step.
+
+    Example:
+        >>> m = torch.randn(4, 14, 7, 7, requires_grad=True)
+        >>> m_t = torch.randn(4, 14, 7, 7)
+        >>> loss = attention_consistency(m, m_t, "flip")
+        >>> torch.allclose(loss, torch.nn.functional.mse_loss(m.flip(-1), m_t))
+        True
+        >>> loss.backward()
+    """
+    check_reduction(reduction)
+    transform = get_transform(transform)
+    _pair_checked(heatmaps, heatmaps_t)
+    if data_checks_enabled(check_finite_values, heatmaps, heatmaps_t):
+        check_finite("heatmaps", heatmaps)
+        check_finite("heatmaps_t", heatmaps_t)
+    dtype = torch.promote_types(heatmaps.dtype, torch.float32)
+    with torch.autocast(heatmaps.device.type, enabled=False):
+        per_map = transform.consistency(heatmaps.to(dtype), heatmaps_t.to(dtype), params)
+    if reduction == "mean":
+        return per_map.mean()
+    if reduction == "sum":
+        return per_map.sum()
+    return per_map
+
+
+class ConsistencyOutput(NamedTuple):
+    """What :meth:`AttentionConsistencyLoss.views` returns.
+
+    Attributes:
+        logits: the logits of every view, in the order of ``views``; the first view is the
+            original image.
+        loss: the weighted sum of the consistency terms.
+        terms: each consistency term before weighting, by name.
+        views: the names of the transforms applied to each view (``()`` for the original).
+    """
+
+    logits: list[Tensor]
+    loss: Tensor
+    terms: dict[str, Tensor]
+    views: list[tuple[str, ...]]
+
+
+class AttentionConsistencyLoss(nn.Module):
+    r"""Attention consistency loss (paper Eq. 5), summed over transforms (Eq. 7).
+
+    Args:
+        weights: a weight per transform name (default 1 each); the COCO setting of the
+            authors is ``{"flip": 0.6, "scale": 0.8}``.
+        reduction: ``'mean'`` (Eq. 5), ``'sum'`` or ``'none'``, see
+            :func:`attention_consistency`.
+        check_finite_values: see :func:`attention_consistency`.
+
+    Shape:
+        - heatmaps: ``(N, L, h, w)``; heatmaps_t: ``(N, L, h', w')``.
+        - output: scalar, or ``(N, L)`` with ``reduction='none'``.
+
+    Example:
+        >>> criterion = AttentionConsistencyLoss()
+        >>> flip = get_transform("flip")
+        >>> m = torch.randn(2, 5, 7, 7, requires_grad=True)
+        >>> criterion(m, m.detach().flip(-1), flip).item()
+        0.0
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        reduction: str = "mean",
+        check_finite_values: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        if weights is not None and not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a mapping from transform name to weight, got {type(weights).__name__}")
+        self.weights = {str(k): check_number(f"weights[{k!r}]", v) for k, v in (weights or {}).items()}
+        self.check_finite_values = check_finite_values
+
+    def forward(self, heatmaps: Tensor, heatmaps_t: Tensor, transform: str | Transform, params: Any = None) -> Tensor:
+        """The weighted consistency of ``heatmaps_t`` with ``transform(heatmaps)``."""
+        transform = get_transform(transform)
+        value = attention_consistency(heatmaps, heatmaps_t, transform, params, self.reduction, self.check_finite_values)
+        weight = self.weights.get(transform.name, 1.0)
+        return value if weight == 1.0 else weight * value
+
+    def views(
+        self,
+        model: nn.Module,
+        cam: CAMHook,
+        images: Tensor,
+        transforms: Sequence[str | Transform] | str | Transform,
+        *,
+        mode: str = "independent",
+        generator: torch.Generator | None = None,
+    ) -> ConsistencyOutput:
+        """Run the branches of one training step and return their logits and the loss.
+
+        Builds the views, runs one forward per distinct input size (views of equal size
+        concatenated into one batch, as the reference does, so BatchNorm sees them
+        together) and compares the heatmaps.
+
+        Modes:
+            - ``'independent'``: the original and one view per transform; one term per
+              transform, each against the original (Eq. 7).
+            - ``'product'``: a view for every combination of the transforms, and for each
+              transform a term between every pair of views that differ by it alone; pairs
+              whose maps have the same sizes are compared as one batch. With
+              ``["flip", "scale"]`` this is the authors' four-view step: (original, flip)
+              at 224 and at 192, loss ``flip@224 + flip@192 + scale``. The transforms
+              must commute.
+
+        Args:
+            model: the classifier (DDP / compiled wrappers are fine).
+            cam: the :class:`CAMHook` attached to ``model``. Its recorded maps are consumed.
+            images: the batch ``(N, C, H, W)``.
+            transforms: transforms or registered names, each used at most once.
+            mode: ``'independent'`` or ``'product'``.
+            generator: random generator for the transforms' parameters.
+
+        Returns:
+            A :class:`ConsistencyOutput`. For the classification loss, average a
+            per-sample-mean criterion over ``output.logits`` (each view has the labels of
+            the original): that equals the reference's loss over the concatenated views.
+        """
+        if self.reduction == "none":
+            raise ValueError("views() adds up its terms: use reduction='mean' or 'sum'")
+        if not isinstance(cam, CAMHook):
+            raise TypeError(f"cam must be a CAMHook attached to the model, got {type(cam).__name__}")
+        check_tensor("images", images, 4, "(N, C, H, W)", floating=True)
+        if mode not in ("independent", "product"):
+            raise ValueError(f"mode must be 'independent' or 'product', got {mode!r}")
+        chosen = self._transforms(transforms, mode)
+        params = {t.name: t.sample(generator) for t in chosen}
+        if mode == "independent":
+            views = [()] + [(t.name,) for t in chosen]
+        else:
+            views = [tuple(t.name for i, t in enumerate(chosen) if mask >> i & 1) for mask in range(2 ** len(chosen))]
+        by_name = {t.name: t for t in chosen}
+        view_images = {view: self._view_image(images, view, by_name, params) for view in views}
+        logits, heatmaps = self._forward_by_size(model, cam, view_images)
+
+        terms: dict[str, Tensor] = {}
+        loss = images.new_zeros((), dtype=torch.promote_types(images.dtype, torch.float32))
+        for transform in chosen:
+            pairs = [(v, tuple(t.name for t in chosen if t.name in v or t is transform)) for v in views]
+            pairs = [(v, w) for v, w in pairs if v != w and w in heatmaps]
+            groups: dict[tuple[torch.Size, torch.Size], list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+            for v, w in pairs:
+                groups.setdefault((heatmaps[v].shape, heatmaps[w].shape), []).append((v, w))
+            for group in groups.values():
+                name = transform.name
+                if len(groups) > 1:
+                    height, width = view_images[group[0][0]].shape[-2:]
+                    name = f"{name}@{height}" if height == width else f"{name}@{height}x{width}"
+                original = torch.cat([heatmaps[v] for v, _ in group]) if len(group) > 1 else heatmaps[group[0][0]]
+                moved = torch.cat([heatmaps[w] for _, w in group]) if len(group) > 1 else heatmaps[group[0][1]]
+                terms[name] = attention_consistency(
+                    original, moved, transform, params[transform.name], self.reduction, self.check_finite_values
+                )
+                loss = loss + self.weights.get(transform.name, 1.0) * terms[name]
+        return ConsistencyOutput([logits[v] for v in views], loss, terms, views)
+
+    def _transforms(self, transforms: Any, mode: str) -> list[Transform]:
+        if isinstance(transforms, (str, Transform)):
+            transforms = [transforms]
+        if not isinstance(transforms, Sequence) or not transforms:
+            raise ValueError("transforms must name at least one transform")
+        chosen = [get_transform(t) for t in transforms]
+        names = [t.name for t in chosen]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each transform may appear once, got {names}")
+        if mode == "product":
+            for a, b in combinations(chosen, 2):
+                if not (a.commutes_with(b) or b.commutes_with(a)):
+                    raise ValueError(
+                        f"mode='product' combines transforms that commute; {a.name!r} and {b.name!r} do not"
+                    )
+        return chosen
+
+    @staticmethod
+    def _view_image(images: Tensor, view: tuple[str, ...], by_name: dict[str, Transform], params: dict[str, Any]) -> Tensor:
+        for name in view:
+            images = by_name[name].apply_image(images, params[name])
+        return images
+
+    @staticmethod
+    def _forward_by_size(
+        model: nn.Module, cam: CAMHook, view_images: dict[tuple[str, ...], Tensor]
+    ) -> tuple[dict[tuple[str, ...], Tensor], dict[tuple[str, ...], Tensor]]:
+        by_size: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
+        for view, image in view_images.items():
+            by_size.setdefault(tuple(image.shape[1:]), []).append(view)
+        logits: dict[tuple[str, ...], Tensor] = {}
+        heatmaps: dict[tuple[str, ...], Tensor] = {}
+        cam.clear()
+        for views in by_size.values():
+            batch = [view_images[v] for v in views]
+            first = batch[0]
+            batch = torch.cat(batch) if len(batch) > 1 else first
+            if first.is_contiguous(memory_format=torch.channels_last):
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            out = model(batch)
+            recorded = cam.pop()
+            if len(recorded) != 1:
+                raise RuntimeError(
+                    f"one forward recorded {len(recorded)} heatmap batches; is the CAMHook attached to this "
+                    "model (and not paused)?"
+                )
+            size = first.shape[0]
+            for view, view_logits, view_maps in zip(views, out.split(size), recorded[0].split(size)):
+                logits[view], heatmaps[view] = view_logits, view_maps
+        return logits, heatmaps

@@ -1,0 +1,536 @@
+r"""Spatial transforms applied consistently to images and to their heatmaps.
+
+A transform samples its parameters once per step, free of resolution (a flip flag, an
+angle in degrees, a scale factor, a shift as a fraction of the width and height), and
+applies the same parameters to the image batch (say 224x224) and to a heatmap batch of
+another size (7x7). The paper's equivariance constraint (Eq. 4) is
+:math:`T(g(I)) = g(T(I))`; :meth:`Transform.consistency` measures how far apart the two
+sides are, per sample and label.
+
+Exact cases are exact: a flip is ``torch.flip``, a multiple of 90 degrees is
+``torch.rot90``, a shift by a whole number of cells is indexing. Other angles and shifts
+go through ``kornia.geometry.transform`` with ``align_corners`` passed explicitly, and
+come with a validity mask of the heatmap cells that have a counterpart in the other view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import check_number, check_tensor
+
+__all__ = [
+    "Transform",
+    "Flip",
+    "Scale",
+    "Rotate",
+    "Translate",
+    "register_transform",
+    "get_transform",
+    "available_transforms",
+]
+
+# A validity mask keeps the cells whose bilinear sample lies wholly inside the source
+# (interpolating a map of ones gives 1 there, less where zero padding is mixed in).
+_MASK_THRESHOLD = 1.0 - 1e-3
+
+
+class Transform:
+    """A spatial transform of images and heatmaps; subclass it to add your own.
+
+    A subclass implements :meth:`apply_image` and :meth:`apply_heatmaps`, and
+    :meth:`sample` when it has random parameters. :meth:`consistency` then works as for
+    the built-ins. Register the subclass with :func:`register_transform` to refer to it by
+    name.
+
+    Example:
+        >>> class VerticalFlip(Transform):
+        ...     def apply_image(self, images, params=None):
+        ...         return images.flip(-2)
+        ...     def apply_heatmaps(self, heatmaps, params=None):
+        ...         return heatmaps.flip(-2), None
+        >>> m = torch.randn(2, 3, 7, 7)
+        >>> VerticalFlip().consistency(m, m.flip(-2)).abs().max().item()
+        0.0
+    """
+
+    name: str = "transform"
+
+    def sample(self, generator: torch.Generator | None = None) -> Any:
+        """Draw the parameters of one step (``None`` for a deterministic transform)."""
+        return None
+
+    def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
+        """Transform an image batch ``(N, C, H, W)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement apply_image")
+
+    def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
+        """Transform a heatmap batch ``(N, L, h, w)``.
+
+        Returns:
+            The transformed heatmaps and a validity mask broadcastable to them (1 where a
+            cell has a counterpart in the other view, 0 elsewhere), or ``None`` when
+            every cell is valid.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement apply_heatmaps")
+
+    def consistency(self, heatmaps: Tensor, heatmaps_t: Tensor, params: Any = None) -> Tensor:
+        r"""Mean squared difference between :math:`T(M)` and :math:`M'` for every map.
+
+        .. math:: d_{ij} = \frac{1}{|V|} \sum_{(m, n) \in V} (T(M)_{ij}(m, n) - M'_{ij}(m, n))^2
+
+        over the valid cells :math:`V`; the mean of :math:`d` over samples and labels is
+        the paper's Eq. 5 when every cell is valid.
+
+        Args:
+            heatmaps: :math:`M = g(I)`, shape ``(N, L, h, w)``.
+            heatmaps_t: :math:`M' = g(T(I))`, shape ``(N, L, h', w')``.
+            params: what :meth:`sample` returned for this step.
+
+        Returns:
+            Tensor of shape ``(N, L)``.
+        """
+        warped, mask = self.apply_heatmaps(heatmaps, params)
+        if warped.shape != heatmaps_t.shape:
+            raise ValueError(
+                f"{self.name}: the transformed heatmaps have shape {tuple(warped.shape)} but "
+                f"heatmaps_t has shape {tuple(heatmaps_t.shape)}; did the two views get "
+                "inputs of different sizes?"
+            )
+        squared = (warped - heatmaps_t).square()
+        if mask is None:
+            return squared.mean((-2, -1))
+        mask = mask.to(squared.dtype)
+        return (squared * mask).sum((-2, -1)) / mask.sum((-2, -1)).clamp_min(1.0)
+
+    def commutes_with(self, other: Transform) -> bool:
+        """Whether applying ``self`` then ``other`` equals ``other`` then ``self``.
+
+        The ``"product"`` mode of :meth:`AttentionConsistencyLoss.views` combines
+        transforms only when they commute.
+        """
+        return False
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "name" and not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def _range(name: str, value: object) -> tuple[float, float]:
+    """A number or a ``(min, max)`` pair of numbers, as a pair."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a number or a (min, max) pair, got {len(value)} values")
+        low, high = (check_number(name, v) for v in value)
+        if low > high:
+            raise ValueError(f"{name} must be a (min, max) pair with min <= max, got {tuple(value)}")
+        return low, high
+    try:
+        number = check_number(name, value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a number or a (min, max) pair of numbers, "
+            f"got {type(value).__name__} {value!r}"
+        ) from None
+    return number, number
+
+
+def _fixed(name: str, bounds: tuple[float, float]) -> float:
+    """The parameter of a deterministic transform, used when no params are given."""
+    if bounds[0] != bounds[1]:
+        raise ValueError(
+            f"{name} draws random parameters from {bounds}: pass the params returned by sample(), "
+            "the same for the image and the heatmaps"
+        )
+    return bounds[0]
+
+
+def _uniform(bounds: tuple[float, float], generator: torch.Generator | None) -> float:
+    low, high = bounds
+    if low == high:
+        return low
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    # kornia's grid_sample wants input and grid in one dtype: sample in the input's own.
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _is_whole(value: float) -> bool:
+    return abs(value - round(value)) < 1e-6
+
+
+class Flip(Transform):
+    """Horizontal flip (along the width), by ``torch.flip``: exact at every size.
+
+    Args:
+        p: probability of flipping at a step. The paper always flips (``p=1``); with
+            ``p < 1`` a step that does not flip compares a view with itself.
+    """
+
+    name = "flip"
+
+    def __init__(self, p: float = 1.0) -> None:
+        p = check_number("p", p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+
+    def sample(self, generator: torch.Generator | None = None) -> bool:
+        if self.p in (0.0, 1.0):
+            return self.p == 1.0
+        return float(torch.rand((), generator=generator)) < self.p
+
+    def _flag(self, params: Any) -> bool:
+        if params is None:
+            if self.p not in (0.0, 1.0):
+                raise ValueError(f"flip with p={self.p} is random: pass the params returned by sample()")
+            return self.p == 1.0
+        if not isinstance(params, bool):
+            raise TypeError(f"flip params must be a bool (flip or not), got {type(params).__name__}")
+        return params
+
+    def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
+        check_tensor("images", images, 4, "(N, C, H, W)")
+        return images.flip(-1) if self._flag(params) else images
+
+    def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
+        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+        return (heatmaps.flip(-1) if self._flag(params) else heatmaps), None
+
+
+@lru_cache(maxsize=64)
+def _common_segments(size: int, size_t: int) -> tuple[list[int], list[int], list[int]]:
+    """Nearest upsampling of ``size`` and ``size_t`` cells to their LCM, as segments.
+
+    On the LCM grid cell ``k`` shows cell ``k // (lcm / size)`` of the first map and
+    ``k // (lcm / size_t)`` of the second. Both are constant between consecutive
+    multiples of either step, so the grid splits into at most ``size + size_t - 1``
+    segments. Returns, per segment, the source cell of each map and its length.
+    """
+    lcm = math.lcm(size, size_t)
+    step, step_t = lcm // size, lcm // size_t
+    edges = sorted(set(range(0, lcm, step)) | set(range(0, lcm, step_t)) | {lcm})
+    starts, ends = edges[:-1], edges[1:]
+    return [s // step for s in starts], [s // step_t for s in starts], [e - s for s, e in zip(starts, ends)]
+
+
+_segment_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _segment_tensors(shape: tuple[int, int], shape_t: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat cell indices of each block in both maps, and the block weights (area / LCM area).
+
+    Constants of the two shapes, built once per device and dtype.
+    """
+    key = (*shape, *shape_t, like.device, like.dtype)
+    cached = _segment_cache.get(key)
+    if cached is None:
+        (rows, rows_t, row_len), (cols, cols_t, col_len) = (
+            _common_segments(shape[0], shape_t[0]),
+            _common_segments(shape[1], shape_t[1]),
+        )
+        area = math.lcm(shape[0], shape_t[0]) * math.lcm(shape[1], shape_t[1])
+
+        def flat(r: list[int], c: list[int], width: int) -> Tensor:
+            return (torch.tensor(r)[:, None] * width + torch.tensor(c)[None, :]).flatten().to(like.device)
+
+        weight = torch.outer(torch.tensor(row_len, dtype=like.dtype), torch.tensor(col_len, dtype=like.dtype))
+        cached = (flat(rows, cols, shape[1]), flat(rows_t, cols_t, shape_t[1]), (weight.flatten() / area).to(like.device))
+        _segment_cache[key] = cached
+    return cached
+
+
+def scale_consistency(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
+    r"""Mean squared difference of two heatmap batches on their least-common-multiple grid.
+
+    Both maps are upsampled with nearest neighbours to
+    :math:`\mathrm{lcm}(h, h') \times \mathrm{lcm}(w, w')` (7x7 and 6x6 to 42x42, as the
+    authors' code) and compared by MSE. The upsampling is separable and piecewise
+    constant, so the LCM grid splits into at most :math:`(h + h' - 1)(w + w' - 1)` blocks
+    on which both maps are constant: the MSE is a weighted sum over those blocks, equal to
+    the materialised one, without building the LCM-sized tensors and without the
+    cancellation of an expanded :math:`\lVert a \rVert^2 + \lVert b \rVert^2 - 2ab` form.
+
+    Returns:
+        Tensor of shape ``(N, L)``.
+    """
+    n, labels, h, w = heatmaps.shape
+    index, index_t, weight = _segment_tensors((h, w), tuple(heatmaps_t.shape[-2:]), heatmaps)
+    # Cells as rows, maps as columns: each gather copies whole contiguous rows.
+    blocks = heatmaps.reshape(n * labels, -1).t()[index]
+    blocks_t = heatmaps_t.reshape(n * labels, -1).t()[index_t]
+    return (weight @ (blocks - blocks_t).square()).view(n, labels)
+
+
+class Scale(Transform):
+    """Rescale the image; compare heatmaps of different sizes on their LCM grid.
+
+    Args:
+        factor: output size over input size (the paper: 192/224), or a ``(min, max)``
+            range to draw from at each step.
+        size: a fixed output size ``(H, W)`` (or ``int`` for square) instead of a factor.
+        antialias: antialias the bilinear image resize (closest to the PIL resize of the
+            reference data loader).
+
+    The heatmaps of the two views are compared by :func:`scale_consistency`, whatever
+    their sizes (7x7 vs 6x6, 14x14 vs 12x12, non-square).
+    """
+
+    name = "scale"
+
+    def __init__(
+        self,
+        factor: float | tuple[float, float] | None = None,
+        size: int | tuple[int, int] | None = None,
+        antialias: bool = True,
+    ) -> None:
+        if factor is not None and size is not None:
+            raise ValueError("give either factor or size, not both")
+        if size is not None:
+            size = self._check_size(size)
+        elif factor is None:
+            factor = 192 / 224
+        self.factor = None if factor is None else _range("factor", factor)
+        if self.factor is not None and self.factor[0] <= 0:
+            raise ValueError(f"factor must be > 0, got {factor!r}")
+        self.size = size
+        self.antialias = antialias
+
+    @staticmethod
+    def _check_size(size: object) -> tuple[int, int]:
+        pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+        if (
+            not isinstance(pair, Sequence)
+            or len(pair) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair)
+        ):
+            raise ValueError(f"size must be a positive int or an (H, W) pair of positive ints, got {size!r}")
+        return tuple(pair)
+
+    def sample(self, generator: torch.Generator | None = None) -> float | tuple[int, int]:
+        return self.size if self.factor is None else _uniform(self.factor, generator)
+
+    def _output_size(self, size: Sequence[int], params: Any) -> tuple[int, int]:
+        if params is None:
+            params = self.size if self.factor is None else _fixed("scale factor", self.factor)
+        if isinstance(params, Sequence):
+            return self._check_size(params)
+        factor = check_number("scale params (factor)", params)
+        if factor <= 0:
+            raise ValueError(f"scale factor must be > 0, got {factor}")
+        return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
+
+    def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
+        check_tensor("images", images, 4, "(N, C, H, W)")
+        size = self._output_size(images.shape[-2:], params)
+        if tuple(images.shape[-2:]) == size:
+            return images
+        with _no_autocast(images):
+            return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+
+    def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
+        """Nearest resize of the heatmaps by the same factor (for display).
+
+        The loss does not use it: :meth:`consistency` compares the two views' own maps on
+        their common LCM grid instead, as the authors' code.
+        """
+        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+        if isinstance(params, Sequence):
+            raise ValueError("a scale to a fixed image size has no heatmap size; use a factor")
+        size = self._output_size(heatmaps.shape[-2:], params)
+        return F.interpolate(heatmaps, size=size, mode="nearest"), None
+
+    def consistency(self, heatmaps: Tensor, heatmaps_t: Tensor, params: Any = None) -> Tensor:
+        return scale_consistency(heatmaps, heatmaps_t)
+
+    def commutes_with(self, other: Transform) -> bool:
+        # A resize about the centre commutes with flips, rotations about the centre and
+        # shifts given as fractions of the size.
+        return True
+
+
+class Rotate(Transform):
+    """Rotation about the centre, counter-clockwise for a positive angle.
+
+    Args:
+        degrees: the angle, or a ``(min, max)`` range to draw from at each step. The
+            paper rotates by 90 degrees.
+        align_corners: passed to kornia for angles that are not a multiple of 90.
+
+    Multiples of 90 degrees use ``torch.rot90`` (exact; a non-square input swaps height
+    and width). Other angles leave corners with no counterpart: they are zero in the
+    transformed view and excluded from the loss through the validity mask.
+    """
+
+    name = "rotate"
+
+    def __init__(self, degrees: float | tuple[float, float] = 90.0, align_corners: bool = False) -> None:
+        self.degrees = _range("degrees", degrees)
+        self.align_corners = align_corners
+
+    def sample(self, generator: torch.Generator | None = None) -> float:
+        return _uniform(self.degrees, generator)
+
+    def _angle(self, params: Any) -> float:
+        if params is None:
+            return _fixed("rotate degrees", self.degrees)
+        return check_number("rotate params (angle in degrees)", params)
+
+    def _rotate(self, x: Tensor, angle: float) -> Tensor:
+        quarter_turns = angle / 90.0
+        if _is_whole(quarter_turns):
+            return torch.rot90(x, round(quarter_turns) % 4, dims=(-2, -1))
+        from kornia.geometry.transform import rotate
+
+        with _no_autocast(x):
+            theta = torch.full((x.shape[0],), angle, dtype=x.dtype, device=x.device)
+            return rotate(x, theta, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)
+
+    def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
+        check_tensor("images", images, 4, "(N, C, H, W)")
+        return self._rotate(images, self._angle(params))
+
+    def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
+        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+        angle = self._angle(params)
+        rotated = self._rotate(heatmaps, angle)
+        if _is_whole(angle / 90.0):
+            return rotated, None
+        ones = heatmaps.new_ones((1, 1, *heatmaps.shape[-2:]))
+        return rotated, self._rotate(ones, angle) > _MASK_THRESHOLD
+
+
+class Translate(Transform):
+    """Shift by a fraction of the width and height (positive: right and down).
+
+    Args:
+        dx: shift along the width as a fraction of it, or a ``(min, max)`` range. The
+            paper shifts 32 pixels of 224, i.e. ``1/7``: one cell of a 7x7 heatmap.
+        dy: the same along the height.
+        align_corners: passed to kornia for shifts that are not whole cells.
+
+    A shift that is a whole number of pixels (or heatmap cells) is done by indexing,
+    exactly; any other goes through kornia with bilinear sampling. Cells shifted in from
+    outside are zero and masked out of the loss.
+    """
+
+    name = "translate"
+
+    def __init__(
+        self,
+        dx: float | tuple[float, float] = 1 / 7,
+        dy: float | tuple[float, float] = 0.0,
+        align_corners: bool = False,
+    ) -> None:
+        self.dx, self.dy = _range("dx", dx), _range("dy", dy)
+        for axis, (low, high) in (("dx", self.dx), ("dy", self.dy)):
+            if not (-1.0 < low and high < 1.0):
+                raise ValueError(f"{axis} must lie in (-1, 1) (a fraction of the size), got {(low, high)}")
+        self.align_corners = align_corners
+
+    def sample(self, generator: torch.Generator | None = None) -> tuple[float, float]:
+        return _uniform(self.dx, generator), _uniform(self.dy, generator)
+
+    def _shift(self, params: Any) -> tuple[float, float]:
+        if params is None:
+            return _fixed("translate dx", self.dx), _fixed("translate dy", self.dy)
+        if not isinstance(params, Sequence) or len(params) != 2:
+            raise TypeError(f"translate params must be a (dx, dy) pair of fractions, got {params!r}")
+        return check_number("translate dx", params[0]), check_number("translate dy", params[1])
+
+    def _translate(self, x: Tensor, dx: float, dy: float) -> tuple[Tensor, Tensor]:
+        height, width = x.shape[-2:]
+        sx, sy = dx * width, dy * height
+        if _is_whole(sx) and _is_whole(sy):
+            sx, sy = round(sx), round(sy)
+            mask = x.new_zeros((1, 1, height, width), dtype=torch.bool)
+            mask[..., max(sy, 0) : height + min(sy, 0), max(sx, 0) : width + min(sx, 0)] = True
+            return torch.roll(x, shifts=(sy, sx), dims=(-2, -1)) * mask, mask
+        from kornia.geometry.transform import translate
+
+        with _no_autocast(x):
+            shift = torch.tensor([[sx, sy]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2)
+            ones = x.new_ones((1, 1, height, width))
+            warp = lambda t, s: translate(t, s, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)  # noqa: E731
+            return warp(x, shift), warp(ones, shift[:1]) > _MASK_THRESHOLD
+
+    def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
+        check_tensor("images", images, 4, "(N, C, H, W)")
+        return self._translate(images, *self._shift(params))[0]
+
+    def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
+        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+        return self._translate(heatmaps, *self._shift(params))
+
+
+_REGISTRY: dict[str, Callable[..., Transform]] = {}
+
+
+def register_transform(
+    name: str, factory: Callable[..., Transform] | None = None, *, overwrite: bool = False
+) -> Callable[..., Any]:
+    """Make a transform available by name to :func:`get_transform` and the loss.
+
+    Use it as a call, ``register_transform("vflip", VerticalFlip)``, or as a class
+    decorator, ``@register_transform("vflip")``.
+
+    Args:
+        name: the name to look it up by.
+        factory: a :class:`Transform` subclass or a function returning an instance.
+        overwrite: replace an existing entry of that name instead of raising.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+
+    def add(factory: Callable[..., Transform]) -> Callable[..., Transform]:
+        if not callable(factory):
+            raise TypeError(f"factory must be a Transform subclass or a callable, got {type(factory).__name__}")
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"a transform named {name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add if factory is None else add(factory)
+
+
+def get_transform(transform: str | Transform, **kwargs: Any) -> Transform:
+    """The transform registered as ``transform``, built with ``kwargs``.
+
+    A :class:`Transform` instance is returned as it is.
+
+    Example:
+        >>> get_transform("rotate", degrees=(-30, 30))
+        Rotate(degrees=(-30.0, 30.0), align_corners=False)
+    """
+    if isinstance(transform, Transform):
+        if kwargs:
+            raise TypeError("keyword arguments apply to a transform name, not to a Transform instance")
+        return transform
+    if not isinstance(transform, str):
+        raise TypeError(f"transform must be a name or a Transform, got {type(transform).__name__}")
+    if transform not in _REGISTRY:
+        raise ValueError(f"unknown transform {transform!r}; available: {', '.join(available_transforms())}")
+    built = _REGISTRY[transform](**kwargs)
+    if not isinstance(built, Transform):
+        raise TypeError(f"the factory registered as {transform!r} returned {type(built).__name__}, not a Transform")
+    if built.name == Transform.name:
+        built.name = transform
+    return built
+
+
+def available_transforms() -> list[str]:
+    """Names accepted by :func:`get_transform`, sorted."""
+    return sorted(_REGISTRY)
+
+
+for _cls in (Flip, Scale, Rotate, Translate):
+    register_transform(_cls.name, _cls)
