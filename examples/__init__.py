@@ -1,0 +1,1 @@
+"""Reproduction scripts for the paper's experiments (WIDER Attribute, PA-100K, MS-COCO)."""

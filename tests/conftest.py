@@ -1,0 +1,6 @@
+"""Shared pytest setup: makes the repository root importable so tests can import ``examples``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
