@@ -9,7 +9,7 @@ the transformed view.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any, NamedTuple
 
@@ -20,7 +20,7 @@ from ._validation import check_finite, check_number, check_reduction, check_tens
 from .cam import CAMHook
 from .transforms import Transform, get_transform
 
-__all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency"]
+__all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency", "attention_inconsistency"]
 
 
 def _pair_checked(heatmaps: Tensor, heatmaps_t: Tensor) -> None:
@@ -267,3 +267,54 @@ class AttentionConsistencyLoss(nn.Module):
             for view, view_logits, view_maps in zip(views, out.split(size), recorded[0].split(size)):
                 logits[view], heatmaps[view] = view_logits, view_maps
         return logits, heatmaps
+
+
+@torch.no_grad()
+def attention_inconsistency(
+    model: nn.Module,
+    cam: CAMHook,
+    batches: Iterable[Tensor],
+    transform: str | Transform,
+    *,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    generator: torch.Generator | None = None,
+) -> float:
+    r"""The paper's attention inconsistency (Table 2): Eq. 5 over a whole test set.
+
+    For every batch, the heatmaps of the images and of their transformed copies are
+    compared as in training; the result is the mean over all samples, labels and cells.
+    Runs the model as it is (put it in ``eval()`` mode first).
+
+    Args:
+        model: the classifier, with ``cam`` attached.
+        cam: its :class:`~attn_consistency.CAMHook`; consumed after each batch.
+        batches: image batches ``(N, C, H, W)`` (e.g. ``(x for x, _ in loader)``).
+        transform: a transform or a registered name.
+        device: where to run (default: the batches' own device).
+        amp: run the forwards under bfloat16 autocast.
+        generator: for the transform's parameters, drawn once per batch.
+
+    Returns:
+        The mean squared heatmap difference, a float.
+    """
+    transform = get_transform(transform)
+    total, count = None, 0
+    for images in batches:
+        images = check_tensor("batch", images, 4, "(N, C, H, W)", floating=True)
+        if device is not None:
+            images = images.to(device)
+        params = transform.sample(generator)
+        cam.clear()
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            model(images)
+            model(transform.apply_image(images, params))
+        recorded = cam.pop()
+        if len(recorded) != 2:
+            raise RuntimeError(f"two forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached to this model?")
+        per_map = attention_consistency(*recorded, transform, params, reduction="sum")
+        total = per_map if total is None else total + per_map
+        count += recorded[0].shape[0] * recorded[0].shape[1]
+    if count == 0:
+        raise ValueError("batches is empty")
+    return float(total) / count

@@ -3,7 +3,8 @@
 Label-based metrics (WIDER Attribute, MS-COCO): mAP, mA, precision / recall / F1 per
 class (``-C``) and overall (``-O``), and the top-k variants used on MS-COCO.
 Example-based metrics (PA-100K): Acc, Prec, Recall, F1. Everything is computed in
-float64 on the CPU and returned as fractions in [0, 1], not percent.
+float64 on the CPU and returned as fractions in [0, 1], not percent. The attention
+inconsistency of Table 2 (Eq. 5 over a test set) is :func:`attention_inconsistency`.
 
 Label encodings (the ``encoding`` argument):
 
@@ -37,11 +38,14 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 import torch
 from torch import Tensor
 
+from .consistency import attention_inconsistency
+
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
     "Encoding",
+    "attention_inconsistency",
     "average_precision",
     "balanced_accuracy",
     "example_based_metrics",

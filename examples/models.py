@@ -1,0 +1,94 @@
+"""Backbones for the reproduction: torchvision classifiers with a new head, and a small CPU net."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["SmallResNet", "build_model"]
+
+
+class _Block(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+            if stride != 1 or inputs != outputs
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A four-stage residual net of stride 8 with a GAP-FC head, for the CPU demo.
+
+    64 px inputs give 8x8 heatmaps and 48 px inputs 6x6, so flips and scales have maps
+    fine enough to show where the net looks, at a cost a laptop trains in minutes.
+    """
+
+    def __init__(self, num_labels: int, widths: tuple[int, int, int, int] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.layers = nn.Sequential(
+            _Block(widths[0], widths[1], 2), _Block(widths[1], widths[2], 2), _Block(widths[2], widths[3], 1)
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.layers(self.stem(x))).flatten(1))
+
+
+def _replace_head(model: nn.Module, num_labels: int) -> None:
+    """Give a torchvision classifier a new linear layer with ``num_labels`` outputs."""
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        model.fc = nn.Linear(model.fc.in_features, num_labels)
+    elif isinstance(getattr(model, "classifier", None), nn.Linear):  # DenseNet
+        model.classifier = nn.Linear(model.classifier.in_features, num_labels)
+    elif isinstance(getattr(model, "classifier", None), nn.Sequential) and isinstance(model.classifier[-1], nn.Linear):
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_labels)
+    else:
+        raise ValueError(f"do not know where the classifier of {type(model).__name__} is")
+
+
+def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn.Module:
+    """A classifier with ``num_labels`` outputs.
+
+    Args:
+        arch: ``"small_resnet"`` or a torchvision classification model name (``"resnet50"``...).
+        num_labels: outputs of the new linear head.
+        pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's weights, downloaded
+            or from the torch hub cache), or the path of a local ImageNet state dict (as
+            torchvision distributes, e.g. ``resnet50-11ad3fa6.pth``); its classifier is
+            replaced by the new head.
+    """
+    if arch == "small_resnet":
+        if pretrained is not None:
+            raise ValueError("small_resnet has no pretrained weights; leave pretrained unset")
+        return SmallResNet(num_labels)
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
+    model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained == "imagenet" else None)
+    if pretrained not in (None, "imagenet"):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{path} does not hold ImageNet weights of {arch}: {error}") from None
+    _replace_head(model, num_labels)
+    return model
