@@ -212,6 +212,9 @@ class CAMHook:
             self._pending_check = (heatmaps.detach(), features.detach().mean((2, 3)))
 
     def _on_logits(self, module: nn.Module, args: tuple[Any, ...], logits: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # a data-dependent check would split the compiled graph; check in eager instead
+            return
         pending, self._pending_check = self._pending_check, None
         if pending is None:
             return
@@ -261,7 +264,8 @@ class CAMHook:
             return False
         scale = float(classifier_input[kept].abs().sum() / pooled[kept].abs().sum().clamp_min(1e-12))
         deviation = float((classifier_input[kept] - scale * pooled[kept]).abs().max())
-        return scale >= 1.0 - rtol and deviation <= rtol * (1.0 + float(classifier_input.abs().max()))
+        dropped = bool((~kept).any())
+        return dropped and scale > 1.0 + rtol and deviation <= rtol * (1.0 + float(classifier_input.abs().max()))
 
     def pop(self) -> list[Tensor]:
         """The heatmaps of every forward since the last call, oldest first; then forget them."""

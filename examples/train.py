@@ -16,6 +16,7 @@ checkpoint ``last.pt`` to ``--out``; ``--resume`` continues an interrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -60,6 +61,7 @@ class TrainConfig:
     epochs: int = 12
     batch_size: int = 16
     test_batch_size: int = 64
+    optimizer: str = "sgd"  # sgd (the paper) | adam
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -76,6 +78,8 @@ class TrainConfig:
     synthetic_train: int = 1200
     synthetic_test: int = 400
     synthetic_classes: int = 6
+    synthetic_objects: int = 3
+    synthetic_sizes: tuple[float, float] = (0.25, 0.45)  # box side range, fraction of the image
 
 
 _WIDER = dict(dataset="wider", arch="resnet50", image_size=224, scale_size=192, epochs=12, batch_size=16, lr_step=3, lr_gamma=0.5)
@@ -136,8 +140,9 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     if config.dataset == "synthetic":
         from examples.synthetic import SyntheticShapes
 
+        low, high = config.synthetic_sizes
         make = lambda n, split: SyntheticShapes(  # noqa: E731
-            n, image_size=config.image_size, num_classes=config.synthetic_classes, seed=config.seed, split=split
+            n, config.image_size, config.synthetic_classes, config.synthetic_objects, low, high, config.seed, split
         )
         return make(config.synthetic_train, "train"), make(config.synthetic_test, "test")
     from examples import datasets
@@ -180,20 +185,28 @@ class _EpochSampler(Sampler[int]):
 # --------------------------------------------------------------------------- checkpoints
 
 
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces ``path`` on success and is removed on failure."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with _replacing(path) as tmp, open(tmp, "wb") as handle:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -303,7 +316,12 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     consistency = AttentionConsistencyLoss(weights=weights)
     # the authors' flip + scale step runs all four combinations of the two
     mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
 
     start_epoch, history = 0, []
     checkpoint_path = out / "last.pt"
@@ -414,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         value = getattr(defaults, field.name)
         if field.name == "transforms":
             parser.add_argument(flag, nargs="*", default=None, help="views: flip scale rotate translate")
+        elif field.name == "synthetic_sizes":
+            parser.add_argument(flag, nargs=2, type=float, default=None, metavar=("MIN", "MAX"))
         elif field.name == "weights":
             parser.add_argument(flag, type=json.loads, default=None, help='JSON, e.g. {"flip": 0.6, "scale": 0.8}')
         elif isinstance(value, bool) or field.type in ("bool | None", "bool"):
@@ -429,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name)
         if given is not None:
-            settings[field.name] = tuple(given) if field.name == "transforms" else given
+            settings[field.name] = tuple(given) if field.name in ("transforms", "synthetic_sizes") else given
     return TrainConfig(**settings), args
 
 

@@ -1,6 +1,5 @@
 """Tests of examples.datasets on tiny fixtures written in each dataset's real file format."""
 
-import json
 import re
 from pathlib import Path
 
@@ -8,16 +7,13 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from fixtures import WIDER_NAMES, attribute, cell, save, solid, write_coco, write_wider
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from examples.datasets import COCO2014, PA100K, ImageFolderCSV, WiderAttribute
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
-WIDER_NAMES = [
-    "male", "longhair", "sunglass", "hat", "tshirt", "longsleeve", "formal",
-    "shorts", "jeans", "longpants", "skirt", "facemask", "logo", "stripe",
-]  # fmt: skip
 
 
 def quadrants() -> np.ndarray:
@@ -25,15 +21,6 @@ def quadrants() -> np.ndarray:
     pixels = np.empty((6, 8, 3), dtype=np.uint8)
     pixels[:3, :4], pixels[:3, 4:], pixels[3:, :4], pixels[3:, 4:] = RED, GREEN, BLUE, WHITE
     return pixels
-
-
-def save(path: Path, image: Image.Image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def solid(size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
-    return Image.new("RGB", size, colour)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -49,11 +36,6 @@ def to_chw_tensor(image: Image.Image) -> torch.Tensor:
 QUADRANTS = "train/0--Parade/0_Parade_marchingband_1_1.png"
 SOLID_JPEG = "val/1--Handshaking/1_Handshaking_1_2.jpg"
 NO_PEOPLE = "train/0--Parade/0_Parade_marchingband_1_3.png"
-
-
-def attribute(k: int) -> list[int]:
-    """A distinct, known 14-value attribute vector per k."""
-    return [(k + i) % 3 - 1 for i in range(14)]
 
 
 def wider_annotation() -> dict:
@@ -81,13 +63,6 @@ def wider_annotation() -> dict:
         "attribute_id_map": {str(i): name for i, name in enumerate(WIDER_NAMES)},
         "scene_id_map": {"0": "Parade", "1": "Handshaking"},
     }
-
-
-def write_wider(root: Path, annotation: dict, split: str = "trainval") -> Path:
-    path = root / "Anno" / f"wider_attribute_{split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(annotation))
-    return path
 
 
 @pytest.fixture
@@ -266,14 +241,6 @@ PA_SPLITS = {
 PA_COLOURS = {"000002.jpg": (30, 160, 90), "090002.jpg": (10, 20, 240)}
 
 
-def cell(strings: list[str]) -> np.ndarray:
-    """A Kx1 MATLAB cell array of strings, as in the real annotation.mat."""
-    array = np.empty((len(strings), 1), dtype=object)
-    for k, string in enumerate(strings):
-        array[k, 0] = string
-    return array
-
-
 def pa100k_variables() -> dict[str, np.ndarray]:
     variables = {"attributes": cell(PA_NAMES)}
     for split, (names, labels) in PA_SPLITS.items():
@@ -408,12 +375,6 @@ def coco_annotation() -> dict:
             {"supercategory": "indoor", "id": 90, "name": "toothbrush"},
         ],
     }
-
-
-def write_coco(root: Path, annotation: dict, split: str = "val") -> None:
-    path = root / "annotations" / f"instances_{split}2014.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(annotation))
 
 
 @pytest.fixture

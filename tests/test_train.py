@@ -1,0 +1,438 @@
+"""Tests of the reproduction script examples/train.py on tiny datasets in their real file formats.
+
+Each preset trains one step at 32 px (ResNet maps 1x1, the small net's 4x4 and 3x3) and evaluates,
+except the ResNet-101 ones but one, which are checked to equal their trained ResNet-50 twin but for
+the arch. Resume, atomic checkpoints, a two-process torchrun and the errors of bad inputs are tested too.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+import torchvision
+from fixtures import WIDER_NAMES, attribute, cell, noise, save, write_coco, write_wider
+
+import examples.train as train_module
+from examples.models import build_model
+from examples.train import PRESETS, TrainConfig, load_checkpoint, main, parse_args, save_atomic, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+LABEL_KEYS = {"mAP", "mA", "P-C", "R-C", "F1-C", "F1-C-harmonic", "P-O", "R-O", "F1-O"}
+TRAIN_KEYS = {"epoch", "lr", "loss", "cls_loss", "ac_loss", "inconsistency-flip", "inconsistency-scale"}
+EXTRA_KEYS = {
+    "wider": set(),
+    "pa100k": {"Acc", "Prec", "Recall", "F1"},
+    "coco": {f"{key}@3" for key in LABEL_KEYS - {"mAP", "mA"}},
+    "synthetic": {"pointing-game"},
+}
+# Four samples per split, every label positive in two and negative in two (WIDER: also unspecified),
+# so that every label-based metric is defined.
+LABELS = [[1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1]]
+PA_NAMES = ["Female", "AgeOver60", "Age18-60", "Hat"]
+COCO_CATEGORIES = [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}]  # fmt: skip
+# Batch 4, not 2: BatchNorm over 1x1 ResNet maps of 2 images normalises 2 values per channel, and
+# one step of gradients up to 1e10 left the net NaN.
+TINY = {
+    "image_size": 32, "max_steps": 1, "epochs": 1, "batch_size": 4, "test_batch_size": 4, "workers": 0,
+    "progress": False, "pretrained": None, "synthetic_train": 8, "synthetic_test": 8,
+}  # fmt: skip
+# ResNet's stride 32 leaves the scaled view 1x1 too; the small net (stride 8) gets 4x4 and 3x3 maps.
+SCALE_SIZE = {"resnet50": 28, "resnet101": 28, "small_resnet": 24}
+LAYER3_BLOCKS = {"resnet50": 6, "resnet101": 23}
+FEATURES = {"resnet50": 2048, "resnet101": 2048, "small_resnet": 128}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a busy 2-core machine OpenMP threads spin against each other: a 32 px ResNet-50 step
+    # took 10-20x longer with 2 threads than with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- dataset roots in the real formats
+
+
+def write_wider_root(root: Path) -> Path:
+    for split in ("trainval", "test"):
+        # two people on the first image, one on each of two more
+        files = [f"{split}/0--Parade/0_Parade_{k}.jpg" for k in (0, 0, 1, 2)]
+        images: dict[str, dict] = {}
+        for k, name in enumerate(files):
+            images.setdefault(name, {"file_name": name, "scene_id": 0, "targets": []})
+            images[name]["targets"].append({"attribute": attribute(k), "bbox": [1 + k, 2, 12.5, 16]})
+        for seed, name in enumerate(images):
+            save(root / "Image" / name, noise((20, 24), seed))
+        write_wider(
+            root,
+            {
+                "images": list(images.values()),
+                "attribute_id_map": {str(i): name for i, name in enumerate(WIDER_NAMES)},
+                "scene_id_map": {"0": "Parade"},
+            },
+            split,
+        )
+    return root
+
+
+def write_pa100k_root(root: Path) -> Path:
+    variables = {"attributes": cell(PA_NAMES)}
+    for offset, split in enumerate(("train", "val", "test")):
+        names = [f"{offset * 10 + k:06d}.jpg" for k in range(4)]
+        variables[f"{split}_images_name"] = cell(names)
+        variables[f"{split}_label"] = np.array(LABELS, dtype=np.uint8)
+        for k, name in enumerate(names):
+            save(root / "data" / name, noise((12, 24), offset * 10 + k))
+    scipy.io.savemat(root / "annotation.mat", variables)
+    return root
+
+
+def write_coco_root(root: Path) -> Path:
+    for offset, split in enumerate(("train", "val")):
+        images = [
+            {"id": 100 * offset + k, "file_name": f"COCO_{split}2014_{100 * offset + k:012d}.jpg", "width": 16, "height": 12}
+            for k in range(4)
+        ]
+        annotations = [
+            {"id": 10 * k + j, "image_id": image["id"], "category_id": category["id"], "bbox": [0, 0, 4, 4], "iscrowd": 0}
+            for k, image in enumerate(images)
+            for j, category in enumerate(COCO_CATEGORIES)
+            if LABELS[k][j]
+        ]
+        write_coco(root, {"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}, split)
+        for image in images:
+            save(root / f"{split}2014" / image["file_name"], noise((16, 12), image["id"]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        "wider": write_wider_root(tmp_path_factory.mktemp("wider")),
+        "pa100k": write_pa100k_root(tmp_path_factory.mktemp("pa100k")),
+        "coco": write_coco_root(tmp_path_factory.mktemp("coco")),
+    }
+
+
+def tiny_settings(preset: str, data_roots: dict[str, Path], out: Path) -> dict:
+    settings = PRESETS[preset]
+    root = data_roots.get(settings["dataset"])
+    sizes = {"scale_size": SCALE_SIZE[settings["arch"]]}
+    if "translate" in settings.get("transforms", ()) and settings["arch"] != "small_resnet":
+        # a shifted 1x1 map has no cell whose source lies inside it: the term would be 0; 64 px gives 2x2
+        sizes = {"image_size": 64, "scale_size": 48}
+    return dict(TINY, **sizes, out=str(out), data_root=root and str(root))
+
+
+def as_argv(settings: dict) -> list[str]:
+    argv = []
+    for key, value in settings.items():
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+# ---------------------------------------------------------------- every preset, one step
+
+
+def check_run(preset: str, out: Path, history: list[dict]) -> None:
+    """The files of a finished one-epoch run of ``preset`` in ``out`` and what they hold."""
+    settings = PRESETS[preset]
+    dataset, arch = settings["dataset"], settings["arch"]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.csv", "metrics.json"]  # no temporary left
+
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == history and len(written) == 1
+    (row,) = written
+    assert set(row) == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS[dataset]
+    assert row["epoch"] == 1 and row["lr"] == settings.get("lr", 1e-3)
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()), row
+    assert row["cls_loss"] > 0
+    assert row["loss"] == pytest.approx(row["cls_loss"] + row["ac_loss"], rel=1e-6)
+    if settings.get("transforms") and settings.get("consistency", True):
+        assert row["ac_loss"] > 0
+    else:  # no views, or the views as data augmentation only
+        assert row["ac_loss"] == 0
+
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(row)
+    assert [{k: float(v) for k, v in r.items()} for r in rows] == written
+
+    # weights_only: a checkpoint of tensors and plain types
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0
+    assert json.loads(state["history"]) == written
+    config = json.loads(state["config"])
+    assert (config["arch"], config["dataset"], tuple(config["transforms"])) == (arch, dataset, settings.get("transforms", ()))
+    labels = {"wider": 14, "pa100k": 4, "coco": 4, "synthetic": 6}[dataset]
+    assert state["model"]["fc.weight"].shape == (labels, FEATURES[arch])
+    if arch in LAYER3_BLOCKS:
+        blocks = {int(key.split(".")[1]) for key in state["model"] if key.startswith("layer3.")}
+        assert blocks == set(range(LAYER3_BLOCKS[arch]))
+    names = {"wider": WIDER_NAMES, "pa100k": PA_NAMES, "coco": ["dog", "person", "toothbrush", "car"]}
+    if dataset in names:
+        assert state["label_names"] == names[dataset]
+    assert state["optimizer"]["param_groups"][0]["lr"] == row["lr"]
+
+
+R101_PRESETS = sorted(name for name, settings in PRESETS.items() if settings["arch"] == "resnet101")
+# ResNet-101 steps cost twice ResNet-50's: one is trained, the others differ from a trained preset by the arch only.
+TRAINED = sorted(set(PRESETS) - set(R101_PRESETS)) + ["coco-r101-acfs"]
+
+
+@pytest.mark.parametrize("preset", TRAINED)
+def test_preset_trains_one_step_and_writes_metrics_and_checkpoint(preset: str, data_roots, tmp_path: Path) -> None:
+    settings = tiny_settings(preset, data_roots, tmp_path / preset)
+    if preset == "wider-r50-acfs":  # through the command line
+        history = main(["--preset", preset, "--device", "cpu"] + as_argv(settings))
+    else:
+        history = train(TrainConfig(**(PRESETS[preset] | settings)), device="cpu")
+    check_run(preset, tmp_path / preset, history)
+
+
+def test_r101_presets_are_r50_presets_with_the_arch_changed() -> None:
+    wider = [name for name in R101_PRESETS if name.startswith("wider-")]
+    assert len(wider) == 6
+    for name in wider:
+        assert PRESETS[name] == PRESETS[name.replace("-r101", "-r50")] | {"arch": "resnet101"}
+    acfs = PRESETS["coco-r101-acfs"]
+    assert {k: v for k, v in acfs.items() if k not in ("transforms", "weights")} == PRESETS["coco-r101"]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_parse_args_gives_the_preset_and_the_overrides(preset: str) -> None:
+    config, args = parse_args(["--preset", preset])
+    assert dataclasses.asdict(config) == dataclasses.asdict(TrainConfig(**PRESETS[preset]))
+    assert args.resume is False and args.device is None
+    overridden, args = parse_args(
+        ["--preset", preset, "--image-size", "32", "--transforms", "flip", "rotate", "--weights", '{"flip": 0.5}',
+         "--amp", "false", "--lr", "0.25", "--max-steps", "3", "--resume", "--device", "cpu"]
+    )  # fmt: skip
+    expected = dataclasses.replace(
+        config, image_size=32, transforms=("flip", "rotate"), weights={"flip": 0.5}, amp=False, lr=0.25, max_steps=3
+    )
+    assert overridden == expected
+    assert args.resume is True and args.device == "cpu"
+
+
+def test_paper_settings_of_the_presets() -> None:
+    r50, r101, coco = (parse_args(["--preset", name])[0] for name in ("wider-r50-acfs", "wider-r101", "coco-r101-acfs"))
+    assert (r50.arch, r50.image_size, r50.scale_size, r50.transforms, r50.consistency) == ("resnet50", 224, 192, ("flip", "scale"), True)
+    assert (r50.lr, r50.lr_step, r50.lr_gamma, r50.epochs, r50.batch_size) == (1e-3, 3, 0.5, 12, 16)
+    assert (r101.arch, r101.transforms) == ("resnet101", ())
+    assert (coco.arch, coco.image_size, coco.scale_size, coco.weights) == ("resnet101", 288, 256, {"flip": 0.6, "scale": 0.8})
+    assert (coco.lr_step, coco.lr_gamma, coco.epochs, coco.batch_size) == (6, 0.1, 14, 24)
+    assert parse_args(["--preset", "wider-r50-t"])[0].consistency is False
+
+
+# ---------------------------------------------------------------- resume
+
+
+def resume_config(out: Path, epochs: int) -> TrainConfig:
+    # lr_step=1: the second epoch runs at another learning rate, which a resumed run must restore
+    settings = {"scale_size": 24, "max_steps": None, "lr_step": 1, "synthetic_train": 16, "out": str(out), "epochs": epochs}
+    return TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | settings))
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    straight = train(resume_config(tmp_path / "straight", 2), device="cpu")
+    capsys.readouterr()
+
+    first = train(resume_config(tmp_path / "resumed", 1), device="cpu", resume=True)
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert first == straight[:1]
+    resumed = train(resume_config(tmp_path / "resumed", 2), device="cpu", resume=True)
+    err = capsys.readouterr().err
+    assert "resuming" in err and "after epoch 1" in err
+
+    assert [row["epoch"] for row in straight] == [1, 2]
+    preset = PRESETS["synthetic-acfs"]
+    assert straight[1]["lr"] == pytest.approx(preset["lr"] * preset["lr_gamma"])
+    assert straight[1]["ac_loss"] > 0
+    assert resumed == straight
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text()) == straight
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 1
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["state"]
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path: Path) -> None:
+    history = train(resume_config(tmp_path, 1), device="cpu")
+    before = (tmp_path / "last.pt").read_bytes()
+    assert train(resume_config(tmp_path, 1), device="cpu", resume=True) == history
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------- atomic checkpoints
+
+
+def test_save_atomic_writes_the_file_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    save_atomic({"x": torch.arange(3), "epoch": 1}, path)
+    save_atomic({"x": torch.arange(5), "epoch": 2}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    state = load_checkpoint(path)
+    assert state["epoch"] == 2 and torch.equal(state["x"], torch.arange(5))
+
+
+def test_save_atomic_failing_midway_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    save_atomic({"x": torch.arange(3), "epoch": 1}, path)
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a zip file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_atomic({"x": torch.arange(7), "epoch": 2}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["last.pt"]
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["x"], torch.arange(3))
+
+
+def test_metrics_files_are_written_atomically_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    history = [{"epoch": 1, "mAP": 0.5}]
+    train_module._write_metrics(history, tmp_path)
+
+    def broken_replace(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        train_module._write_metrics(history + [{"epoch": 2, "mAP": 0.75}], tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["metrics.csv", "metrics.json"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == history
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "examples.train", "--preset", "synthetic-acfs", "--device", "cpu",
+        "--out", str(out),
+    ] + as_argv(dict(TINY, scale_size=24, epochs=2, max_steps=None, synthetic_train=16))  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in 180 s\n{stdout}\n{stderr}")
+    assert process.returncode == 0, f"{stdout}\n{stderr}"
+
+    # rank 0 alone evaluates and prints one line per epoch
+    printed = [json.loads(line[line.index("{") :]) for line in stdout.splitlines() if '{"epoch"' in line]
+    assert [row["epoch"] for row in printed] == [1, 2]
+    history = json.loads((out / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    for row in history:
+        assert set(row) == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS["synthetic"]
+        assert all(math.isfinite(v) for v in row.values())
+        assert row["ac_loss"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.csv", "metrics.json"]
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and json.loads(state["history"]) == history
+    assert not any(key.startswith("module.") for key in state["model"])  # the model, not its DDP wrapper
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_preset_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as error:
+        main(["--preset", "wider-r18"])
+    assert error.value.code == 2
+    assert "invalid choice: 'wider-r18'" in capsys.readouterr().err
+
+
+def test_unknown_arch_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown arch 'resnet5000'"):
+        main(["--arch", "resnet5000", "--out", str(tmp_path)] + as_argv({"synthetic_train": 8, "synthetic_test": 8}))
+
+
+def test_unknown_dataset_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'"):
+        main(["--dataset", "imagenet", "--data-root", str(tmp_path), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("preset", ["wider-r50", "pa100k-r50", "coco-r101"])
+def test_real_dataset_needs_data_root(preset: str, tmp_path: Path) -> None:
+    dataset = PRESETS[preset]["dataset"]
+    with pytest.raises(ValueError, match=re.escape(f"--data-root is required for dataset {dataset!r}")):
+        main(["--preset", preset, "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("given", [[], ["--csv-train", "train.csv"], ["--csv-test", "test.csv"]])
+def test_csv_dataset_needs_both_csv_files(given: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"dataset 'csv' needs --csv-train and --csv-test"):
+        main(["--dataset", "csv", "--out", str(tmp_path)] + given)
+
+
+def test_missing_pretrained_file_names_the_path(data_roots, tmp_path: Path) -> None:
+    path = tmp_path / "weights" / "resnet50-11ad3fa6.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        main(["--preset", "wider-r50", "--data-root", str(data_roots["wider"]), "--pretrained", str(path), "--out", str(tmp_path)])
+
+
+def test_pretrained_file_of_another_arch_names_the_file(data_roots, tmp_path: Path) -> None:
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold ImageNet weights of resnet50")):
+        main(["--preset", "wider-r50", "--data-root", str(data_roots["wider"]), "--pretrained", str(path), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_pretrained_file_loads_the_backbone_and_replaces_the_head(wrapped: bool, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    imagenet = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": imagenet} if wrapped else imagenet, path)
+    model = build_model("resnet18", 5, str(path))
+    state = model.state_dict()
+    assert state["fc.weight"].shape == (5, 512)
+    for key, value in imagenet.items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], value), key
+
+
+def test_scale_transform_needs_scale_size(tmp_path: Path) -> None:
+    config = TrainConfig(**(TINY | {"transforms": ("flip", "scale"), "scale_size": None, "out": str(tmp_path)}))
+    with pytest.raises(ValueError, match=r"the scale transform needs --scale-size"):
+        train(config, device="cpu")
