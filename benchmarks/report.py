@@ -83,19 +83,7 @@ def _step_tables(steps: list[dict[str, Any]]) -> list[str]:
         "",
     ]
     header = ["case", *_STEP_COLUMNS.values(), "(c)/(b)", "(b)/(a)", "pixels (b)/(a)"]
-    rows = []
-    for step in steps:
-        variants, ratios, paired = step["variants"], step["ratios"], step["paired_ratios"]
-        rows.append(
-            [
-                step["label"],
-                *(_time(variants[name]) for name in _STEP_COLUMNS),
-                f"{ratios['c/b']:.3f}; {_ratio(paired['c/b'])}",
-                f"{ratios['b/a']:.2f}; {_ratio(paired['b/a'])}",
-                f"{step['pixel_ratio']:.2f}",
-            ]
-        )
-    lines += _table(header, rows)
+    lines += _table(header, [_step_row(step, "ratios", "paired_ratios", None) for step in steps])
     if with_process:
         lines += [
             (
@@ -104,19 +92,7 @@ def _step_tables(steps: list[dict[str, Any]]) -> list[str]:
             ),
             "",
         ]
-        rows = []
-        for step in steps:
-            ratios, paired = step["process_ratios"], step["process_paired_ratios"]
-            rows.append(
-                [
-                    step["label"],
-                    *(_time(step["variants"][name]["process"]) for name in _STEP_COLUMNS),
-                    f"{ratios['c/b']:.3f}; {_ratio(paired['c/b'])}",
-                    f"{ratios['b/a']:.2f}; {_ratio(paired['b/a'])}",
-                    f"{step['pixel_ratio']:.2f}",
-                ]
-            )
-        lines += _table(header, rows)
+        lines += _table(header, [_step_row(step, "process_ratios", "process_paired_ratios", "process") for step in steps])
     methods = sorted({step["variants"][name]["memory"]["method"] for step in steps for name in _STEP_COLUMNS})
     lines += [
         "Peak memory of one step, MiB above what was allocated when the step started "
@@ -198,3 +174,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _step_tables(result["step"])
     lines += _loss_tables(result["loss"])
     return "\n".join(lines)
+
+
+def _step_row(step: dict, ratios_key: str, paired_key: str, clock: str | None) -> list[str]:
+    """One table row: the three variants' times, then the ratios (wall clock or process time)."""
+    ratios, paired = step[ratios_key], step[paired_key]
+    timings = (step["variants"][name] if clock is None else step["variants"][name][clock] for name in _STEP_COLUMNS)
+    return [
+        step["label"],
+        *(_time(t) for t in timings),
+        f"{ratios['c/b']:.3f}; {_ratio(paired['c/b'])}",
+        f"{ratios['b/a']:.2f}; {_ratio(paired['b/a'])}",
+        f"{step['pixel_ratio']:.2f}",
+    ]
