@@ -60,6 +60,20 @@ def _replace_head(model: nn.Module, num_labels: int) -> None:
         raise ValueError(f"do not know where the classifier of {type(model).__name__} is")
 
 
+def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file: plain, under ``"state_dict"``, or a checkpoint of ``examples.train``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn.Module:
     """A classifier with ``num_labels`` outputs.
 
@@ -67,28 +81,37 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
         arch: ``"small_resnet"`` or a torchvision classification model name (``"resnet50"``...).
         num_labels: outputs of the new linear head.
         pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's weights, downloaded
-            or from the torch hub cache), or the path of a local ImageNet state dict (as
-            torchvision distributes, e.g. ``resnet50-11ad3fa6.pth``); its classifier is
-            replaced by the new head.
+            or from the torch hub cache), or the path of a local file: an ImageNet state dict
+            as torchvision distributes it (e.g. ``resnet50-11ad3fa6.pth``), or a checkpoint
+            written by :func:`examples.train.train` (``small_resnet``: how the demo starts
+            from its pretraining run). The classifier is replaced by the new head.
     """
     if arch == "small_resnet":
-        if pretrained is not None:
-            raise ValueError("small_resnet has no pretrained weights; leave pretrained unset")
-        return SmallResNet(num_labels)
+        model = SmallResNet(num_labels)
+        if pretrained is None:
+            return model
+        if pretrained == "imagenet":
+            raise ValueError("small_resnet has no ImageNet weights: give the path of a checkpoint of it, or None")
+        state = {k: v for k, v in _read_state(pretrained).items() if not k.startswith("fc.")}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shapes differ
+            raise ValueError(f"{pretrained} does not hold small_resnet weights: {error}") from None
+        if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+            raise ValueError(
+                f"{pretrained} does not hold small_resnet weights: missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}"
+            )
+        return model
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
     model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained == "imagenet" else None)
     if pretrained not in (None, "imagenet"):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = _read_state(pretrained)
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
-            raise ValueError(f"{path} does not hold ImageNet weights of {arch}: {error}") from None
+            raise ValueError(f"{pretrained} does not hold ImageNet weights of {arch}: {error}") from None
     _replace_head(model, num_labels)
     return model

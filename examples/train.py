@@ -95,7 +95,14 @@ PRESETS["pa100k-r50"] = dict(_WIDER, dataset="pa100k")
 PRESETS["pa100k-r50-acfs"] = dict(_WIDER, dataset="pa100k", transforms=("flip", "scale"))
 PRESETS["coco-r101"] = dict(dataset="coco", arch="resnet101", image_size=288, scale_size=256, epochs=14, batch_size=24, lr_step=6, lr_gamma=0.1)
 PRESETS["coco-r101-acfs"] = dict(PRESETS["coco-r101"], transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8})
-PRESETS["synthetic"] = dict(dataset="synthetic", arch="small_resnet", image_size=64, scale_size=48, epochs=8, batch_size=32, lr=0.05, lr_step=3, lr_gamma=0.3, weight_decay=1e-4, workers=0)
+# The CPU demo. From scratch, the small net sits at chance for ~1000 Adam steps before it finds
+# the shapes, and the consistency loss stretches that plateau further (measured, see the demo).
+# So the demo follows the paper's protocol with a stand-in for ImageNet: `synthetic-pretrain`
+# trains on 4 shapes and other images (seed 1), and both rows fine-tune it on 6 shapes. 56/64
+# is close to the paper's 192/224 and gives 7x7 vs 8x8 heatmaps.
+_SYNTHETIC = dict(dataset="synthetic", arch="small_resnet", image_size=64, scale_size=56, batch_size=16, optimizer="adam", weight_decay=0.0, workers=0, synthetic_train=2000)
+PRESETS["synthetic-pretrain"] = dict(_SYNTHETIC, synthetic_classes=4, seed=1, epochs=16, lr=2e-3, lr_step=12, lr_gamma=0.1)
+PRESETS["synthetic"] = dict(_SYNTHETIC, synthetic_classes=6, epochs=6, lr=1e-3, lr_step=4, lr_gamma=0.1)
 PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"))
 
 

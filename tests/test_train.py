@@ -25,7 +25,7 @@ import torchvision
 from fixtures import WIDER_NAMES, attribute, cell, noise, save, write_coco, write_wider
 
 import examples.train as train_module
-from examples.models import build_model
+from examples.models import SmallResNet, build_model
 from examples.train import PRESETS, TrainConfig, load_checkpoint, main, parse_args, save_atomic, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,7 +274,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, capsys: pytest.Cap
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["optimizer"]["state"]
     for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+        assert x.keys() == y.keys()
+        for key in x:  # Adam: step, exp_avg, exp_avg_sq
+            assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])), key
 
 
 def test_resuming_a_finished_run_trains_nothing(tmp_path: Path) -> None:
@@ -430,6 +432,34 @@ def test_pretrained_file_loads_the_backbone_and_replaces_the_head(wrapped: bool,
     for key, value in imagenet.items():
         if not key.startswith("fc."):
             assert torch.equal(state[key], value), key
+
+
+def test_small_resnet_starts_from_a_checkpoint_of_train(tmp_path: Path) -> None:
+    config = TrainConfig(**(PRESETS["synthetic-pretrain"] | TINY | {"out": str(tmp_path)}))
+    train(config, device="cpu")
+    pretrained = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert pretrained["fc.weight"].shape == (4, FEATURES["small_resnet"])
+    state = build_model("small_resnet", 6, str(tmp_path / "last.pt")).state_dict()
+    assert state["fc.weight"].shape == (6, FEATURES["small_resnet"])
+    assert state.keys() == pretrained.keys()
+    for key, value in pretrained.items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], value), key
+
+
+def test_small_resnet_rejects_other_weights(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="small_resnet has no ImageNet weights"):
+        build_model("small_resnet", 3, "imagenet")
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold small_resnet weights")):
+        build_model("small_resnet", 3, str(path))
+    wide = tmp_path / "wide.pth"
+    torch.save(SmallResNet(3, widths=(16, 32, 64, 256)).state_dict(), wide)
+    with pytest.raises(ValueError, match=re.escape(f"{wide} does not hold small_resnet weights")):
+        build_model("small_resnet", 3, str(wide))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.pt"))):
+        build_model("small_resnet", 3, str(tmp_path / "missing.pt"))
 
 
 def test_scale_transform_needs_scale_size(tmp_path: Path) -> None:
