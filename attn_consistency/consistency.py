@@ -261,7 +261,8 @@ class AttentionConsistencyLoss(nn.Module):
             if len(recorded) != 1:
                 raise RuntimeError(
                     f"one forward recorded {len(recorded)} heatmap batches; is the CAMHook attached to this "
-                    "model (and not paused)?"
+                    "model (and not paused)? A model compiled with torch.compile and run before the hook "
+                    "was attached keeps running without it: attach the CAMHook before the first call."
                 )
             size = first.shape[0]
             for view, view_logits, view_maps in zip(views, out.split(size), recorded[0].split(size)):
@@ -311,7 +312,10 @@ def attention_inconsistency(
             model(transform.apply_image(images, params))
         recorded = cam.pop()
         if len(recorded) != 2:
-            raise RuntimeError(f"two forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached to this model?")
+            raise RuntimeError(
+                f"two forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached to this model "
+                "(and, for a compiled model, attached before its first call)?"
+            )
         per_map = attention_consistency(*recorded, transform, params, reduction="sum")
         total = per_map if total is None else total + per_map
         count += recorded[0].shape[0] * recorded[0].shape[1]

@@ -180,7 +180,7 @@ def check_run(preset: str, out: Path, history: list[dict]) -> None:
     assert json.loads(state["history"]) == written
     config = json.loads(state["config"])
     assert (config["arch"], config["dataset"], tuple(config["transforms"])) == (arch, dataset, settings.get("transforms", ()))
-    labels = {"wider": 14, "pa100k": 4, "coco": 4, "synthetic": 6}[dataset]
+    labels = {"wider": 14, "pa100k": 4, "coco": 4, "synthetic": settings.get("synthetic_classes", 6)}[dataset]
     assert state["model"]["fc.weight"].shape == (labels, FEATURES[arch])
     if arch in LAYER3_BLOCKS:
         blocks = {int(key.split(".")[1]) for key in state["model"] if key.startswith("layer3.")}
