@@ -297,6 +297,25 @@ def _progress(iterable, config: TrainConfig, description: str):
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
 
 
+# Settings a resumed run may change: they do not alter what the finished epochs computed.
+_RESUMABLE_CHANGES = frozenset({"epochs", "out", "progress", "workers", "test_batch_size"})
+
+
+def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings (it would mix two runs)."""
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+    changed = [
+        f"{key}: {saved.get(key)!r} there, {value!r} here"
+        for key, value in current.items()
+        if key not in _RESUMABLE_CHANGES and saved.get(key) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume {path}: it was written with other settings ({'; '.join(changed)}). "
+            "Resume with the same settings, or write to another --out."
+        )
+
+
 def train(config: TrainConfig, device: str | torch.device | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) training; returns the per-epoch metrics written to ``metrics.json``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -334,6 +353,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     checkpoint_path = out / "last.pt"
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
+        _check_same_run(json.loads(state["config"]), config, checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, json.loads(state["history"])

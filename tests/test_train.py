@@ -286,6 +286,17 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
+def test_resuming_with_other_settings_names_them(tmp_path: Path) -> None:
+    train(resume_config(tmp_path, 1), device="cpu")
+    changed = dataclasses.replace(resume_config(tmp_path, 2), lr=0.5, transforms=("flip",))
+    message = f"cannot resume {tmp_path / 'last.pt'}: it was written with other settings"
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        train(changed, device="cpu", resume=True)
+    assert "lr: 0.001 there, 0.5 here" in str(error.value)
+    assert "transforms: ['flip', 'scale'] there, ['flip'] here" in str(error.value)
+    assert "epochs" not in str(error.value)
+
+
 # ---------------------------------------------------------------- atomic checkpoints
 
 
