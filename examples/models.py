@@ -31,7 +31,7 @@ class _Block(nn.Module):
 class SmallResNet(nn.Module):
     """A four-stage residual net of stride 8 with a GAP-FC head, for the CPU demo.
 
-    64 px inputs give 8x8 heatmaps and 48 px inputs 6x6, so flips and scales have maps
+    64 px inputs give 8x8 heatmaps and 56 px inputs 7x7, so flips and scales have maps
     fine enough to show where the net looks, at a cost a laptop trains in minutes.
     """
 
