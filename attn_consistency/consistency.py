@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._validation import check_finite, check_number, check_reduction, check_tensor, data_checks_enabled
 from .cam import CAMHook
-from .transforms import Transform, get_transform
+from .transforms import Scale, Transform, get_transform
 
 __all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency", "attention_inconsistency"]
 
@@ -149,6 +149,7 @@ class AttentionConsistencyLoss(nn.Module):
         *,
         mode: str = "independent",
         generator: torch.Generator | None = None,
+        resized: Tensor | Sequence[Tensor] = (),
     ) -> ConsistencyOutput:
         """Run the branches of one training step and return their logits and the loss.
 
@@ -173,6 +174,10 @@ class AttentionConsistencyLoss(nn.Module):
             transforms: transforms or registered names, each used at most once.
             mode: ``'independent'`` or ``'product'``.
             generator: random generator for the transforms' parameters.
+            resized: the same images already at other sizes, made from the originals (the
+                authors' loader resizes each person crop to 224 and to 192 directly). A view
+                whose :class:`~attn_consistency.Scale` gives one of these sizes starts from it
+                instead of resampling ``images``; its other transforms apply as usual.
 
         Returns:
             A :class:`ConsistencyOutput`. For the classification loss, average a
@@ -193,7 +198,12 @@ class AttentionConsistencyLoss(nn.Module):
         else:
             views = [tuple(t.name for i, t in enumerate(chosen) if mask >> i & 1) for mask in range(2 ** len(chosen))]
         by_name = {t.name: t for t in chosen}
-        view_images = {view: self._view_image(images, view, by_name, params) for view in views}
+        sources = self._resized_sources(images, resized, chosen)
+        used: set[tuple[int, int]] = set()
+        view_images = {view: self._view_image(images, view, by_name, params, sources, used) for view in views}
+        if set(sources) - used:
+            scaled = sorted({tuple(view_images[v].shape[-2:]) for v in views if "scale" in v})
+            raise ValueError(f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})")
         logits, heatmaps = self._forward_by_size(model, cam, view_images)
 
         terms: dict[str, Tensor] = {}
@@ -235,8 +245,41 @@ class AttentionConsistencyLoss(nn.Module):
         return chosen
 
     @staticmethod
-    def _view_image(images: Tensor, view: tuple[str, ...], by_name: dict[str, Transform], params: dict[str, Any]) -> Tensor:
-        for name in view:
+    def _resized_sources(images: Tensor, resized: Tensor | Sequence[Tensor], chosen: list[Transform]) -> dict[tuple[int, int], Tensor]:
+        batches = [resized] if isinstance(resized, Tensor) else list(resized)
+        if batches and not any(isinstance(t, Scale) for t in chosen):
+            raise ValueError("resized images are given but no scale transform uses them")
+        sources: dict[tuple[int, int], Tensor] = {}
+        for i, batch in enumerate(batches):
+            check_tensor(f"resized[{i}]", batch, 4, "(N, C, H, W)", floating=True)
+            if batch.shape[:2] != images.shape[:2]:
+                raise ValueError(
+                    f"resized[{i}] must hold the same {images.shape[0]} images with {images.shape[1]} channels "
+                    f"as images, got shape {tuple(batch.shape)}"
+                )
+            sources[tuple(batch.shape[-2:])] = batch
+        return sources
+
+    @staticmethod
+    def _view_image(
+        images: Tensor,
+        view: tuple[str, ...],
+        by_name: dict[str, Transform],
+        params: dict[str, Any],
+        sources: dict[tuple[int, int], Tensor],
+        used: set[tuple[int, int]],
+    ) -> Tensor:
+        names = list(view)
+        for name in view:  # the transforms of a view commute: the resize may come first
+            transform = by_name[name]
+            if isinstance(transform, Scale) and sources:
+                size = transform.output_size(images.shape[-2:], params[name])
+                if size in sources:
+                    images = sources[size]
+                    used.add(size)
+                    names.remove(name)
+                    break
+        for name in names:
             images = by_name[name].apply_image(images, params[name])
         return images
 

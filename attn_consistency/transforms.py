@@ -319,7 +319,8 @@ class Scale(Transform):
     def sample(self, generator: torch.Generator | None = None) -> float | tuple[int, int]:
         return self.size if self.factor is None else _uniform(self.factor, generator)
 
-    def _output_size(self, size: Sequence[int], params: Any) -> tuple[int, int]:
+    def output_size(self, size: Sequence[int], params: Any = None) -> tuple[int, int]:
+        """The ``(H, W)`` that :meth:`apply_image` gives an image of size ``size``."""
         if params is None:
             params = self.size if self.factor is None else _fixed("scale factor", self.factor)
         if isinstance(params, Sequence):
@@ -331,7 +332,7 @@ class Scale(Transform):
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
         check_tensor("images", images, 4, "(N, C, H, W)")
-        size = self._output_size(images.shape[-2:], params)
+        size = self.output_size(images.shape[-2:], params)
         if tuple(images.shape[-2:]) == size:
             return images
         with _no_autocast(images):
@@ -346,7 +347,7 @@ class Scale(Transform):
         check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
         if isinstance(params, Sequence):
             raise ValueError("a scale to a fixed image size has no heatmap size; use a factor")
-        size = self._output_size(heatmaps.shape[-2:], params)
+        size = self.output_size(heatmaps.shape[-2:], params)
         return F.interpolate(heatmaps, size=size, mode="nearest"), None
 
     def consistency(self, heatmaps: Tensor, heatmaps_t: Tensor, params: Any = None) -> Tensor:

@@ -51,6 +51,10 @@ class TrainConfig:
     pretrained: str | None = None  # None | "imagenet" | path to a local state dict
     image_size: int = 64
     scale_size: int | None = None  # input size of the scaled view (the paper: 192 for 224)
+    # Where the scaled view comes from: 'original' resizes each image file to scale_size, as the
+    # authors' loader (two sizes from every crop); 'resize' resamples the image_size batch.
+    # None: 'original' for datasets read from files, 'resize' for synthetic (one size only).
+    scale_source: str | None = None
     transforms: tuple[str, ...] = ()
     consistency: bool = True  # False: the same views as data augmentation only
     mode: str | None = None  # 'product' (authors' four views) or 'independent'; None: product for flip+scale
@@ -142,8 +146,33 @@ def _image_transform(size: int):
     )
 
 
+class _TwoSizes:
+    """Both inputs of the scale term from one image: ``(image at image_size, image at scale_size)``."""
+
+    def __init__(self, large, small) -> None:
+        self.large, self.small = large, small
+
+    def __call__(self, image):
+        return self.large(image), self.small(image)
+
+
+def scale_source(config: TrainConfig) -> str:
+    """``'original'`` or ``'resize'``: see :attr:`TrainConfig.scale_source`."""
+    source = config.scale_source or ("resize" if config.dataset == "synthetic" else "original")
+    if source not in ("original", "resize"):
+        raise ValueError(f"scale_source must be 'original' or 'resize', got {source!r}")
+    if source == "original" and config.dataset == "synthetic":
+        raise ValueError("the synthetic images exist at one size only: use --scale-source resize")
+    return source
+
+
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
-    """Training and test split of ``config.dataset``, images resized to ``config.image_size``."""
+    """Training and test split of ``config.dataset``, images resized to ``config.image_size``.
+
+    When the run has a scale view read from the files (:func:`scale_source` ``'original'``),
+    a training sample's image is the pair ``(image at image_size, image at scale_size)``.
+    """
+    source = scale_source(config)
     if config.dataset == "synthetic":
         from examples.synthetic import SyntheticShapes
 
@@ -157,18 +186,27 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     if config.data_root is None and config.dataset != "csv":
         raise ValueError(f"--data-root is required for dataset {config.dataset!r}")
     transform = _image_transform(config.image_size)
+    train_transform = transform
+    if "scale" in config.transforms and config.scale_size is not None and source == "original":
+        train_transform = _TwoSizes(transform, _image_transform(config.scale_size))
     if config.dataset == "wider":
-        return (datasets.WiderAttribute(config.data_root, "trainval", transform), datasets.WiderAttribute(config.data_root, "test", transform))
+        return (
+            datasets.WiderAttribute(config.data_root, "trainval", train_transform),
+            datasets.WiderAttribute(config.data_root, "test", transform),
+        )
     if config.dataset == "pa100k":
         # The paper trains on train (+ val for model selection, unused here) and reports test.
-        return datasets.PA100K(config.data_root, "train", transform), datasets.PA100K(config.data_root, "test", transform)
+        return datasets.PA100K(config.data_root, "train", train_transform), datasets.PA100K(config.data_root, "test", transform)
     if config.dataset == "coco":
-        return datasets.COCO2014(config.data_root, "train", transform), datasets.COCO2014(config.data_root, "val", transform)
+        return datasets.COCO2014(config.data_root, "train", train_transform), datasets.COCO2014(config.data_root, "val", transform)
     if config.dataset == "csv":
         if config.csv_train is None or config.csv_test is None:
             raise ValueError("dataset 'csv' needs --csv-train and --csv-test")
         root = config.data_root or "."
-        return datasets.ImageFolderCSV(root, config.csv_train, transform), datasets.ImageFolderCSV(root, config.csv_test, transform)
+        return (
+            datasets.ImageFolderCSV(root, config.csv_train, train_transform),
+            datasets.ImageFolderCSV(root, config.csv_test, transform),
+        )
     raise ValueError(f"unknown dataset {config.dataset!r}: use wider, pa100k, coco, csv or synthetic")
 
 
@@ -388,13 +426,16 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         for step, (images, targets) in enumerate(_progress(loader, config, f"epoch {epoch + 1}") if ddp.main else loader):
             if config.max_steps is not None and step >= config.max_steps:
                 break
-            images = images.to(device, non_blocking=True)
+            images, resized = (images[0], images[1:]) if isinstance(images, (list, tuple)) else (images, [])
+            images, *resized = (x.to(device, non_blocking=True) for x in (images, *resized))
             targets = targets.to(device, non_blocking=True)
             if _use(config.channels_last, device):
-                images = images.contiguous(memory_format=torch.channels_last)
+                images, *resized = (x.contiguous(memory_format=torch.channels_last) for x in (images, *resized))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if transforms:
-                    views = consistency.views(net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step))
+                    views = consistency.views(
+                        net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step), resized=resized
+                    )
                     cls_loss = sum(classification(logits, targets) for logits in views.logits) / len(views.logits)
                     ac_loss = views.loss
                 else:

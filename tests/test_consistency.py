@@ -73,6 +73,37 @@ def test_product_mode_reproduces_the_authors_four_view_step(model):
     torch.testing.assert_close(ordered, ref_logits, rtol=1e-6, atol=1e-6)
 
 
+def test_resized_images_made_from_the_originals_feed_the_scaled_views(model):
+    # the authors' loader resizes each crop to 224 and to 192 directly; here both sizes come
+    # from a larger "crop", so the 24 px batch is not a resize of the 28 px one
+    crops = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    images = F.interpolate(crops, size=(28, 28), mode="bilinear", antialias=True)
+    small = F.interpolate(crops, size=(24, 24), mode="bilinear", antialias=True)
+    assert not torch.allclose(small, get_transform("scale", size=24).apply_image(images), atol=1e-3)
+    ref_logits, ref = reference_four_view_step(model, images, small)
+
+    with CAMHook(model) as cam:
+        out = AttentionConsistencyLoss().views(model, cam, images, ["flip", "scale"], mode="product", resized=small)
+    torch.testing.assert_close(out.terms["flip@24"], ref["flip_s"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.terms["scale"], ref["scale"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.loss, sum(ref.values()), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat(out.logits), ref_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_resized_images_are_checked(model):
+    images = torch.randn(2, 3, 28, 28)
+    criterion = AttentionConsistencyLoss()
+    with CAMHook(model) as cam:
+        with pytest.raises(ValueError, match="no scale transform uses them"):
+            criterion.views(model, cam, images, ["flip"], resized=torch.randn(2, 3, 24, 24))
+        with pytest.raises(ValueError, match=r"resized\[0\] must hold the same 2 images with 3 channels"):
+            criterion.views(model, cam, images, ["scale"], resized=torch.randn(3, 3, 24, 24))
+        with pytest.raises(ValueError, match=r"resized images of size \[\(20, 20\)\] match no scaled view \(those are \[\(24, 24\)\]\)"):
+            criterion.views(model, cam, images, ["scale"], resized=[torch.randn(2, 3, 20, 20)])
+        with pytest.raises(ValueError, match=r"resized\[0\] must be 4-D"):
+            criterion.views(model, cam, images, ["scale"], resized=torch.randn(3, 24, 24))
+
+
 def test_weights_scale_each_transform_as_the_coco_setting(model):
     images = torch.randn(2, 3, 28, 28)
     with CAMHook(model) as cam:

@@ -26,7 +26,7 @@ from fixtures import WIDER_NAMES, attribute, cell, noise, save, write_coco, writ
 
 import examples.train as train_module
 from examples.models import SmallResNet, build_model
-from examples.train import PRESETS, TrainConfig, load_checkpoint, main, parse_args, save_atomic, train
+from examples.train import PRESETS, TrainConfig, _image_transform, build_datasets, load_checkpoint, main, parse_args, save_atomic, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,6 +204,35 @@ def test_preset_trains_one_step_and_writes_metrics_and_checkpoint(preset: str, d
     else:
         history = train(TrainConfig(**(PRESETS[preset] | settings)), device="cpu")
     check_run(preset, tmp_path / preset, history)
+
+
+@pytest.mark.parametrize("preset", ["wider-r50-acfs", "coco-r101-acfs", "wider-r50-s"])
+def test_scaled_view_is_resized_from_the_image_file_as_the_authors_loader(preset: str, data_roots, tmp_path: Path) -> None:
+    config = TrainConfig(**(PRESETS[preset] | tiny_settings(preset, data_roots, tmp_path)))
+    train_set, test_set = build_datasets(config)
+    (large, small), target = train_set[1]
+    assert large.shape == (3, 32, 32) and small.shape == (3, 28, 28)
+    # straight from the file at 28 px, not a resample of the 32 px tensor
+    raw = type(train_set)(*_reader_args(config), transform=None)
+    image, raw_target = raw[1]
+    torch.testing.assert_close(small, _image_transform(28)(image))
+    torch.testing.assert_close(large, _image_transform(32)(image))
+    assert torch.equal(target, raw_target)
+    assert test_set[0][0].shape == (3, 32, 32)  # the test split has the original view only
+    resampled = TrainConfig(**(dataclasses.asdict(config) | {"scale_source": "resize"}))
+    assert build_datasets(resampled)[0][1][0].shape == (3, 32, 32)
+
+
+def _reader_args(config: TrainConfig) -> tuple:
+    split = {"wider": "trainval", "pa100k": "train", "coco": "train"}[config.dataset]
+    return (config.data_root, split)
+
+
+def test_scale_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="the synthetic images exist at one size only: use --scale-source resize"):
+        build_datasets(TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | {"scale_source": "original"})))
+    with pytest.raises(ValueError, match="scale_source must be 'original' or 'resize', got 'crop'"):
+        build_datasets(TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | {"scale_source": "crop"})))
 
 
 def test_r101_presets_are_r50_presets_with_the_arch_changed() -> None:
