@@ -202,7 +202,7 @@ class AttentionConsistencyLoss(nn.Module):
         used: set[tuple[int, int]] = set()
         view_images = {view: self._view_image(images, view, by_name, params, sources, used) for view in views}
         if set(sources) - used:
-            scaled = sorted({tuple(view_images[v].shape[-2:]) for v in views if "scale" in v})
+            scaled = sorted({tuple(view_images[v].shape[-2:]) for v in views if any(isinstance(by_name[n], Scale) for n in v)})
             raise ValueError(f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})")
         logits, heatmaps = self._forward_by_size(model, cam, view_images)
 
@@ -257,7 +257,15 @@ class AttentionConsistencyLoss(nn.Module):
                     f"resized[{i}] must hold the same {images.shape[0]} images with {images.shape[1]} channels "
                     f"as images, got shape {tuple(batch.shape)}"
                 )
-            sources[tuple(batch.shape[-2:])] = batch
+            if batch.device != images.device or batch.dtype != images.dtype:
+                raise ValueError(
+                    f"resized[{i}] must be on the device and of the dtype of images ({images.device}, {images.dtype}), "
+                    f"got {batch.device}, {batch.dtype}"
+                )
+            size = tuple(batch.shape[-2:])
+            if size in sources:
+                raise ValueError(f"resized holds two batches of size {size}")
+            sources[size] = batch
         return sources
 
     @staticmethod

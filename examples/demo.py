@@ -50,14 +50,21 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--pretrain-epochs", type=int, default=PRESETS["synthetic-pretrain"]["epochs"])
-    parser.add_argument("--epochs", type=int, default=PRESETS["synthetic"]["epochs"], help="fine-tuning epochs")
-    parser.add_argument("--train-images", type=int, default=PRESETS["synthetic"]["synthetic_train"])
-    parser.add_argument("--test-images", type=int, default=TrainConfig.synthetic_test)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--pretrain-epochs", type=_positive, default=PRESETS["synthetic-pretrain"]["epochs"])
+    parser.add_argument("--epochs", type=_positive, default=PRESETS["synthetic"]["epochs"], help="fine-tuning epochs")
+    parser.add_argument("--train-images", type=_positive, default=PRESETS["synthetic"]["synthetic_train"])
+    parser.add_argument("--test-images", type=_positive, default=TrainConfig.synthetic_test)
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     if args.threads:

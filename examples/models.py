@@ -74,6 +74,16 @@ def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _head_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the linear classifier that :func:`_replace_head` replaces."""
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        return "fc."
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Sequential):
+        return f"classifier.{len(classifier) - 1}."
+    return "classifier."
+
+
 def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn.Module:
     """A classifier with ``num_labels`` outputs.
 
@@ -81,37 +91,35 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
         arch: ``"small_resnet"`` or a torchvision classification model name (``"resnet50"``...).
         num_labels: outputs of the new linear head.
         pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's weights, downloaded
-            or from the torch hub cache), or the path of a local file: an ImageNet state dict
-            as torchvision distributes it (e.g. ``resnet50-11ad3fa6.pth``), or a checkpoint
-            written by :func:`examples.train.train` (``small_resnet``: how the demo starts
-            from its pretraining run). The classifier is replaced by the new head.
+            or from the torch hub cache), or the path of a local file with weights of
+            ``arch``: an ImageNet state dict as torchvision distributes it (e.g.
+            ``resnet50-11ad3fa6.pth``), or a checkpoint written by :func:`examples.train.train`
+            (how the demo starts from its pretraining run). Everything but the classifier is
+            loaded; the classifier is a new head.
     """
     if arch == "small_resnet":
-        model = SmallResNet(num_labels)
-        if pretrained is None:
-            return model
         if pretrained == "imagenet":
             raise ValueError("small_resnet has no ImageNet weights: give the path of a checkpoint of it, or None")
-        state = {k: v for k, v in _read_state(pretrained).items() if not k.startswith("fc.")}
+        model: nn.Module = SmallResNet(num_labels)
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
+        model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained == "imagenet" else None)
+        _replace_head(model, num_labels)
+    if pretrained not in (None, "imagenet"):
+        head = _head_prefix(model)
+        state = {k: v for k, v in _read_state(pretrained).items() if not k.startswith(head)}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # shapes differ
-            raise ValueError(f"{pretrained} does not hold small_resnet weights: {error}") from None
-        if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+            raise ValueError(f"{pretrained} does not hold weights of {arch}: {error}") from None
+        missing = [k for k in missing if not k.startswith(head)]
+        if missing or unexpected:
             raise ValueError(
-                f"{pretrained} does not hold small_resnet weights: missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}"
+                f"{pretrained} does not hold weights of {arch}: "
+                f"missing {missing[:5] or 'nothing'}{' ...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5] or 'nothing'}{' ...' if len(unexpected) > 5 else ''}"
             )
-        return model
-    import torchvision
-
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
-    model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained == "imagenet" else None)
-    if pretrained not in (None, "imagenet"):
-        state = _read_state(pretrained)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"{pretrained} does not hold ImageNet weights of {arch}: {error}") from None
-    _replace_head(model, num_labels)
     return model

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -339,14 +340,32 @@ def _progress(iterable, config: TrainConfig, description: str):
 _RESUMABLE_CHANGES = frozenset({"epochs", "out", "progress", "workers", "test_batch_size"})
 
 
-def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint written with other settings (it would mix two runs)."""
+# Values of settings added later, as the runs that wrote checkpoints without them behaved.
+_OLDER_DEFAULTS = {"scale_source": "resize"}
+
+
+def _file_digest(path: str | None) -> str | None:
+    """SHA-256 of a local weights file (``None`` for no file or ``"imagenet"``)."""
+    if path in (None, "imagenet"):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_digest: str | None, path: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings or weights (it would mix two runs)."""
+    saved = json.loads(state["config"])
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     changed = [
-        f"{key}: {saved.get(key)!r} there, {value!r} here"
+        f"{key}: {saved.get(key, _OLDER_DEFAULTS.get(key))!r} there, {value!r} here"
         for key, value in current.items()
-        if key not in _RESUMABLE_CHANGES and saved.get(key) != value
+        if key not in _RESUMABLE_CHANGES and saved.get(key, _OLDER_DEFAULTS.get(key)) != value
     ]
+    if state.get("pretrained_sha256") != pretrained_digest:
+        changed.append(f"the file {config.pretrained} changed since the run started")
     if changed:
         raise ValueError(
             f"cannot resume {path}: it was written with other settings ({'; '.join(changed)}). "
@@ -357,6 +376,7 @@ def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> N
 def train(config: TrainConfig, device: str | torch.device | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) training; returns the per-epoch metrics written to ``metrics.json``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = dataclasses.replace(config, scale_source=scale_source(config))  # saved resolved
     ddp = _init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
@@ -370,6 +390,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     from examples.models import build_model
 
     model = build_model(config.arch, train_set.targets.shape[1], config.pretrained).to(device)
+    pretrained_digest = _file_digest(config.pretrained)
     if _use(config.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     encoding = getattr(train_set, "encoding", "binary")
@@ -391,7 +412,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     checkpoint_path = out / "last.pt"
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        _check_same_run(json.loads(state["config"]), config, checkpoint_path)
+        _check_same_run(state, config, pretrained_digest, checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
@@ -466,6 +487,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
                     "config": json.dumps(dataclasses.asdict(config)),
                     "history": json.dumps(history),
                     "label_names": list(getattr(train_set, "label_names", [])),
+                    "pretrained_sha256": pretrained_digest,
                 },
                 checkpoint_path,
             )

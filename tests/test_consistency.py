@@ -100,6 +100,10 @@ def test_resized_images_are_checked(model):
             criterion.views(model, cam, images, ["scale"], resized=torch.randn(3, 3, 24, 24))
         with pytest.raises(ValueError, match=r"resized images of size \[\(20, 20\)\] match no scaled view \(those are \[\(24, 24\)\]\)"):
             criterion.views(model, cam, images, ["scale"], resized=[torch.randn(2, 3, 20, 20)])
+        with pytest.raises(ValueError, match=r"resized\[0\] must be on the device and of the dtype of images \(cpu, torch.float32\), got cpu, torch.float64"):
+            criterion.views(model, cam, images, ["scale"], resized=torch.randn(2, 3, 24, 24, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"resized holds two batches of size \(24, 24\)"):
+            criterion.views(model, cam, images, ["scale"], resized=[torch.randn(2, 3, 24, 24)] * 2)
         with pytest.raises(ValueError, match=r"resized\[0\] must be 4-D"):
             criterion.views(model, cam, images, ["scale"], resized=torch.randn(3, 24, 24))
 

@@ -69,3 +69,17 @@ def test_demo_resumes_finished_runs_without_training(tmp_path: Path, capsys: pyt
     assert run_demo(tmp_path) == first
     assert capsys.readouterr().err.count("resuming") == 3
     assert {run: (tmp_path / run / "last.pt").stat().st_mtime_ns for run in stamps} == stamps
+
+
+def test_demo_does_not_mix_fine_tuning_runs_with_a_longer_pretraining(tmp_path: Path) -> None:
+    run_demo(tmp_path)
+    args = ["--out", str(tmp_path), "--pretrain-epochs", "2", "--epochs", "1", "--train-images", "32", "--test-images", "16", "--no-progress"]  # fmt: skip
+    with pytest.raises(ValueError, match="pretrain/last.pt changed since the run started"):
+        demo.main(args)
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--pretrain-epochs", "--train-images", "--test-images", "--threads"])
+def test_demo_counts_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        demo.main([flag, "0"])
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err

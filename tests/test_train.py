@@ -25,6 +25,7 @@ import torchvision
 from fixtures import WIDER_NAMES, attribute, cell, noise, save, write_coco, write_wider
 
 import examples.train as train_module
+from attn_consistency import AttentionConsistencyLoss
 from examples.models import SmallResNet, build_model
 from examples.train import PRESETS, TrainConfig, _image_transform, build_datasets, load_checkpoint, main, parse_args, save_atomic, train
 
@@ -326,6 +327,55 @@ def test_resuming_with_other_settings_names_them(tmp_path: Path) -> None:
     assert "epochs" not in str(error.value)
 
 
+def test_resuming_with_other_run_only_settings_goes_on(tmp_path: Path) -> None:
+    first = train(resume_config(tmp_path, 1), device="cpu")
+    more = dataclasses.replace(resume_config(tmp_path, 2), workers=1, test_batch_size=2, progress=True)
+    history = train(more, device="cpu", resume=True)
+    assert history[:1] == first and [row["epoch"] for row in history] == [1, 2]
+
+
+def test_resuming_after_the_pretrained_file_changed_is_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "pretrained.pt"
+    torch.save(SmallResNet(4).state_dict(), weights)
+    config = dataclasses.replace(resume_config(tmp_path / "run", 1), pretrained=str(weights))
+    train(config, device="cpu")
+    torch.save(SmallResNet(4).state_dict(), weights)  # other random weights, same path
+    with pytest.raises(ValueError, match=re.escape(f"the file {weights} changed since the run started")):
+        train(dataclasses.replace(config, epochs=2), device="cpu", resume=True)
+
+
+def test_checkpoint_without_scale_source_resumes_as_it_ran(data_roots, tmp_path: Path) -> None:
+    # written before the setting existed: the scaled view was then resampled from the batch
+    settings = tiny_settings("wider-r50-acfs", data_roots, tmp_path) | {"arch": "small_resnet", "scale_size": 24}
+    config = TrainConfig(**(PRESETS["wider-r50-acfs"] | settings))
+    train(config, device="cpu")
+    state = load_checkpoint(tmp_path / "last.pt")
+    saved = json.loads(state["config"])
+    assert saved["scale_source"] == "original"  # saved resolved
+    del saved["scale_source"]
+    save_atomic(state | {"config": json.dumps(saved)}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=re.escape("scale_source: 'resize' there, 'original' here")):
+        train(dataclasses.replace(config, epochs=2), device="cpu", resume=True)
+    assert len(train(dataclasses.replace(config, epochs=2, scale_source="resize"), device="cpu", resume=True)) == 2
+
+
+def test_training_step_feeds_the_file_resized_batch_to_the_scaled_views(data_roots, tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    views = AttentionConsistencyLoss.views
+
+    def spy(self, model, cam, images, transforms, **kwargs):
+        seen.append((tuple(images.shape), [tuple(x.shape) for x in kwargs["resized"]]))
+        return views(self, model, cam, images, transforms, **kwargs)
+
+    monkeypatch.setattr(AttentionConsistencyLoss, "views", spy)
+    settings = tiny_settings("wider-r50-acfs", data_roots, tmp_path) | {"arch": "small_resnet", "scale_size": 24}
+    train(TrainConfig(**(PRESETS["wider-r50-acfs"] | settings)), device="cpu")
+    assert seen == [((4, 3, 32, 32), [(4, 3, 24, 24)])]
+    seen.clear()
+    train(TrainConfig(**(PRESETS["wider-r50-acfs"] | settings | {"scale_source": "resize", "out": str(tmp_path / "b")})), device="cpu")
+    assert seen == [((4, 3, 32, 32), [])]
+
+
 # ---------------------------------------------------------------- atomic checkpoints
 
 
@@ -456,7 +506,7 @@ def test_missing_pretrained_file_names_the_path(data_roots, tmp_path: Path) -> N
 def test_pretrained_file_of_another_arch_names_the_file(data_roots, tmp_path: Path) -> None:
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold ImageNet weights of resnet50")):
+    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold weights of resnet50")):
         main(["--preset", "wider-r50", "--data-root", str(data_roots["wider"]), "--pretrained", str(path), "--out", str(tmp_path)])
 
 
@@ -487,16 +537,26 @@ def test_small_resnet_starts_from_a_checkpoint_of_train(tmp_path: Path) -> None:
             assert torch.equal(state[key], value), key
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0"])
+def test_torchvision_model_starts_from_a_checkpoint_with_another_head(arch: str, tmp_path: Path) -> None:
+    # a checkpoint of train() for 5 labels (under "model"), reused for 3 labels
+    trained = build_model(arch, 5)
+    torch.save({"model": trained.state_dict(), "epoch": 3}, tmp_path / "last.pt")
+    state = build_model(arch, 3, str(tmp_path / "last.pt")).state_dict()
+    changed = {key for key, value in trained.state_dict().items() if value.shape != state[key].shape or not torch.equal(value, state[key])}
+    assert changed and all(key.startswith(("fc.", "classifier.")) for key in changed), changed
+
+
 def test_small_resnet_rejects_other_weights(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="small_resnet has no ImageNet weights"):
         build_model("small_resnet", 3, "imagenet")
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold small_resnet weights")):
+    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold weights of small_resnet")):
         build_model("small_resnet", 3, str(path))
     wide = tmp_path / "wide.pth"
     torch.save(SmallResNet(3, widths=(16, 32, 64, 256)).state_dict(), wide)
-    with pytest.raises(ValueError, match=re.escape(f"{wide} does not hold small_resnet weights")):
+    with pytest.raises(ValueError, match=re.escape(f"{wide} does not hold weights of small_resnet")):
         build_model("small_resnet", 3, str(wide))
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.pt"))):
         build_model("small_resnet", 3, str(tmp_path / "missing.pt"))
