@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from attn_consistency import AttentionConsistencyLoss, CAMHook, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
+from attn_consistency import AttentionConsistencyLoss, CAMHook, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
 from attn_consistency.metrics import attention_inconsistency, example_based_metrics, label_based_metrics
 
 __all__ = ["PRESETS", "TrainConfig", "main", "train"]
@@ -57,7 +57,11 @@ class TrainConfig:
     # None: 'original' for datasets read from files, 'resize' for synthetic (one size only).
     scale_source: str | None = None
     transforms: tuple[str, ...] = ()
-    consistency: bool = True  # False: the same views as data augmentation only
+    consistency: bool = True  # False: the transforms as data augmentation only (see `augmentation`)
+    # With consistency=False: 'views' trains on the same views as the consistency run, every step
+    # (the consistency weights set to 0); 'random' applies each transform to the step's batch with
+    # probability 1/2 and trains on that one view, as ordinary data augmentation.
+    augmentation: str = "views"
     mode: str | None = None  # 'product' (authors' four views) or 'independent'; None: product for flip+scale
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     rotate_degrees: float = 90.0
@@ -289,6 +293,20 @@ def _transforms(config: TrainConfig) -> list:
     return built
 
 
+def _random_view(images: Tensor, resized: list[Tensor], transforms: list, generator: torch.Generator) -> Tensor:
+    """The batch with each transform applied with probability 1/2 (a scale from ``resized`` if given)."""
+    chosen = [t for t in transforms if torch.rand((), generator=generator) < 0.5]
+    params = {t.name: t.sample(generator) for t in chosen}
+    for t in chosen:  # the resize first, from the file's own resize where there is one
+        if isinstance(t, Scale) and resized:
+            images = resized[0]
+            chosen.remove(t)
+            break
+    for t in chosen:
+        images = t.apply_image(images, params[t.name])
+    return images
+
+
 def _step_generator(config: TrainConfig, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((config.seed * 1_000 + epoch) * 1_000_003 + step)
 
@@ -401,6 +419,8 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     consistency = AttentionConsistencyLoss(weights=weights)
     # the authors' flip + scale step runs all four combinations of the two
     mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
+    if config.augmentation not in ("views", "random"):
+        raise ValueError(f"augmentation must be 'views' or 'random', got {config.augmentation!r}")
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     elif config.optimizer == "adam":
@@ -453,7 +473,12 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             if _use(config.channels_last, device):
                 images, *resized = (x.contiguous(memory_format=torch.channels_last) for x in (images, *resized))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if transforms:
+                if transforms and not config.consistency and config.augmentation == "random":
+                    view = _random_view(images, resized, transforms, _step_generator(config, epoch, step))
+                    with cam.paused():
+                        cls_loss = classification(net(view), targets)
+                    ac_loss = torch.zeros((), device=device)
+                elif transforms:
                     views = consistency.views(
                         net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step), resized=resized
                     )

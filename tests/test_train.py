@@ -25,9 +25,9 @@ import torchvision
 from fixtures import WIDER_NAMES, attribute, cell, noise, save, write_coco, write_wider
 
 import examples.train as train_module
-from attn_consistency import AttentionConsistencyLoss
+from attn_consistency import AttentionConsistencyLoss, get_transform
 from examples.models import SmallResNet, build_model
-from examples.train import PRESETS, TrainConfig, _image_transform, build_datasets, load_checkpoint, main, parse_args, save_atomic, train
+from examples.train import PRESETS, TrainConfig, _image_transform, _random_view, build_datasets, load_checkpoint, main, parse_args, save_atomic, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,6 +234,38 @@ def test_scale_source_errors(tmp_path: Path) -> None:
         build_datasets(TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | {"scale_source": "original"})))
     with pytest.raises(ValueError, match="scale_source must be 'original' or 'resize', got 'crop'"):
         build_datasets(TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | {"scale_source": "crop"})))
+
+
+def test_random_view_applies_each_transform_half_the_time() -> None:
+    flip, scale = get_transform("flip"), get_transform("scale", factor=24 / 32)
+    images = torch.randn(2, 3, 32, 32)
+    small = torch.randn(2, 3, 24, 24)  # stands for the loader's own 24 px resize
+    counts = {"none": 0, "flip": 0, "scale": 0, "both": 0}
+    for step in range(400):
+        view = _random_view(images, [small], [flip, scale], torch.Generator().manual_seed(step))
+        if view.shape[-1] == 32:
+            key = "none" if torch.equal(view, images) else "flip"
+            assert key == "none" or torch.equal(view, images.flip(-1))
+        else:
+            key = "scale" if torch.equal(view, small) else "both"
+            assert key == "scale" or torch.equal(view, small.flip(-1))
+        counts[key] += 1
+    assert all(70 <= n <= 130 for n in counts.values()), counts  # 100 each expected; 6 sigma is 52
+    # without the loader's resize, the scaled view is resampled from the batch
+    views = [_random_view(images, [], [scale], torch.Generator().manual_seed(seed)) for seed in range(20)]
+    scaled = [view for view in views if view.shape[-1] == 24]
+    assert scaled
+    for view in scaled:
+        torch.testing.assert_close(view, scale.apply_image(images))
+
+
+def test_augmentation_only_row_with_random_augmentation_trains(data_roots, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(AttentionConsistencyLoss, "views", lambda *a, **k: pytest.fail("random augmentation runs one view"))
+    settings = tiny_settings("wider-r50-f", data_roots, tmp_path) | {"arch": "small_resnet", "augmentation": "random"}
+    (row,) = train(TrainConfig(**(PRESETS["wider-r50-f"] | settings)), device="cpu")
+    assert row["ac_loss"] == 0 and row["cls_loss"] > 0 and math.isfinite(row["mAP"])
+    with pytest.raises(ValueError, match="augmentation must be 'views' or 'random', got 'mixup'"):
+        train(TrainConfig(**(PRESETS["wider-r50-f"] | settings | {"augmentation": "mixup"})), device="cpu")
 
 
 def test_r101_presets_are_r50_presets_with_the_arch_changed() -> None:
