@@ -30,7 +30,7 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
     results = run_demo(tmp_path)
     captured = capsys.readouterr()
     printed = captured.out
-    # one step of pretraining learns nothing: the demo says that its starting point is weak
+    # two steps of pretraining learn nothing: the demo says that its starting point is weak
     assert "warning: the pretraining reached mAP" in captured.err
     assert f"--pretrain-epochs 2 --out {tmp_path}-longer" in captured.err
 
