@@ -135,7 +135,8 @@ class CAMHook:
         found = _find_head(module) if features is None or classifier is None else (None, None, None)
         self.features = _resolve(module, "features", features) if features is not None else found[0]
         self.classifier = _resolve(module, "classifier", classifier) if classifier is not None else found[1]
-        self.activation = activation if features is not None else found[2] or activation
+        # the activation found with the features applies only when the user named neither
+        self.activation = activation if activation is not None or features is not None else found[2]
         if not isinstance(self.classifier, nn.Linear):
             raise TypeError(
                 f"classifier must be an nn.Linear applied to the pooled features, got "
@@ -208,7 +209,8 @@ class CAMHook:
                     stacklevel=2,
                 )
         self._maps.append(heatmaps)
-        if self._check_handle is not None:
+        if self._check_handle is not None and not torch.compiler.is_compiling():
+            # the check runs on an eager forward (see _on_logits): keep it out of compiled graphs
             self._pending_check = (heatmaps.detach(), features.detach().mean((2, 3)))
 
     def _on_logits(self, module: nn.Module, args: tuple[Any, ...], logits: Tensor) -> None:

@@ -88,7 +88,8 @@ class ConsistencyOutput(NamedTuple):
         logits: the logits of every view, in the order of ``views``; the first view is the
             original image.
         loss: the weighted sum of the consistency terms.
-        terms: each consistency term before weighting, by name.
+        terms: each consistency term before weighting, by name. A transform whose weight is
+            0 still makes its views but has no term (it is not computed).
         views: the names of the transforms applied to each view (``()`` for the original).
     """
 
@@ -199,8 +200,9 @@ class AttentionConsistencyLoss(nn.Module):
             views = [tuple(t.name for i, t in enumerate(chosen) if mask >> i & 1) for mask in range(2 ** len(chosen))]
         by_name = {t.name: t for t in chosen}
         sources = self._resized_sources(images, resized, chosen)
-        used: set[tuple[int, int]] = set()
-        view_images = {view: self._view_image(images, view, by_name, params, sources, used) for view in views}
+        built = {view: self._view_image(images, view, by_name, params, sources) for view in views}
+        view_images = {view: image for view, (image, _) in built.items()}
+        used = {size for _, size in built.values()}
         if set(sources) - used:
             scaled = sorted({tuple(view_images[v].shape[-2:]) for v in views if any(isinstance(by_name[n], Scale) for n in v)})
             raise ValueError(f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})")
@@ -209,6 +211,9 @@ class AttentionConsistencyLoss(nn.Module):
         terms: dict[str, Tensor] = {}
         loss = images.new_zeros((), dtype=torch.promote_types(images.dtype, torch.float32))
         for transform in chosen:
+            weight = self.weights.get(transform.name, 1.0)
+            if weight == 0.0:  # its views serve the classification loss only: no term to compute
+                continue
             pairs = [(v, tuple(t.name for t in chosen if t.name in v or t is transform)) for v in views]
             pairs = [(v, w) for v, w in pairs if v != w and w in heatmaps]
             groups: dict[tuple[torch.Size, torch.Size], list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
@@ -224,7 +229,7 @@ class AttentionConsistencyLoss(nn.Module):
                 terms[name] = attention_consistency(
                     original, moved, transform, params[transform.name], self.reduction, self.check_finite_values
                 )
-                loss = loss + self.weights.get(transform.name, 1.0) * terms[name]
+                loss = loss + weight * terms[name]
         return ConsistencyOutput([logits[v] for v in views], loss, terms, views)
 
     def _transforms(self, transforms: Any, mode: str) -> list[Transform]:
@@ -275,21 +280,20 @@ class AttentionConsistencyLoss(nn.Module):
         by_name: dict[str, Transform],
         params: dict[str, Any],
         sources: dict[tuple[int, int], Tensor],
-        used: set[tuple[int, int]],
-    ) -> Tensor:
-        names = list(view)
+    ) -> tuple[Tensor, tuple[int, int] | None]:
+        """The view's image, and the size of the ``resized`` batch it started from (or None)."""
+        names, used = list(view), None
         for name in view:  # the transforms of a view commute: the resize may come first
             transform = by_name[name]
             if isinstance(transform, Scale) and sources:
                 size = transform.output_size(images.shape[-2:], params[name])
                 if size in sources:
-                    images = sources[size]
-                    used.add(size)
+                    images, used = sources[size], size
                     names.remove(name)
                     break
         for name in names:
             images = by_name[name].apply_image(images, params[name])
-        return images
+        return images, used
 
     @staticmethod
     def _forward_by_size(

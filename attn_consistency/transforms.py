@@ -223,6 +223,8 @@ def _common_segments(size: int, size_t: int) -> tuple[list[int], list[int], list
     return [s // step for s in starts], [s // step_t for s in starts], [e - s for s, e in zip(starts, ends)]
 
 
+# A dict rather than lru_cache: torch.compile traces through lru_cache wrappers (and warns), but
+# reads a dict lookup of constant tensors as it is.
 _segment_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
 
 
@@ -354,9 +356,10 @@ class Scale(Transform):
         return scale_consistency(heatmaps, heatmaps_t)
 
     def commutes_with(self, other: Transform) -> bool:
-        # A resize about the centre commutes with flips, rotations about the centre and
-        # shifts given as fractions of the size.
-        return True
+        # A resize about the centre commutes with flips, rotations about the centre,
+        # shifts given as fractions of the size, and other resizes; a custom transform
+        # says so itself.
+        return isinstance(other, (Flip, Rotate, Translate, Scale))
 
 
 class Rotate(Transform):
@@ -448,29 +451,31 @@ class Translate(Transform):
             raise TypeError(f"translate params must be a (dx, dy) pair of fractions, got {params!r}")
         return check_number("translate dx", params[0]), check_number("translate dy", params[1])
 
-    def _translate(self, x: Tensor, dx: float, dy: float) -> tuple[Tensor, Tensor]:
+    def _translate(self, x: Tensor, dx: float, dy: float, with_mask: bool) -> tuple[Tensor, Tensor | None]:
+        """The shifted ``x`` and, if asked, the mask of cells with a source inside ``x``."""
         height, width = x.shape[-2:]
         sx, sy = dx * width, dy * height
         if _is_whole(sx) and _is_whole(sy):
             sx, sy = round(sx), round(sy)
             mask = x.new_zeros((1, 1, height, width), dtype=torch.bool)
             mask[..., max(sy, 0) : height + min(sy, 0), max(sx, 0) : width + min(sx, 0)] = True
-            return torch.roll(x, shifts=(sy, sx), dims=(-2, -1)) * mask, mask
+            return torch.roll(x, shifts=(sy, sx), dims=(-2, -1)) * mask, mask if with_mask else None
         from kornia.geometry.transform import translate
 
         with _no_autocast(x):
             shift = torch.tensor([[sx, sy]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2)
-            ones = x.new_ones((1, 1, height, width))
             warp = lambda t, s: translate(t, s, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)  # noqa: E731
-            return warp(x, shift), warp(ones, shift[:1]) > _MASK_THRESHOLD
+            if not with_mask:
+                return warp(x, shift), None
+            return warp(x, shift), warp(x.new_ones((1, 1, height, width)), shift[:1]) > _MASK_THRESHOLD
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
         check_tensor("images", images, 4, "(N, C, H, W)")
-        return self._translate(images, *self._shift(params))[0]
+        return self._translate(images, *self._shift(params), with_mask=False)[0]
 
     def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
         check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
-        return self._translate(heatmaps, *self._shift(params))
+        return self._translate(heatmaps, *self._shift(params), with_mask=True)
 
 
 _REGISTRY: dict[str, Callable[..., Transform]] = {}

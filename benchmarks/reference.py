@@ -1,4 +1,5 @@
-"""The authors' way of computing the consistency terms, written from DESIGN.md section 2.
+"""The authors' way of computing the consistency terms, modelled on the authors' training step
+(hguosc/visual_attention_consistency, ``main.py``).
 
 A plain re-implementation, independent of the library, that the benchmarks time the library
 against (and check it against first):

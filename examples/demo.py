@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from examples.figure5 import figure5, load_trained
-from examples.train import PRESETS, TrainConfig, build_datasets, train
+from examples.train import PRESETS, TrainConfig, build_datasets, scale_factor, train
 
 __all__ = ["main"]
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     models = {name.split(" (")[0]: load_trained(Path(c.out) / "last.pt")[0] for name, c in configs.items()}
     picture = figure5(
         models, test_set.images[indices], label, out / "figure5.png",
-        label_name=test_set.label_names[label], scale_factor=config.scale_size / config.image_size,
+        label_name=test_set.label_names[label], scale_factor=scale_factor(config),
         denormalize=test_set.denormalize,
     )
     summary = {"results": results, "configs": {k: dataclasses.asdict(c) for k, c in configs.items()}, "table": text}

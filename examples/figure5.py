@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.names and len(args.names) != len(args.checkpoints):
         parser.error(f"--names has {len(args.names)} entries for {len(args.checkpoints)} checkpoints")
-    from examples.train import build_datasets
+    from examples.train import build_datasets, scale_factor
 
     loaded = [load_trained(path) for path in args.checkpoints]
     _, config, label_names = loaded[0]
@@ -144,10 +144,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = torch.stack([test_set[i][0] for i in args.indices])
     denormalize = getattr(test_set, "denormalize", _imagenet_denormalize)
     names = args.names or [Path(p).parent.name for p in args.checkpoints]
-    factor = (config.scale_size or round(config.image_size * 6 / 7)) / config.image_size
     return figure5(
         {name: model for name, (model, _, _) in zip(names, loaded)},
-        images, label, args.out, label_name=label_names[label], scale_factor=factor, denormalize=denormalize,
+        images, label, args.out, label_name=label_names[label], scale_factor=scale_factor(config), denormalize=denormalize,
     )
 
 

@@ -48,16 +48,28 @@ class SmallResNet(nn.Module):
         return self.fc(self.avgpool(self.layers(self.stem(x))).flatten(1))
 
 
-def _replace_head(model: nn.Module, num_labels: int) -> None:
-    """Give a torchvision classifier a new linear layer with ``num_labels`` outputs."""
+def _head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """Where the linear classifier sits: its parent module, attribute name and the layer."""
     if isinstance(getattr(model, "fc", None), nn.Linear):
-        model.fc = nn.Linear(model.fc.in_features, num_labels)
-    elif isinstance(getattr(model, "classifier", None), nn.Linear):  # DenseNet
-        model.classifier = nn.Linear(model.classifier.in_features, num_labels)
-    elif isinstance(getattr(model, "classifier", None), nn.Sequential) and isinstance(model.classifier[-1], nn.Linear):
-        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_labels)
-    else:
-        raise ValueError(f"do not know where the classifier of {type(model).__name__} is")
+        return model, "fc", model.fc
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Linear):  # DenseNet
+        return model, "classifier", classifier
+    if isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear):
+        return classifier, str(len(classifier) - 1), classifier[-1]
+    raise ValueError(f"do not know where the classifier of {type(model).__name__} is")
+
+
+def _replace_head(model: nn.Module, num_labels: int) -> None:
+    """Give a classifier a new linear layer with ``num_labels`` outputs."""
+    parent, name, layer = _head(model)
+    setattr(parent, name, nn.Linear(layer.in_features, num_labels))
+
+
+def _head_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the linear classifier that :func:`_replace_head` replaces."""
+    parent, name, _ = _head(model)
+    return f"{name}." if parent is model else f"classifier.{name}."
 
 
 def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -72,16 +84,6 @@ def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
-
-
-def _head_prefix(model: nn.Module) -> str:
-    """The state-dict prefix of the linear classifier that :func:`_replace_head` replaces."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return "fc."
-    classifier = getattr(model, "classifier", None)
-    if isinstance(classifier, nn.Sequential):
-        return f"classifier.{len(classifier) - 1}."
-    return "classifier."
 
 
 def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn.Module:

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,7 +104,7 @@ PRESETS["pa100k-r50-acfs"] = dict(_WIDER, dataset="pa100k", transforms=("flip", 
 PRESETS["coco-r101"] = dict(dataset="coco", arch="resnet101", image_size=288, scale_size=256, epochs=14, batch_size=24, lr_step=6, lr_gamma=0.1)
 PRESETS["coco-r101-acfs"] = dict(PRESETS["coco-r101"], transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8})
 # The CPU demo. From scratch, the small net sits at chance for ~1000 Adam steps before it finds
-# the shapes, and the consistency loss stretches that plateau further (measured, see the demo).
+# the shapes, and the consistency loss stretches that plateau further (measured: README, demo).
 # So the demo follows the paper's protocol with a stand-in for ImageNet: `synthetic-pretrain`
 # trains on 4 shapes and other images (seed 1), and both rows fine-tune it on 6 shapes. 56/64
 # is close to the paper's 192/224 and gives 7x7 vs 8x8 heatmaps.
@@ -297,14 +296,19 @@ def _random_view(images: Tensor, resized: list[Tensor], transforms: list, genera
     """The batch with each transform applied with probability 1/2 (a scale from ``resized`` if given)."""
     chosen = [t for t in transforms if torch.rand((), generator=generator) < 0.5]
     params = {t.name: t.sample(generator) for t in chosen}
-    for t in chosen:  # the resize first, from the file's own resize where there is one
-        if isinstance(t, Scale) and resized:
+    for t in chosen:  # the resize first, from the file's own resize where it has the size
+        if isinstance(t, Scale) and resized and tuple(resized[0].shape[-2:]) == t.output_size(images.shape[-2:], params[t.name]):
             images = resized[0]
             chosen.remove(t)
             break
     for t in chosen:
         images = t.apply_image(images, params[t.name])
     return images
+
+
+def scale_factor(config: TrainConfig) -> float:
+    """Scaled-view size over image size: ``scale_size``, or the paper's 192/224 ratio without one."""
+    return (config.scale_size or round(config.image_size * 6 / 7)) / config.image_size
 
 
 def _step_generator(config: TrainConfig, epoch: int, step: int) -> torch.Generator:
@@ -315,17 +319,19 @@ def _step_generator(config: TrainConfig, epoch: int, step: int) -> torch.Generat
 def evaluate(model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
     """Test-set metrics: label-based (and example-based), attention inconsistency (Table 2)."""
     loader = DataLoader(dataset, batch_size=config.test_batch_size, shuffle=False, num_workers=config.workers)
-    scale = get_transform("scale", factor=(config.scale_size or round(config.image_size * 6 / 7)) / config.image_size)
+    scale = get_transform("scale", factor=scale_factor(config))
     flip = get_transform("flip")
     scores, heatmaps = [], []
+    pointing = config.dataset == "synthetic"  # the only dataset with boxes: keep its heatmaps
+    memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
     for images, _ in _progress(loader, config, "test"):
-        images = images.to(device)
-        if _use(config.channels_last, device):
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.to(device, memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use(config.amp, device)):
-            scores.append(model(images).float().cpu())
-        (maps,) = cam.pop()
-        heatmaps.append(maps.float().cpu())
+            with contextlib.nullcontext() if pointing else cam.paused():
+                scores.append(model(images).float().cpu())
+        if pointing:
+            (maps,) = cam.pop()
+            heatmaps.append(maps.float().cpu())
     targets = dataset.targets
     encoding = getattr(dataset, "encoding", "binary")
     result = label_based_metrics(torch.cat(scores), targets, encoding=encoding, top_k=3 if config.dataset == "coco" else None)
@@ -335,7 +341,7 @@ def evaluate(model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConf
     for transform in (flip, scale):
         batches = (images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers))
         result[f"inconsistency-{transform.name}"] = attention_inconsistency(model, cam, batches, transform, device=device, amp=amp)
-    if config.dataset == "synthetic":
+    if pointing:
         from examples.synthetic import pointing_game
 
         result["pointing-game"] = pointing_game(torch.cat(heatmaps), targets, dataset.boxes, config.image_size)
@@ -358,19 +364,27 @@ def _progress(iterable, config: TrainConfig, description: str):
 _RESUMABLE_CHANGES = frozenset({"epochs", "out", "progress", "workers", "test_batch_size"})
 
 
-# Values of settings added later, as the runs that wrote checkpoints without them behaved.
-_OLDER_DEFAULTS = {"scale_source": "resize"}
+def _older_default(key: str) -> Any:
+    """A setting missing from a checkpoint was added later: the value that run behaved as.
+
+    That is the setting's default, except ``scale_source``, whose default now means
+    ``'original'`` for files; runs before it resampled the batch.
+    """
+    if key == "scale_source":
+        return "resize"
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(key)
+    if field is None:
+        return None
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return json.loads(json.dumps(default))
 
 
 def _file_digest(path: str | None) -> str | None:
     """SHA-256 of a local weights file (``None`` for no file or ``"imagenet"``)."""
     if path in (None, "imagenet"):
         return None
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_digest: str | None, path: Path) -> None:
@@ -378,9 +392,9 @@ def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_diges
     saved = json.loads(state["config"])
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     changed = [
-        f"{key}: {saved.get(key, _OLDER_DEFAULTS.get(key))!r} there, {value!r} here"
+        f"{key}: {saved.get(key, _older_default(key))!r} there, {value!r} here"
         for key, value in current.items()
-        if key not in _RESUMABLE_CHANGES and saved.get(key, _OLDER_DEFAULTS.get(key)) != value
+        if key not in _RESUMABLE_CHANGES and saved.get(key, _older_default(key)) != value
     ]
     if state.get("pretrained_sha256") != pretrained_digest:
         changed.append(f"the file {config.pretrained} changed since the run started")
@@ -395,6 +409,10 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     """Run (or resume) training; returns the per-epoch metrics written to ``metrics.json``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = dataclasses.replace(config, scale_source=scale_source(config))  # saved resolved
+    if config.augmentation not in ("views", "random"):
+        raise ValueError(f"augmentation must be 'views' or 'random', got {config.augmentation!r}")
+    if config.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
     ddp = _init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
@@ -402,7 +420,6 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    random.seed(config.seed)
 
     train_set, test_set = build_datasets(config)
     from examples.models import build_model
@@ -419,14 +436,10 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     consistency = AttentionConsistencyLoss(weights=weights)
     # the authors' flip + scale step runs all four combinations of the two
     mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
-    if config.augmentation not in ("views", "random"):
-        raise ValueError(f"augmentation must be 'views' or 'random', got {config.augmentation!r}")
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    elif config.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     start_epoch, history = 0, []
     checkpoint_path = out / "last.pt"
@@ -457,6 +470,9 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
     )
     amp = _use(config.amp, device)
+    memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
+    random_augmentation = bool(transforms) and not config.consistency and config.augmentation == "random"
+    no_consistency = torch.zeros((), device=device)
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
@@ -468,26 +484,21 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             if config.max_steps is not None and step >= config.max_steps:
                 break
             images, resized = (images[0], images[1:]) if isinstance(images, (list, tuple)) else (images, [])
-            images, *resized = (x.to(device, non_blocking=True) for x in (images, *resized))
+            images, *resized = (x.to(device, non_blocking=True, memory_format=memory_format) for x in (images, *resized))
             targets = targets.to(device, non_blocking=True)
-            if _use(config.channels_last, device):
-                images, *resized = (x.contiguous(memory_format=torch.channels_last) for x in (images, *resized))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if transforms and not config.consistency and config.augmentation == "random":
-                    view = _random_view(images, resized, transforms, _step_generator(config, epoch, step))
-                    with cam.paused():
-                        cls_loss = classification(net(view), targets)
-                    ac_loss = torch.zeros((), device=device)
-                elif transforms:
+                if transforms and not random_augmentation:
                     views = consistency.views(
                         net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step), resized=resized
                     )
                     cls_loss = sum(classification(logits, targets) for logits in views.logits) / len(views.logits)
                     ac_loss = views.loss
-                else:
+                else:  # one view: the batch, or a random augmentation of it
+                    if random_augmentation:
+                        images = _random_view(images, resized, transforms, _step_generator(config, epoch, step))
                     with cam.paused():
                         cls_loss = classification(net(images), targets)
-                    ac_loss = torch.zeros((), device=device)
+                    ac_loss = no_consistency
                 loss = cls_loss + ac_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -31,7 +31,7 @@ def model() -> TinyGapFc:
 
 
 def reference_four_view_step(model, images, small_images):
-    """The authors' flip + scale step, written from DESIGN.md section 2 without the library."""
+    """The authors' flip + scale step, modelled on the authors' main.py, without the library."""
     features = {}
     handle = model.pool.register_forward_pre_hook(lambda m, args: features.__setitem__("f", args[0]))
     weight = model.fc.weight.detach()
@@ -117,6 +117,19 @@ def test_weights_scale_each_transform_as_the_coco_setting(model):
         )
     expected = 0.6 * (plain.terms["flip@28"] + plain.terms["flip@24"]) + 0.8 * plain.terms["scale"]
     torch.testing.assert_close(weighted.loss, expected)
+
+
+def test_zero_weight_makes_the_views_but_computes_no_term(model):
+    images = torch.randn(2, 3, 28, 28)
+    with CAMHook(model) as cam:
+        out = AttentionConsistencyLoss(weights={"flip": 0.0}).views(model, cam, images, ["flip", "scale"], mode="product")
+        plain = AttentionConsistencyLoss().views(model, cam, images, ["flip", "scale"], mode="product")
+    assert out.views == [(), ("flip",), ("scale",), ("flip", "scale")] and len(out.logits) == 4
+    assert set(out.terms) == {"scale"}
+    torch.testing.assert_close(out.loss, plain.terms["scale"])
+    with CAMHook(model) as cam:
+        none = AttentionConsistencyLoss(weights={"flip": 0.0, "scale": 0.0}).views(model, cam, images, ["flip", "scale"], mode="product")
+    assert none.terms == {} and none.loss.item() == 0.0 and none.loss.grad_fn is None
 
 
 def test_independent_mode_compares_each_view_with_the_original(model):

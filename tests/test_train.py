@@ -391,6 +391,20 @@ def test_checkpoint_without_scale_source_resumes_as_it_ran(data_roots, tmp_path:
     assert len(train(dataclasses.replace(config, epochs=2, scale_source="resize"), device="cpu", resume=True)) == 2
 
 
+def test_checkpoint_without_a_later_setting_resumes_with_its_default(tmp_path: Path) -> None:
+    train(resume_config(tmp_path, 1), device="cpu")
+    state = load_checkpoint(tmp_path / "last.pt")
+    saved = json.loads(state["config"])
+    del saved["optimizer"]  # as a checkpoint written before the setting existed: it ran sgd, the default
+    save_atomic(state | {"config": json.dumps(saved)}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=re.escape("optimizer: 'sgd' there, 'adam' here")):
+        train(resume_config(tmp_path, 2), device="cpu", resume=True)  # the preset's adam differs
+    del saved["augmentation"]  # its default, 'views', is what this run uses: it resumes
+    saved["optimizer"] = "adam"
+    save_atomic(state | {"config": json.dumps(saved)}, tmp_path / "last.pt")
+    assert [row["epoch"] for row in train(resume_config(tmp_path, 2), device="cpu", resume=True)] == [1, 2]
+
+
 def test_training_step_feeds_the_file_resized_batch_to_the_scaled_views(data_roots, tmp_path: Path, monkeypatch) -> None:
     seen = []
     views = AttentionConsistencyLoss.views

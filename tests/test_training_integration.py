@@ -124,9 +124,10 @@ def test_autocast_bfloat16_loss_is_float32_and_close_to_fp32() -> None:
     assert all(term.dtype == torch.float32 for term in output.terms.values())
     assert torch.isfinite(output.loss)
     assert list(output.terms) == list(reference.terms)
-    torch.testing.assert_close(output.loss, reference.loss, rtol=5e-2, atol=1e-3)
+    # the terms are ~1e-4 to 1e-3 and bf16 moved them by ~0.2%: a relative bound only
+    torch.testing.assert_close(output.loss, reference.loss, rtol=2e-2, atol=0.0)
     for name, term in output.terms.items():
-        torch.testing.assert_close(term, reference.terms[name], rtol=1e-1, atol=1e-3)
+        torch.testing.assert_close(term, reference.terms[name], rtol=2e-2, atol=0.0)
     output.loss.backward()
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
 
