@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["CAMHook"]
 
@@ -153,11 +154,11 @@ class CAMHook:
         self._maps: list[Tensor] = []
         self._warned_overflow = False
         self._pending_check: tuple[Tensor, Tensor] | None = None
-        self._handles = []
-        if _is_pool(self.features):
-            self._handles.append(self.features.register_forward_pre_hook(self._on_pool_input))
-        else:
-            self._handles.append(self.features.register_forward_hook(self._on_features_output))
+        self._handle: RemovableHandle | None = (
+            self.features.register_forward_pre_hook(self._on_pool_input)
+            if _is_pool(self.features)
+            else self.features.register_forward_hook(self._on_features_output)
+        )
         self._check_handle = self.classifier.register_forward_hook(self._on_logits) if check else None
 
     @staticmethod
@@ -292,12 +293,12 @@ class CAMHook:
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop stored maps; safe to call twice."""
-        for handle in self._handles:
-            handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         if self._check_handle is not None:
             self._check_handle.remove()
             self._check_handle = None
-        self._handles = []
         self._maps = []
         self._pending_check = None
 

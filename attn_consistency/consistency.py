@@ -330,12 +330,12 @@ def attention_inconsistency(
     model: nn.Module,
     cam: CAMHook,
     batches: Iterable[Tensor],
-    transform: str | Transform,
+    transform: str | Transform | Sequence[str | Transform],
     *,
     device: torch.device | str | None = None,
     amp: bool = False,
     generator: torch.Generator | None = None,
-) -> float:
+) -> float | dict[str, float]:
     r"""The paper's attention inconsistency (Table 2): Eq. 5 over a whole test set.
 
     For every batch, the heatmaps of the images and of their transformed copies are
@@ -346,34 +346,42 @@ def attention_inconsistency(
         model: the classifier, with ``cam`` attached.
         cam: its :class:`~attn_consistency.CAMHook`; consumed after each batch.
         batches: image batches ``(N, C, H, W)`` (e.g. ``(x for x, _ in loader)``).
-        transform: a transform or a registered name.
+        transform: a transform or a registered name, or a list of them: then each batch is
+            read and its original view run once for all of them.
         device: where to run (default: the batches' own device).
         amp: run the forwards under bfloat16 autocast.
-        generator: for the transform's parameters, drawn once per batch.
+        generator: for the transforms' parameters, drawn once per batch.
 
     Returns:
-        The mean squared heatmap difference, a float.
+        The mean squared heatmap difference, a float; for a list, a dict of them by name.
     """
-    transform = get_transform(transform)
-    total, count = None, 0
+    several = isinstance(transform, Sequence) and not isinstance(transform, str)
+    transforms = [get_transform(t) for t in (transform if several else [transform])]
+    if not transforms:
+        raise ValueError("transform must name at least one transform")
+    totals: list[Tensor | None] = [None] * len(transforms)
+    count = 0
     for images in batches:
         images = check_tensor("batch", images, 4, "(N, C, H, W)", floating=True)
         if device is not None:
             images = images.to(device)
-        params = transform.sample(generator)
+        params = [t.sample(generator) for t in transforms]
         cam.clear()
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
             model(images)
-            model(transform.apply_image(images, params))
+            for t, p in zip(transforms, params):
+                model(t.apply_image(images, p))
         recorded = cam.pop()
-        if len(recorded) != 2:
+        if len(recorded) != 1 + len(transforms):
             raise RuntimeError(
-                f"two forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached to this model "
-                "(and, for a compiled model, attached before its first call)?"
+                f"{1 + len(transforms)} forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached "
+                "to this model (and, for a compiled model, attached before its first call)?"
             )
-        per_map = attention_consistency(*recorded, transform, params, reduction="sum")
-        total = per_map if total is None else total + per_map
+        for k, (t, p) in enumerate(zip(transforms, params)):
+            per_map = attention_consistency(recorded[0], recorded[1 + k], t, p, reduction="sum")
+            totals[k] = per_map if totals[k] is None else totals[k] + per_map
         count += recorded[0].shape[0] * recorded[0].shape[1]
     if count == 0:
         raise ValueError("batches is empty")
-    return float(total) / count
+    result = {t.name: float(total) / count for t, total in zip(transforms, totals)}
+    return result if several else result[transforms[0].name]

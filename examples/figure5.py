@@ -21,15 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attn_consistency import CAMHook, get_transform
+from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, load_checkpoint, scale_factor
 
 __all__ = ["figure5", "load_trained"]
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def _imagenet_denormalize(images: Tensor) -> Tensor:
-    mean = images.new_tensor(_IMAGENET_MEAN).view(3, 1, 1)
-    std = images.new_tensor(_IMAGENET_STD).view(3, 1, 1)
+    """Undo the normalisation of :func:`examples.train.build_datasets` for files."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
     return images * std + mean
 
 
@@ -110,10 +109,9 @@ def figure5(
     return out
 
 
-def load_trained(checkpoint: str | Path) -> tuple[nn.Module, "TrainConfig", list[str]]:  # noqa: F821
+def load_trained(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig, list[str]]:
     """Model, config and label names of a checkpoint written by ``examples.train``."""
     from examples.models import build_model
-    from examples.train import TrainConfig, load_checkpoint
 
     state = load_checkpoint(checkpoint)
     config = TrainConfig(**json.loads(state["config"]))
@@ -133,7 +131,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.names and len(args.names) != len(args.checkpoints):
         parser.error(f"--names has {len(args.names)} entries for {len(args.checkpoints)} checkpoints")
-    from examples.train import build_datasets, scale_factor
 
     loaded = [load_trained(path) for path in args.checkpoints]
     _, config, label_names = loaded[0]

@@ -138,6 +138,10 @@ def _init_distributed(device_type: str) -> _Dist:
 # --------------------------------------------------------------------------- data
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+"""The normalisation of the images read from files (torchvision's ImageNet statistics)."""
+
+
 def _image_transform(size: int):
     from torchvision import transforms
 
@@ -145,7 +149,7 @@ def _image_transform(size: int):
         [
             transforms.Resize((size, size)),
             transforms.ToTensor(),
-            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         ]
     )
 
@@ -338,9 +342,9 @@ def evaluate(model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConf
     if config.dataset == "pa100k":
         result |= example_based_metrics(torch.cat(scores), targets)
     amp = _use(config.amp, device)
-    for transform in (flip, scale):
-        batches = (images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers))
-        result[f"inconsistency-{transform.name}"] = attention_inconsistency(model, cam, batches, transform, device=device, amp=amp)
+    batches = (images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers))
+    for name, value in attention_inconsistency(model, cam, batches, [flip, scale], device=device, amp=amp).items():
+        result[f"inconsistency-{name}"] = value
     if pointing:
         from examples.synthetic import pointing_game
 

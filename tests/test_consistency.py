@@ -7,6 +7,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from attn_consistency import AttentionConsistencyLoss, CAMHook, Flip, attention_consistency, get_transform
+from attn_consistency.metrics import attention_inconsistency
 
 
 class TinyGapFc(nn.Module):
@@ -130,6 +131,36 @@ def test_zero_weight_makes_the_views_but_computes_no_term(model):
     with CAMHook(model) as cam:
         none = AttentionConsistencyLoss(weights={"flip": 0.0, "scale": 0.0}).views(model, cam, images, ["flip", "scale"], mode="product")
     assert none.terms == {} and none.loss.item() == 0.0 and none.loss.grad_fn is None
+
+
+def test_attention_inconsistency_is_eq5_over_the_whole_set(model):
+    model.eval()
+    batches = [torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    scale = get_transform("scale", size=24)
+    with CAMHook(model) as cam:
+        both = attention_inconsistency(model, cam, batches, ["flip", scale])
+        flip_only = attention_inconsistency(model, cam, iter(batches), "flip")
+
+        def maps_of(views):
+            with torch.no_grad():
+                model(torch.cat(views))
+            (maps,) = cam.pop()
+            return maps
+
+        whole = maps_of(batches)
+        whole_flipped = maps_of([x.flip(-1) for x in batches])
+        whole_small = maps_of([scale.apply_image(x) for x in batches])
+    # oracle: every map of the set in one MSE, the 7x7 and 6x6 maps on their materialised 42x42 grid
+    assert set(both) == {"flip", "scale"}
+    assert both["flip"] == pytest.approx(F.mse_loss(whole.flip(-1), whole_flipped).item(), rel=1e-5)
+    assert flip_only == pytest.approx(both["flip"], rel=1e-6)
+    lcm = F.interpolate(whole, size=42), F.interpolate(whole_small, size=42)
+    assert both["scale"] == pytest.approx(F.mse_loss(*lcm).item(), rel=1e-5)
+    with CAMHook(model) as cam:
+        with pytest.raises(ValueError, match="batches is empty"):
+            attention_inconsistency(model, cam, [], "flip")
+        with cam.paused(), pytest.raises(RuntimeError, match="3 forwards recorded 0 heatmap batches"):
+            attention_inconsistency(model, cam, batches, ["flip", "scale"])
 
 
 def test_independent_mode_compares_each_view_with_the_original(model):
