@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -29,6 +30,22 @@ def check_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
+
+
+def check_finite_number(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite real number, else raise naming ``name``."""
+    number = check_number(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def check_weight(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number ``>= 0`` (a loss weight)."""
+    number = check_finite_number(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0 (a negative weight trains the term backwards), got {value!r}")
+    return number
 
 
 def check_reduction(reduction: str) -> str:
