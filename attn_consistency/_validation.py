@@ -48,7 +48,85 @@ def check_weight(name: str, value: object) -> float:
     return number
 
 
+def check_bool(name: str, value: object, optional: bool = False) -> bool | None:
+    """Return ``value`` if it is a bool (or ``None`` when ``optional``), else raise a TypeError.
+
+    A number is refused: ``0``/``1`` for a flag is usually a value passed to the wrong argument.
+    """
+    if isinstance(value, bool) or (optional and value is None):
+        return value
+    expected = "a bool or None" if optional else "a bool"
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_generator(name: str, value: object) -> torch.Generator | None:
+    """Return ``value`` if it is ``None`` or a CPU ``torch.Generator``.
+
+    Parameters are drawn as Python numbers on the host: a generator on an accelerator
+    would make every draw wait for the device.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    if value.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU torch.Generator (parameters are drawn on the host), got one on {value.device}")
+    return value
+
+
+def check_spatial(name: str, value: Tensor, layout: str) -> Tensor:
+    """Return ``value`` if its last two (spatial) sizes are positive, else raise naming the shape.
+
+    A 0-sized map has no cell to compare: every mean over it would be 0 / 0.
+    """
+    if value.shape[-2] == 0 or value.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty spatial size {layout}, got shape {tuple(value.shape)}")
+    return value
+
+
+# Target values of each label encoding: 'signed' is WIDER Attribute's, with 0 unspecified.
+ENCODINGS: dict[str, tuple[float, ...]] = {"binary": (0.0, 1.0), "signed": (-1.0, 0.0, 1.0)}
+
+
+def check_encoding(encoding: object) -> str:
+    if not isinstance(encoding, str):
+        raise TypeError(f"encoding must be a str ('binary' or 'signed'), got {type(encoding).__name__}")
+    if encoding not in ENCODINGS:
+        raise ValueError(
+            f"encoding must be 'binary' or 'signed', got {encoding!r} "
+            "('binary': 0/1; 'signed': 1/-1/0 with 0 unspecified)"
+        )
+    return encoding
+
+
+def check_target_dtype(name: str, targets: Tensor, encoding: str) -> Tensor:
+    """Refuse target dtypes that cannot hold the encoding (no data is read).
+
+    A bool or unsigned tensor holds no -1: declared ``'signed'``, each of its 0s would be
+    taken as unspecified, the trap of dropping every negative. Bool targets are 0/1.
+    """
+    if targets.is_complex():
+        raise TypeError(f"{name} must be real-valued, got dtype {targets.dtype}")
+    if encoding == "signed" and not targets.is_signed():
+        raise TypeError(
+            f"{name} of dtype {targets.dtype} cannot hold -1 (negative), so with encoding='signed' every 0 "
+            "would be unspecified; use encoding='binary' for 0/1 targets"
+        )
+    return targets
+
+
 def check_reduction(reduction: str) -> str:
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a str ('none', 'mean' or 'sum'), got {type(reduction).__name__}")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     return reduction

@@ -16,6 +16,8 @@ come with a validity mask of the heatmap cells that have a counterpart in the ot
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -24,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_number, check_tensor
+from ._validation import (
+    check_bool,
+    check_finite_number,
+    check_generator,
+    check_number,
+    check_spatial,
+    check_tensor,
+)
 
 __all__ = [
     "Transform",
@@ -40,6 +49,39 @@ __all__ = [
 # A validity mask keeps the cells whose bilinear sample lies wholly inside the source
 # (interpolating a map of ones gives 1 there, less where zero padding is mixed in).
 _MASK_THRESHOLD = 1.0 - 1e-3
+
+
+def _check_images(images: object) -> Tensor:
+    check_tensor("images", images, 4, "(N, C, H, W)")
+    return check_spatial("images", images, "(H, W)")
+
+
+def _check_heatmaps(name: str, heatmaps: object) -> Tensor:
+    check_tensor(name, heatmaps, 4, "(N, L, h, w)", floating=True)
+    return check_spatial(name, heatmaps, "(h, w)")
+
+
+def _check_pair(heatmaps: object, heatmaps_t: object) -> tuple[Tensor, Tensor]:
+    """Both views' heatmaps: 4-D, floating, non-empty maps, the same N and L on one device.
+
+    N = 0 or L = 0 is fine: the result is an empty ``(N, L)``.
+    """
+    _check_heatmaps("heatmaps", heatmaps)
+    _check_heatmaps("heatmaps_t", heatmaps_t)
+    if heatmaps.shape[:2] != heatmaps_t.shape[:2]:
+        raise ValueError(
+            "heatmaps and heatmaps_t must have the same batch size and number of labels, got "
+            f"(N, L) = {tuple(heatmaps.shape[:2])} and {tuple(heatmaps_t.shape[:2])}"
+        )
+    if heatmaps.device != heatmaps_t.device:
+        raise ValueError(f"heatmaps and heatmaps_t must be on one device, got {heatmaps.device} and {heatmaps_t.device}")
+    return heatmaps, heatmaps_t
+
+
+def _check_floating_for_sampling(name: str, x: Tensor, what: str) -> None:
+    # Bilinear sampling (kornia) writes fractional values: an integer tensor cannot hold them.
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor for {what} (bilinear sampling), got {x.dtype}")
 
 
 class Transform:
@@ -64,7 +106,12 @@ class Transform:
     name: str = "transform"
 
     def sample(self, generator: torch.Generator | None = None) -> Any:
-        """Draw the parameters of one step (``None`` for a deterministic transform)."""
+        """Draw the parameters of one step (``None`` for a deterministic transform).
+
+        Raises:
+            TypeError: ``generator`` is not a ``torch.Generator`` (``ValueError``: not on the CPU).
+        """
+        check_generator("generator", generator)
         return None
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
@@ -87,7 +134,8 @@ class Transform:
         .. math:: d_{ij} = \frac{1}{|V|} \sum_{(m, n) \in V} (T(M)_{ij}(m, n) - M'_{ij}(m, n))^2
 
         over the valid cells :math:`V`; the mean of :math:`d` over samples and labels is
-        the paper's Eq. 5 when every cell is valid.
+        the paper's Eq. 5 when every cell is valid. A map with no valid cell (a shift by
+        nearly the whole width) has :math:`d = 0`: it has nothing to compare.
 
         Args:
             heatmaps: :math:`M = g(I)`, shape ``(N, L, h, w)``.
@@ -95,8 +143,13 @@ class Transform:
             params: what :meth:`sample` returned for this step.
 
         Returns:
-            Tensor of shape ``(N, L)``.
+            Tensor of shape ``(N, L)``; empty when N or L is 0.
+
+        Raises:
+            ValueError: a map of size 0 (``h`` or ``w`` is 0), different N or L in the two
+                views, or transformed heatmaps whose shape differs from ``heatmaps_t``.
         """
+        _check_pair(heatmaps, heatmaps_t)
         warped, mask = self.apply_heatmaps(heatmaps, params)
         if warped.shape != heatmaps_t.shape:
             raise ValueError(
@@ -128,12 +181,12 @@ def _range(name: str, value: object) -> tuple[float, float]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != 2:
             raise ValueError(f"{name} must be a number or a (min, max) pair, got {len(value)} values")
-        low, high = (check_number(name, v) for v in value)
+        low, high = (check_finite_number(name, v) for v in value)
         if low > high:
             raise ValueError(f"{name} must be a (min, max) pair with min <= max, got {tuple(value)}")
         return low, high
     try:
-        number = check_number(name, value)
+        number = check_finite_number(name, value)
     except TypeError:
         raise TypeError(
             f"{name} must be a number or a (min, max) pair of numbers, "
@@ -153,6 +206,7 @@ def _fixed(name: str, bounds: tuple[float, float]) -> float:
 
 
 def _uniform(bounds: tuple[float, float], generator: torch.Generator | None) -> float:
+    check_generator("generator", generator)
     low, high = bounds
     if low == high:
         return low
@@ -172,19 +226,23 @@ class Flip(Transform):
     """Horizontal flip (along the width), by ``torch.flip``: exact at every size.
 
     Args:
-        p: probability of flipping at a step. The paper always flips (``p=1``); with
-            ``p < 1`` a step that does not flip compares a view with itself.
+        p: probability of flipping at a step, in [0, 1] (NaN refused). The paper always
+            flips (``p=1``); with ``p < 1`` a step that does not flip compares a view
+            with itself.
+
+    The params of a step are a bool (flip or not); any other type is refused.
     """
 
     name = "flip"
 
     def __init__(self, p: float = 1.0) -> None:
-        p = check_number("p", p)
+        p = check_finite_number("p", p)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
         self.p = p
 
     def sample(self, generator: torch.Generator | None = None) -> bool:
+        check_generator("generator", generator)
         if self.p in (0.0, 1.0):
             return self.p == 1.0
         return float(torch.rand((), generator=generator)) < self.p
@@ -199,11 +257,11 @@ class Flip(Transform):
         return params
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
-        check_tensor("images", images, 4, "(N, C, H, W)")
+        _check_images(images)
         return images.flip(-1) if self._flag(params) else images
 
     def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
-        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+        _check_heatmaps("heatmaps", heatmaps)
         return (heatmaps.flip(-1) if self._flag(params) else heatmaps), None
 
 
@@ -262,14 +320,27 @@ def scale_consistency(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
     the materialised one, without building the LCM-sized tensors and without the
     cancellation of an expanded :math:`\lVert a \rVert^2 + \lVert b \rVert^2 - 2ab` form.
 
+    Args:
+        heatmaps: ``(N, L, h, w)``, floating point.
+        heatmaps_t: ``(N, L, h', w')``, on the same device; both are compared in their
+            promoted dtype.
+
     Returns:
-        Tensor of shape ``(N, L)``.
+        Tensor of shape ``(N, L)``; empty when N or L is 0.
+
+    Raises:
+        ValueError: a map of size 0, or different N or L in the two batches.
     """
+    _check_pair(heatmaps, heatmaps_t)
+    dtype = torch.promote_types(heatmaps.dtype, heatmaps_t.dtype)
+    heatmaps, heatmaps_t = heatmaps.to(dtype), heatmaps_t.to(dtype)
     n, labels, h, w = heatmaps.shape
-    index, index_t, weight = _segment_tensors((h, w), tuple(heatmaps_t.shape[-2:]), heatmaps)
-    # Cells as rows, maps as columns: each gather copies whole contiguous rows.
-    blocks = heatmaps.reshape(n * labels, -1).t()[index]
-    blocks_t = heatmaps_t.reshape(n * labels, -1).t()[index_t]
+    h_t, w_t = heatmaps_t.shape[-2:]
+    index, index_t, weight = _segment_tensors((h, w), (h_t, w_t), heatmaps)
+    # Cells as rows, maps as columns: each gather copies whole contiguous rows. The sizes are
+    # spelled out (no -1): a reshape of an empty batch cannot infer them.
+    blocks = heatmaps.reshape(n * labels, h * w).t()[index]
+    blocks_t = heatmaps_t.reshape(n * labels, h_t * w_t).t()[index_t]
     return (weight @ (blocks - blocks_t).square()).view(n, labels)
 
 
@@ -278,13 +349,15 @@ class Scale(Transform):
 
     Args:
         factor: output size over input size (the paper: 192/224), or a ``(min, max)``
-            range to draw from at each step.
+            range to draw from at each step; finite and > 0.
         size: a fixed output size ``(H, W)`` (or ``int`` for square) instead of a factor.
         antialias: antialias the bilinear image resize (closest to the PIL resize of the
             reference data loader).
 
+    The params of a step are a factor (a finite number > 0) or, with ``size``, an
+    ``(H, W)`` pair of positive ints. An image whose scaled size rounds to 0 gets 1.
     The heatmaps of the two views are compared by :func:`scale_consistency`, whatever
-    their sizes (7x7 vs 6x6, 14x14 vs 12x12, non-square).
+    their sizes (7x7 vs 6x6, 14x14 vs 12x12, 1x1 vs 2x2, non-square).
     """
 
     name = "scale"
@@ -298,42 +371,58 @@ class Scale(Transform):
         if factor is not None and size is not None:
             raise ValueError("give either factor or size, not both")
         if size is not None:
-            size = self._check_size(size)
+            size = self._check_size("size", size)
         elif factor is None:
             factor = 192 / 224
         self.factor = None if factor is None else _range("factor", factor)
         if self.factor is not None and self.factor[0] <= 0:
             raise ValueError(f"factor must be > 0, got {factor!r}")
         self.size = size
-        self.antialias = antialias
+        self.antialias = check_bool("antialias", antialias)
 
     @staticmethod
-    def _check_size(size: object) -> tuple[int, int]:
-        pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
-        if (
-            not isinstance(pair, Sequence)
-            or len(pair) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair)
-        ):
-            raise ValueError(f"size must be a positive int or an (H, W) pair of positive ints, got {size!r}")
-        return tuple(pair)
+    def _check_size(name: str, size: object) -> tuple[int, int]:
+        def is_int(s: object) -> bool:
+            return isinstance(s, numbers.Integral) and not isinstance(s, bool)
+
+        pair = (size, size) if is_int(size) else size
+        expected = f"{name} must be a positive int or an (H, W) pair of positive ints, got"
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or not all(is_int(s) for s in pair):
+            raise TypeError(f"{expected} {type(size).__name__} {size!r}")
+        if len(pair) != 2 or not all(s > 0 for s in pair):
+            raise ValueError(f"{expected} {size!r}")
+        return int(pair[0]), int(pair[1])
+
+    def _params(self, params: Any) -> float | tuple[int, int]:
+        """The step's factor or fixed ``(H, W)``, checked."""
+        if params is None:
+            return self.size if self.factor is None else _fixed("scale factor", self.factor)
+        if isinstance(params, Sequence) and not isinstance(params, str):
+            return self._check_size("scale params (size)", params)
+        factor = check_finite_number("scale params (factor)", params)
+        if factor <= 0:
+            raise ValueError(f"scale factor must be > 0, got {factor}")
+        return factor
 
     def sample(self, generator: torch.Generator | None = None) -> float | tuple[int, int]:
+        check_generator("generator", generator)
         return self.size if self.factor is None else _uniform(self.factor, generator)
 
     def output_size(self, size: Sequence[int], params: Any = None) -> tuple[int, int]:
-        """The ``(H, W)`` that :meth:`apply_image` gives an image of size ``size``."""
-        if params is None:
-            params = self.size if self.factor is None else _fixed("scale factor", self.factor)
-        if isinstance(params, Sequence):
-            return self._check_size(params)
-        factor = check_number("scale params (factor)", params)
-        if factor <= 0:
-            raise ValueError(f"scale factor must be > 0, got {factor}")
-        return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
+        """The ``(H, W)`` that :meth:`apply_image` gives an image of size ``size``.
+
+        Raises:
+            TypeError, ValueError: ``size`` is not a pair of positive ints, or ``params`` is
+                not a finite factor > 0 or an ``(H, W)`` pair.
+        """
+        height, width = self._check_size("size", size)
+        params = self._params(params)
+        if isinstance(params, tuple):
+            return params
+        return max(1, round(height * params)), max(1, round(width * params))
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
-        check_tensor("images", images, 4, "(N, C, H, W)")
+        _check_images(images)
         size = self.output_size(images.shape[-2:], params)
         if tuple(images.shape[-2:]) == size:
             return images
@@ -345,14 +434,22 @@ class Scale(Transform):
 
         The loss does not use it: :meth:`consistency` compares the two views' own maps on
         their common LCM grid instead, as the authors' code.
+
+        Raises:
+            ValueError: the scale is to a fixed image size, which says nothing of the
+                heatmaps' size.
         """
-        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
-        if isinstance(params, Sequence):
-            raise ValueError("a scale to a fixed image size has no heatmap size; use a factor")
-        size = self.output_size(heatmaps.shape[-2:], params)
-        return F.interpolate(heatmaps, size=size, mode="nearest"), None
+        _check_heatmaps("heatmaps", heatmaps)
+        factor = self._params(params)
+        if isinstance(factor, tuple):
+            raise ValueError(f"scale params: a scale to the fixed image size {factor} has no heatmap size; use a factor")
+        return F.interpolate(heatmaps, size=self.output_size(heatmaps.shape[-2:], factor), mode="nearest"), None
 
     def consistency(self, heatmaps: Tensor, heatmaps_t: Tensor, params: Any = None) -> Tensor:
+        # The maps' own sizes carry the scale; params that are given are still checked, since
+        # a NaN factor here is the one the image went through.
+        if params is not None:
+            self._params(params)
         return scale_consistency(heatmaps, heatmaps_t)
 
     def commutes_with(self, other: Transform) -> bool:
@@ -366,20 +463,21 @@ class Rotate(Transform):
     """Rotation about the centre, counter-clockwise for a positive angle.
 
     Args:
-        degrees: the angle, or a ``(min, max)`` range to draw from at each step. The
-            paper rotates by 90 degrees.
+        degrees: the angle, or a ``(min, max)`` range to draw from at each step; finite.
+            The paper rotates by 90 degrees.
         align_corners: passed to kornia for angles that are not a multiple of 90.
 
     Multiples of 90 degrees use ``torch.rot90`` (exact; a non-square input swaps height
-    and width). Other angles leave corners with no counterpart: they are zero in the
-    transformed view and excluded from the loss through the validity mask.
+    and width; any dtype). Other angles leave corners with no counterpart: they are zero
+    in the transformed view and excluded from the loss through the validity mask; they
+    need floating-point images. The params of a step are the angle, a finite number.
     """
 
     name = "rotate"
 
     def __init__(self, degrees: float | tuple[float, float] = 90.0, align_corners: bool = False) -> None:
         self.degrees = _range("degrees", degrees)
-        self.align_corners = align_corners
+        self.align_corners = check_bool("align_corners", align_corners)
 
     def sample(self, generator: torch.Generator | None = None) -> float:
         return _uniform(self.degrees, generator)
@@ -387,12 +485,13 @@ class Rotate(Transform):
     def _angle(self, params: Any) -> float:
         if params is None:
             return _fixed("rotate degrees", self.degrees)
-        return check_number("rotate params (angle in degrees)", params)
+        return check_finite_number("rotate params (angle in degrees)", params)
 
-    def _rotate(self, x: Tensor, angle: float) -> Tensor:
+    def _rotate(self, x: Tensor, angle: float, name: str) -> Tensor:
         quarter_turns = angle / 90.0
         if _is_whole(quarter_turns):
             return torch.rot90(x, round(quarter_turns) % 4, dims=(-2, -1))
+        _check_floating_for_sampling(name, x, f"a rotation by {angle:g} degrees")
         from kornia.geometry.transform import rotate
 
         with _no_autocast(x):
@@ -400,31 +499,46 @@ class Rotate(Transform):
             return rotate(x, theta, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
-        check_tensor("images", images, 4, "(N, C, H, W)")
-        return self._rotate(images, self._angle(params))
+        _check_images(images)
+        return self._rotate(images, self._angle(params), "images")
 
     def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
-        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+        _check_heatmaps("heatmaps", heatmaps)
         angle = self._angle(params)
-        rotated = self._rotate(heatmaps, angle)
+        rotated = self._rotate(heatmaps, angle, "heatmaps")
         if _is_whole(angle / 90.0):
             return rotated, None
         ones = heatmaps.new_ones((1, 1, *heatmaps.shape[-2:]))
-        return rotated, self._rotate(ones, angle) > _MASK_THRESHOLD
+        return rotated, self._rotate(ones, angle, "heatmaps") > _MASK_THRESHOLD
+
+
+def _check_shift(name: str, low: float, high: float) -> None:
+    # A shift by the whole size or more leaves no cell with a counterpart in the other view
+    # (and torch.roll would wrap the map around): the term would compare nothing, so such
+    # a shift is refused rather than given a silent 0. Its usual cause is a shift in pixels.
+    if not (-1.0 < low and high < 1.0):
+        shown = low if low == high else (low, high)
+        raise ValueError(
+            f"{name} must lie in (-1, 1) (a fraction of the size; a shift by the whole size leaves "
+            f"no cell to compare), got {shown}"
+        )
 
 
 class Translate(Transform):
     """Shift by a fraction of the width and height (positive: right and down).
 
     Args:
-        dx: shift along the width as a fraction of it, or a ``(min, max)`` range. The
-            paper shifts 32 pixels of 224, i.e. ``1/7``: one cell of a 7x7 heatmap.
+        dx: shift along the width as a fraction of it, in (-1, 1), or a ``(min, max)``
+            range. The paper shifts 32 pixels of 224, i.e. ``1/7``: one cell of a 7x7
+            heatmap.
         dy: the same along the height.
         align_corners: passed to kornia for shifts that are not whole cells.
 
     A shift that is a whole number of pixels (or heatmap cells) is done by indexing,
-    exactly; any other goes through kornia with bilinear sampling. Cells shifted in from
-    outside are zero and masked out of the loss.
+    exactly; any other goes through kornia with bilinear sampling (floating-point images
+    only). Cells shifted in from outside are zero and masked out of the loss. The params
+    of a step are a ``(dx, dy)`` pair of finite fractions in (-1, 1): a shift by the whole
+    size or more is refused, since it would leave no cell to compare.
     """
 
     name = "translate"
@@ -436,10 +550,9 @@ class Translate(Transform):
         align_corners: bool = False,
     ) -> None:
         self.dx, self.dy = _range("dx", dx), _range("dy", dy)
-        for axis, (low, high) in (("dx", self.dx), ("dy", self.dy)):
-            if not (-1.0 < low and high < 1.0):
-                raise ValueError(f"{axis} must lie in (-1, 1) (a fraction of the size), got {(low, high)}")
-        self.align_corners = align_corners
+        _check_shift("dx", *self.dx)
+        _check_shift("dy", *self.dy)
+        self.align_corners = check_bool("align_corners", align_corners)
 
     def sample(self, generator: torch.Generator | None = None) -> tuple[float, float]:
         return _uniform(self.dx, generator), _uniform(self.dy, generator)
@@ -447,19 +560,29 @@ class Translate(Transform):
     def _shift(self, params: Any) -> tuple[float, float]:
         if params is None:
             return _fixed("translate dx", self.dx), _fixed("translate dy", self.dy)
-        if not isinstance(params, Sequence) or len(params) != 2:
-            raise TypeError(f"translate params must be a (dx, dy) pair of fractions, got {params!r}")
-        return check_number("translate dx", params[0]), check_number("translate dy", params[1])
+        expected = f"translate params must be a (dx, dy) pair of fractions, got {params!r}"
+        if isinstance(params, str) or not isinstance(params, Sequence):
+            raise TypeError(expected)
+        if len(params) != 2:
+            raise ValueError(expected)
+        shift = []
+        for axis, value in zip(("dx", "dy"), params):
+            number = check_finite_number(f"translate params ({axis})", value)
+            _check_shift(f"translate params ({axis})", number, number)
+            shift.append(number)
+        return shift[0], shift[1]
 
-    def _translate(self, x: Tensor, dx: float, dy: float, with_mask: bool) -> tuple[Tensor, Tensor | None]:
+    def _translate(self, x: Tensor, dx: float, dy: float, with_mask: bool, name: str) -> tuple[Tensor, Tensor | None]:
         """The shifted ``x`` and, if asked, the mask of cells with a source inside ``x``."""
         height, width = x.shape[-2:]
         sx, sy = dx * width, dy * height
         if _is_whole(sx) and _is_whole(sy):
+            # |dx|, |dy| < 1, so |sx| <= width and |sy| <= height: the slices below never wrap.
             sx, sy = round(sx), round(sy)
             mask = x.new_zeros((1, 1, height, width), dtype=torch.bool)
             mask[..., max(sy, 0) : height + min(sy, 0), max(sx, 0) : width + min(sx, 0)] = True
             return torch.roll(x, shifts=(sy, sx), dims=(-2, -1)) * mask, mask if with_mask else None
+        _check_floating_for_sampling(name, x, f"a shift of ({sx:g}, {sy:g}) pixels, not whole")
         from kornia.geometry.transform import translate
 
         with _no_autocast(x):
@@ -470,15 +593,20 @@ class Translate(Transform):
             return warp(x, shift), warp(x.new_ones((1, 1, height, width)), shift[:1]) > _MASK_THRESHOLD
 
     def apply_image(self, images: Tensor, params: Any = None) -> Tensor:
-        check_tensor("images", images, 4, "(N, C, H, W)")
-        return self._translate(images, *self._shift(params), with_mask=False)[0]
+        _check_images(images)
+        return self._translate(images, *self._shift(params), with_mask=False, name="images")[0]
 
     def apply_heatmaps(self, heatmaps: Tensor, params: Any = None) -> tuple[Tensor, Tensor | None]:
-        check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
-        return self._translate(heatmaps, *self._shift(params), with_mask=True)
+        _check_heatmaps("heatmaps", heatmaps)
+        return self._translate(heatmaps, *self._shift(params), with_mask=True, name="heatmaps")
 
 
 _REGISTRY: dict[str, Callable[..., Transform]] = {}
+
+
+# Names end up as keys of the loss weights and of the terms, where '@' adds a view's size
+# ("flip@224"), and on command lines: identifier-like names keep all of those unambiguous.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def register_transform(
@@ -487,17 +615,31 @@ def register_transform(
     """Make a transform available by name to :func:`get_transform` and the loss.
 
     Use it as a call, ``register_transform("vflip", VerticalFlip)``, or as a class
-    decorator, ``@register_transform("vflip")``.
+    decorator, ``@register_transform("vflip")``. A transform built from the name carries
+    it (``get_transform("vflip").name == "vflip"``), so the loss weights keyed by it apply.
 
     Args:
-        name: the name to look it up by.
+        name: the name to look it up by: a letter or ``_``, then letters, digits, ``_``
+            or ``-``.
         factory: a :class:`Transform` subclass or a function returning an instance.
         overwrite: replace an existing entry of that name instead of raising.
+
+    Raises:
+        TypeError: ``name`` is not a str, ``factory`` is not callable (or is a class that
+            is not a :class:`Transform`), ``overwrite`` is not a bool.
+        ValueError: ``name`` is not identifier-like, or is taken and ``overwrite`` is False.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"name must be a letter or '_' followed by letters, digits, '_' or '-', got {name!r}"
+        )
+    check_bool("overwrite", overwrite)
 
     def add(factory: Callable[..., Transform]) -> Callable[..., Transform]:
+        if isinstance(factory, type) and not issubclass(factory, Transform):
+            raise TypeError(f"factory must be a Transform subclass or a callable, got the class {factory.__name__}")
         if not callable(factory):
             raise TypeError(f"factory must be a Transform subclass or a callable, got {type(factory).__name__}")
         if name in _REGISTRY and not overwrite:
@@ -511,7 +653,9 @@ def register_transform(
 def get_transform(transform: str | Transform, **kwargs: Any) -> Transform:
     """The transform registered as ``transform``, built with ``kwargs``.
 
-    A :class:`Transform` instance is returned as it is.
+    The built transform's ``name`` is the registered one, also for a subclass of a
+    built-in (registered as ``"myflip"``, a :class:`Flip` subclass is ``"myflip"``, not
+    ``"flip"``). A :class:`Transform` instance is returned as it is, with its own name.
 
     Example:
         >>> get_transform("rotate", degrees=(-30, 30))
@@ -528,7 +672,9 @@ def get_transform(transform: str | Transform, **kwargs: Any) -> Transform:
     built = _REGISTRY[transform](**kwargs)
     if not isinstance(built, Transform):
         raise TypeError(f"the factory registered as {transform!r} returned {type(built).__name__}, not a Transform")
-    if built.name == Transform.name:
+    # The weights and terms of the loss are keyed by name: the name the user registered and
+    # asked for, not one inherited from a base class.
+    if built.name != transform:
         built.name = transform
     return built
 

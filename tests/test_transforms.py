@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from attn_consistency import (
+    AttentionConsistencyLoss,
     Flip,
     Rotate,
     Scale,
@@ -296,3 +298,290 @@ def test_invalid_sampled_params(transform, params, error, match):
 def test_images_must_be_4d():
     with pytest.raises(ValueError, match=r"images must be 4-D \(N, C, H, W\), got shape \(3, 8, 8\)"):
         Flip().apply_image(torch.randn(3, 8, 8))
+
+
+# ---------------------------------------------------------------- hostile input (issue 13)
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: Rotate(degrees=NAN), r"degrees must be a finite number, got nan"),
+        (lambda: Rotate(degrees=(0.0, INF)), r"degrees must be a finite number, got inf"),
+        (lambda: Scale(factor=INF), r"factor must be a finite number, got inf"),
+        (lambda: Scale(factor=(NAN, 0.9)), r"factor must be a finite number, got nan"),
+        (lambda: Translate(dx=NAN), r"dx must be a finite number, got nan"),
+        (lambda: Translate(dy=(-INF, 0.1)), r"dy must be a finite number, got -inf"),
+        (lambda: Flip(p=NAN), r"p must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_transform_parameters_are_refused(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("transform", "params", "match"),
+    [
+        (Rotate(), NAN, r"rotate params \(angle in degrees\) must be a finite number, got nan"),
+        (Rotate(), -INF, r"rotate params \(angle in degrees\) must be a finite number, got -inf"),
+        (Scale(), NAN, r"scale params \(factor\) must be a finite number, got nan"),
+        (Scale(), INF, r"scale params \(factor\) must be a finite number, got inf"),
+        (Translate(), (NAN, 0.0), r"translate params \(dx\) must be a finite number, got nan"),
+        (Translate(), (0.0, INF), r"translate params \(dy\) must be a finite number, got inf"),
+    ],
+)
+@pytest.mark.parametrize("method", ["apply_image", "apply_heatmaps", "consistency", "attention_consistency"])
+def test_non_finite_params_are_refused_everywhere(transform, params, match, method):
+    m = torch.randn(1, 2, 8, 8)
+    calls = {
+        "apply_image": lambda: transform.apply_image(m, params),
+        "apply_heatmaps": lambda: transform.apply_heatmaps(m, params),
+        # Scale ignores its params here (the maps' sizes carry the scale) but still checks them.
+        "consistency": lambda: transform.consistency(m, m, params),
+        "attention_consistency": lambda: attention_consistency(m, m, transform, params),
+    }
+    with pytest.raises(ValueError, match=match):
+        calls[method]()
+
+
+def test_flip_params_nan_is_not_a_flag():
+    with pytest.raises(TypeError, match=r"flip params must be a bool \(flip or not\), got float"):
+        Flip().apply_heatmaps(torch.randn(1, 1, 3, 3), NAN)
+
+
+@pytest.mark.parametrize("params", [(1.0, 0.0), (-1.0, 0.0), (8 / 7, 0.0), (-8 / 7, 0.0), (-10 / 7, 0.0), (0.0, 2.0)])
+def test_shift_by_the_whole_size_or_more_is_refused(params):
+    # Before: torch.roll wrapped a shift of -8/7 around and kept 6 of 7 columns "valid".
+    axis = "dx" if params[0] else "dy"
+    m = torch.randn(1, 2, 7, 7)
+    match = rf"translate params \({axis}\) must lie in \(-1, 1\) \(a fraction of the size; a shift by the whole size"
+    for call in (lambda: Translate().apply_heatmaps(m, params), lambda: Translate().apply_image(m, params)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("dx", [1 - 1e-7, -(1 - 1e-7)])
+def test_shift_rounding_to_the_whole_width_leaves_no_valid_cell(dx, generator):
+    m = torch.randn(2, 3, 7, 7, generator=generator)
+    moved, mask = Translate(dx=dx).apply_heatmaps(m)  # 7 whole cells: the indexing path
+    assert mask.shape == (1, 1, 7, 7) and not bool(mask.any())
+    assert torch.equal(moved, torch.zeros_like(m))
+    assert torch.equal(Translate(dx=dx).consistency(m, torch.randn(2, 3, 7, 7)), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dx", [0.95, -0.95, 6.5 / 7])
+def test_fractional_shift_of_nearly_the_width_leaves_no_valid_cell(dx, generator):
+    m = torch.randn(2, 3, 7, 7, generator=generator)
+    for align_corners in (False, True):
+        _, mask = Translate(dx=dx, align_corners=align_corners).apply_heatmaps(m)  # kornia path
+        assert not bool(mask.any())
+    assert torch.equal(Translate(dx=dx).consistency(m, torch.randn(2, 3, 7, 7)), torch.zeros(2, 3))
+
+
+def test_whole_cell_shift_up_to_the_border_does_not_wrap(generator):
+    m = torch.randn(2, 3, 7, 7, generator=generator)
+    moved, mask = Translate(dx=-6 / 7, dy=6 / 7).apply_heatmaps(m)
+    expected = torch.zeros_like(m)
+    expected[..., 6, 0] = m[..., 0, 6]
+    assert torch.equal(moved, expected)
+    assert mask.sum() == 1 and bool(mask[0, 0, 6, 0])
+
+
+EMPTY_CASES = [
+    ("flip", None, (7, 7), (7, 7)),
+    ("rotate", 90.0, (7, 5), (5, 7)),
+    ("rotate", 30.0, (7, 7), (7, 7)),
+    ("translate", (1 / 7, 0.0), (7, 7), (7, 7)),
+    ("translate", (0.1, 0.05), (7, 7), (7, 7)),
+    ("scale", None, (7, 7), (6, 6)),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "shape", "shape_t"), EMPTY_CASES)
+@pytest.mark.parametrize(("n", "labels"), [(0, 3), (2, 0), (0, 0)])
+def test_empty_batch_or_labels_give_an_empty_per_map_result(name, params, shape, shape_t, n, labels):
+    transform = get_transform(name)
+    m, m_t = torch.randn(n, labels, *shape), torch.randn(n, labels, *shape_t)
+    per_map = transform.consistency(m, m_t, params)
+    assert per_map.shape == (n, labels) and per_map.dtype == m.dtype
+    assert attention_consistency(m, m_t, transform, params, reduction="none").shape == (n, labels)
+
+
+@pytest.mark.parametrize(("name", "params", "shape", "shape_t"), EMPTY_CASES)
+@pytest.mark.parametrize("empty", [(0, 7), (7, 0)])
+def test_zero_sized_maps_and_images_are_refused(name, params, shape, shape_t, empty):
+    transform = get_transform(name)
+    bad, good = torch.randn(2, 3, *empty), torch.randn(2, 3, *shape_t)
+    shape_text = re.escape(str((2, 3, *empty)))
+    with pytest.raises(ValueError, match=rf"heatmaps must have a non-empty spatial size \(h, w\), got shape {shape_text}"):
+        transform.apply_heatmaps(bad, params)
+    with pytest.raises(ValueError, match=rf"images must have a non-empty spatial size \(H, W\), got shape {shape_text}"):
+        transform.apply_image(bad, params)
+    with pytest.raises(ValueError, match=rf"^heatmaps must have a non-empty spatial size \(h, w\), got shape {shape_text}"):
+        transform.consistency(bad, good, params)
+    with pytest.raises(ValueError, match=rf"heatmaps_t must have a non-empty spatial size \(h, w\), got shape {shape_text}"):
+        transform.consistency(torch.randn(2, 3, *shape), bad, params)
+
+
+@pytest.mark.parametrize(("shape", "shape_t"), [((1, 1), (2, 2)), ((1, 1), (7, 7)), ((7, 7), (1, 1)), ((1, 3), (2, 1))])
+def test_scale_term_with_one_cell_maps_equals_materialised(shape, shape_t, generator):
+    m = torch.randn(3, 2, *shape, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(3, 2, *shape_t, generator=generator, dtype=torch.float64)
+    assert torch.allclose(transforms_module.scale_consistency(m, m_t).mean(), materialised_scale_mse(m, m_t), rtol=1e-12, atol=0)
+
+
+def test_scale_sizes_round_to_at_least_one_cell():
+    scale = Scale(factor=0.1)
+    assert scale.output_size((1, 1)) == (1, 1)
+    assert scale.output_size((3, 100)) == (1, 10)
+    one = torch.randn(2, 3, 1, 1)
+    resized, mask = Scale(factor=0.5).apply_heatmaps(one)
+    assert mask is None and torch.equal(resized, one)
+    assert Scale(factor=2.0).apply_heatmaps(one)[0].shape == (2, 3, 2, 2)
+    assert Scale(factor=0.01).apply_image(torch.randn(1, 3, 20, 30)).shape == (1, 3, 1, 1)
+
+
+def test_scale_term_of_mixed_dtypes_is_computed_in_the_wider_one(generator):
+    m = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(2, 3, 6, 6, generator=generator)
+    got = transforms_module.scale_consistency(m, m_t)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got.mean(), materialised_scale_mse(m, m_t.double()), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("m", "m_t", "match"),
+    [
+        (torch.randn(2, 3, 7, 7), torch.randn(3, 3, 6, 6), r"same batch size and number of labels, got \(N, L\) = \(2, 3\) and \(3, 3\)"),
+        (torch.randn(2, 3, 7, 7), torch.randn(2, 3, 6, 6, device="meta"), r"heatmaps and heatmaps_t must be on one device, got cpu and meta"),
+    ],
+)
+def test_scale_term_refuses_unmatched_batches(m, m_t, match):
+    with pytest.raises(ValueError, match=match):
+        transforms_module.scale_consistency(m, m_t)
+    with pytest.raises(ValueError, match=match):
+        Flip().consistency(m, m_t)
+
+
+def test_scale_to_a_fixed_size_gives_no_heatmap_size():
+    with pytest.raises(ValueError, match=r"scale params: a scale to the fixed image size \(96, 128\) has no heatmap size"):
+        Scale(size=(96, 128)).apply_heatmaps(torch.randn(2, 3, 7, 7))
+    with pytest.raises(ValueError, match=r"fixed image size \(4, 4\) has no heatmap size"):
+        Scale().apply_heatmaps(torch.randn(2, 3, 7, 7), (4, 4))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: Rotate(align_corners=1), TypeError, r"align_corners must be a bool, got int 1"),
+        (lambda: Translate(align_corners="no"), TypeError, r"align_corners must be a bool, got str 'no'"),
+        (lambda: Scale(antialias=None), TypeError, r"antialias must be a bool, got NoneType"),
+        (lambda: Scale(factor=True), TypeError, r"factor must be a number or a \(min, max\) pair of numbers, got bool"),
+        (lambda: Scale(factor=(0.5, "0.9")), TypeError, r"factor must be a number, got str"),
+        (lambda: Scale(size=2.5), TypeError, r"size must be a positive int or an \(H, W\) pair of positive ints, got float 2.5"),
+        (lambda: Scale(size="ab"), TypeError, r"size must be a positive int or an \(H, W\) pair of positive ints, got str"),
+        (lambda: Scale(size=(True, 4)), TypeError, r"size must be a positive int or an \(H, W\) pair"),
+        (lambda: Scale(size=(3, 4, 5)), ValueError, r"size must be a positive int or an \(H, W\) pair of positive ints, got \(3, 4, 5\)"),
+        (lambda: Scale(size=-3), ValueError, r"size must be a positive int or an \(H, W\) pair of positive ints, got -3"),
+        (lambda: Scale().output_size((0, 5)), ValueError, r"size must be a positive int or an \(H, W\) pair of positive ints, got \(0, 5\)"),
+        (lambda: Translate(dy=(0.5, 1.0)), ValueError, r"dy must lie in \(-1, 1\) \(a fraction of the size; .*\), got \(0.5, 1.0\)"),
+        (lambda: Flip(p=-0.1), ValueError, r"p must be in \[0, 1\], got -0.1"),
+        (lambda: Flip(p=True), TypeError, r"p must be a number, got bool"),
+    ],
+)
+def test_invalid_constructor_arguments(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("transform", "params", "error", "match"),
+    [
+        (Translate(), (0.1, 0.1, 0.1), ValueError, r"translate params must be a \(dx, dy\) pair of fractions, got \(0.1, 0.1, 0.1\)"),
+        (Translate(), "ab", TypeError, r"translate params must be a \(dx, dy\) pair of fractions, got 'ab'"),
+        (Translate(), (0.1, "0"), TypeError, r"translate params \(dy\) must be a number, got str"),
+        (Scale(), (0, 5), ValueError, r"scale params \(size\) must be a positive int or an \(H, W\) pair of positive ints, got \(0, 5\)"),
+        (Scale(), "ab", TypeError, r"scale params \(factor\) must be a number, got str"),
+        (Scale(), True, TypeError, r"scale params \(factor\) must be a number, got bool"),
+        (Rotate(), True, TypeError, r"rotate params \(angle in degrees\) must be a number, got bool"),
+    ],
+)
+def test_invalid_params_types_and_lengths(transform, params, error, match):
+    with pytest.raises(error, match=match):
+        transform.apply_image(torch.randn(1, 3, 8, 8), params)
+
+
+@pytest.mark.parametrize("transform", [Transform(), Flip(p=0.5), Rotate((-30, 30)), Scale((0.5, 0.9)), Translate((-0.1, 0.1))])
+def test_generator_of_the_wrong_type_is_refused(transform):
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
+        transform.sample(3)
+    transform.sample(torch.Generator().manual_seed(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA generator")
+def test_generator_on_an_accelerator_is_refused():
+    with pytest.raises(ValueError, match=r"generator must be a CPU torch.Generator .* got one on cuda"):
+        Rotate((-30, 30)).sample(torch.Generator(device="cuda"))
+
+
+def test_integer_images_exact_paths_work_and_sampled_paths_are_refused():
+    images = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8)
+    assert torch.equal(Flip().apply_image(images), images.flip(-1))
+    assert torch.equal(Rotate().apply_image(images, 90.0), torch.rot90(images, 1, (-2, -1)))
+    shifted = Translate(dx=1 / 8).apply_image(images)
+    assert shifted.dtype == torch.uint8 and torch.equal(shifted[..., 1:], images[..., :-1])
+    with pytest.raises(TypeError, match=r"images must be a floating-point tensor for a rotation by 30 degrees \(bilinear sampling\), got torch.uint8"):
+        Rotate().apply_image(images, 30.0)
+    with pytest.raises(TypeError, match=r"images must be a floating-point tensor for a shift of \(0.8, 0\) pixels, not whole"):
+        Translate().apply_image(images, (0.1, 0.0))
+
+
+class _MyFlip(Flip):
+    pass
+
+
+class _NamedVerticalFlip(VerticalFlip):
+    name = "vertical"
+
+
+def test_registered_name_is_the_transform_name(generator):
+    # Before: a Flip subclass registered as "myflip" kept the name "flip", so a weight keyed
+    # by "myflip" was ignored.
+    register_transform("myflip", _MyFlip)
+    register_transform("halfflip", lambda: Flip(p=0.5))
+    register_transform("vflip2", _NamedVerticalFlip)
+    try:
+        assert get_transform("myflip").name == "myflip"
+        assert get_transform("halfflip").name == "halfflip"
+        assert get_transform("vflip2").name == "vflip2"
+        assert _MyFlip().name == "flip" and _NamedVerticalFlip().name == "vertical"  # an instance keeps its own
+        assert [get_transform(n).name for n in ("flip", "rotate", "scale", "translate")] == ["flip", "rotate", "scale", "translate"]
+        m = torch.randn(2, 3, 7, 7, generator=generator)
+        m_t = torch.randn(2, 3, 7, 7, generator=generator)
+        weighted = AttentionConsistencyLoss(weights={"myflip": 0.25})(m, m_t, "myflip")
+        assert torch.allclose(weighted, 0.25 * F.mse_loss(m.flip(-1), m_t), rtol=1e-6, atol=0)
+    finally:
+        for name in ("myflip", "halfflip", "vflip2"):
+            transforms_module._REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((3, Flip), {}, TypeError, r"name must be a str, got int"),
+        (("", Flip), {}, ValueError, r"name must be a letter or '_' followed by letters, digits, '_' or '-', got ''"),
+        (("flip@224", Flip), {}, ValueError, r"name must be .*, got 'flip@224'"),
+        ((" flip", Flip), {}, ValueError, r"name must be .*, got ' flip'"),
+        (("2flip", Flip), {}, ValueError, r"got '2flip'"),
+        (("notcallable", 3), {}, TypeError, r"factory must be a Transform subclass or a callable, got int"),
+        (("notatransform", int), {}, TypeError, r"factory must be a Transform subclass or a callable, got the class int"),
+        (("anything", Flip), {"overwrite": 1}, TypeError, r"overwrite must be a bool, got int 1"),
+    ],
+)
+def test_register_refuses_bad_names_and_factories(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        register_transform(*args, **kwargs)
+    assert available_transforms() == sorted(["flip", "rotate", "scale", "translate"])
