@@ -2,7 +2,9 @@
 
 The pieces: :class:`CAMHook` records class activation maps with gradients,
 the transform registry (:func:`get_transform`) moves images and heatmaps alike,
-:class:`AttentionConsistencyLoss` compares the two, and
+:class:`AttentionConsistencyLoss` compares the two (its strength set by a
+``distance``, a weight ``schedule`` such as :class:`Ramp`, and watched by
+:class:`ConsistencyDiagnostics`), and
 :class:`WeightedBCEWithLogitsLoss` is the paper's classification loss.
 """
 
@@ -11,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .cam import CAMHook
 from .classification import WeightedBCEWithLogitsLoss, positive_ratio
 from .consistency import AttentionConsistencyLoss, ConsistencyOutput, attention_consistency
+from .strength import ConsistencyDiagnostics, ConsistencyWarning, Ramp
 from .transforms import (
     Flip,
     Rotate,
@@ -30,8 +33,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "AttentionConsistencyLoss",
     "CAMHook",
+    "ConsistencyDiagnostics",
     "ConsistencyOutput",
+    "ConsistencyWarning",
     "Flip",
+    "Ramp",
     "Rotate",
     "Scale",
     "Transform",

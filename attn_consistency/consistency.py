@@ -4,21 +4,23 @@ r"""The attention consistency loss (paper Eq. 5 and 7) and the multi-view traini
    \qquad \ell_a = \sum_T w_T\, \ell_{a,T}
 
 with :math:`M = g(I)` the heatmaps of the original view and :math:`M' = g(T(I))` those of
-the transformed view.
+the transformed view. ``distance="relative"`` divides it by the heatmaps' own variance,
+so that a weight means the same on any model (see :func:`attention_consistency`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_finite, check_number, check_reduction, check_tensor, data_checks_enabled
+from ._validation import check_finite, check_reduction, check_tensor, check_weight, data_checks_enabled
 from .cam import CAMHook
-from .transforms import Scale, Transform, get_transform
+from .strength import ConsistencyDiagnostics, Ramp
+from .transforms import Scale, Transform, available_transforms, get_transform
 
 __all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency", "attention_inconsistency"]
 
@@ -33,6 +35,32 @@ def _pair_checked(heatmaps: Tensor, heatmaps_t: Tensor) -> None:
         )
 
 
+_DISTANCES = ("mse", "relative")
+_STOP_GRADIENT = (None, "original", "transformed")
+
+
+def _check_distance(distance: str) -> str:
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be 'mse' (paper Eq. 5) or 'relative', got {distance!r}")
+    return distance
+
+
+def heatmap_variance(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
+    r"""The normaliser of ``distance="relative"``: the heatmaps' variance, out of the gradient.
+
+    .. math:: s = \tfrac12 \big(\overline{\mathrm{Var}}(M) + \overline{\mathrm{Var}}(M')\big)
+
+    where :math:`\overline{\mathrm{Var}}` is the variance of a label's maps over samples and
+    cells (each label centred on its own mean, so the large constant of an absent label's
+    logit does not count), averaged over labels. Multiplying both batches by :math:`c`
+    multiplies :math:`s` by :math:`c^2`. Returns 1 where every map is flat and equal (no
+    scale to take).
+    """
+    with torch.no_grad():
+        variance = 0.5 * (heatmaps.var((0, 2, 3), unbiased=False).mean() + heatmaps_t.var((0, 2, 3), unbiased=False).mean())
+        return torch.where(variance > 0, variance, torch.ones_like(variance))
+
+
 def attention_consistency(
     heatmaps: Tensor,
     heatmaps_t: Tensor,
@@ -40,8 +68,17 @@ def attention_consistency(
     params: Any = None,
     reduction: str = "mean",
     check_finite_values: bool | None = None,
+    distance: str = "mse",
 ) -> Tensor:
     r"""Attention consistency between two views under one transform (paper Eq. 5).
+
+    With ``distance="mse"`` (the paper) the per-map terms are the mean squared difference
+    of Eq. 5, in the heatmaps' own units. With ``distance="relative"`` they are divided by
+    :func:`heatmap_variance` of the two batches, a number kept out of the gradient: the
+    value is unchanged when both batches are multiplied by a constant, 0 for exactly
+    equivariant maps, about 2 for unrelated maps, and the gradient is that of Eq. 5 scaled
+    by :math:`1/s`. One weight then means the same strength on any model and at any stage
+    of training.
 
     Computed in float32 (or float64 for float64 input), also under autocast.
 
@@ -56,6 +93,11 @@ def attention_consistency(
             means).
         check_finite_values: raise on nan/inf heatmaps. ``None`` checks CPU tensors only:
             on an accelerator the check would wait for the device at every step.
+        distance: ``'mse'`` (paper Eq. 5) or ``'relative'`` (scale-free, see above).
+
+    Returns:
+        A scalar, or ``(N, L)`` for ``reduction='none'``. An empty batch (``N = 0`` or
+        ``L = 0``) gives 0.
 
     Example:
         >>> m = torch.randn(4, 14, 7, 7, requires_grad=True)
@@ -66,6 +108,7 @@ def attention_consistency(
         >>> loss.backward()
     """
     check_reduction(reduction)
+    _check_distance(distance)
     transform = get_transform(transform)
     _pair_checked(heatmaps, heatmaps_t)
     if data_checks_enabled(check_finite_values, heatmaps, heatmaps_t):
@@ -73,9 +116,13 @@ def attention_consistency(
         check_finite("heatmaps_t", heatmaps_t)
     dtype = torch.promote_types(heatmaps.dtype, torch.float32)
     with torch.autocast(heatmaps.device.type, enabled=False):
-        per_map = transform.consistency(heatmaps.to(dtype), heatmaps_t.to(dtype), params)
+        heatmaps, heatmaps_t = heatmaps.to(dtype), heatmaps_t.to(dtype)
+        per_map = transform.consistency(heatmaps, heatmaps_t, params)
+        if distance == "relative" and per_map.numel():
+            per_map = per_map / heatmap_variance(heatmaps, heatmaps_t)
     if reduction == "mean":
-        return per_map.mean()
+        # the mean of no maps is 0, not nan: an empty batch adds nothing to the loss
+        return per_map.mean() if per_map.numel() else per_map.sum()
     if reduction == "sum":
         return per_map.sum()
     return per_map
@@ -87,27 +134,63 @@ class ConsistencyOutput(NamedTuple):
     Attributes:
         logits: the logits of every view, in the order of ``views``; the first view is the
             original image.
-        loss: the weighted sum of the consistency terms.
+        loss: the weighted sum of the consistency terms, times the schedule's multiplier.
         terms: each consistency term before weighting, by name. A transform whose weight is
             0 still makes its views but has no term (it is not computed).
         views: the names of the transforms applied to each view (``()`` for the original).
+        classification: with ``targets`` and ``criterion`` given to ``views()``, the
+            classification loss averaged over the views; else ``None``.
     """
 
     logits: list[Tensor]
     loss: Tensor
     terms: dict[str, Tensor]
     views: list[tuple[str, ...]]
+    classification: Tensor | None = None
+
+    @property
+    def total(self) -> Tensor:
+        """``classification + loss`` (paper Eq. 6): what to backpropagate."""
+        if self.classification is None:
+            raise ValueError("views() was called without targets= and criterion=: add your classification loss to .loss")
+        return self.classification + self.loss
+
+    @property
+    def ratio(self) -> Tensor:
+        """The consistency loss over the classification loss, detached (how strong the term is)."""
+        if self.classification is None:
+            raise ValueError("views() was called without targets= and criterion=: there is no classification loss")
+        return self.loss.detach() / self.classification.detach()
 
 
 class AttentionConsistencyLoss(nn.Module):
     r"""Attention consistency loss (paper Eq. 5), summed over transforms (Eq. 7).
 
+    The defaults are the paper's loss. The options control the term's strength, whose
+    meaning otherwise depends on the scale of the model's heatmaps (``distance``,
+    ``schedule``, ``weights``), and which branch it trains (``stop_gradient``).
+
     Args:
         weights: a weight per transform name (default 1 each); the COCO setting of the
-            authors is ``{"flip": 0.6, "scale": 0.8}``.
+            authors is ``{"flip": 0.6, "scale": 0.8}``. Names must be registered transforms;
+            weights finite and ``>= 0``.
         reduction: ``'mean'`` (Eq. 5), ``'sum'`` or ``'none'``, see
             :func:`attention_consistency`.
         check_finite_values: see :func:`attention_consistency`.
+        distance: ``'mse'`` (paper Eq. 5) or ``'relative'`` (Eq. 5 over the heatmaps'
+            variance: the same weight means the same strength on any model), see
+            :func:`attention_consistency`.
+        schedule: a multiplier of the loss per step, e.g. :class:`~attn_consistency.Ramp`
+            (a warm-up from 0); any callable ``step -> float``. :meth:`views` counts its
+            calls with gradients enabled as steps; a loop that calls the module directly
+            calls :meth:`step` once per optimizer step. The count is in
+            :meth:`state_dict`, so a resumed run continues the schedule.
+        stop_gradient: ``None`` (both views are trained, as the paper), ``'original'``
+            (the maps of the view without the transform are a fixed target: only the
+            transformed view is pulled towards them) or ``'transformed'``.
+        diagnostics: watch the run and warn once when the heatmaps collapse or the term
+            dwarfs the classification loss (:class:`~attn_consistency.strength.ConsistencyDiagnostics`);
+            ``False`` turns it off, an instance sets its thresholds.
 
     Shape:
         - heatmaps: ``(N, L, h, w)``; heatmaps_t: ``(N, L, h', w')``.
@@ -126,19 +209,80 @@ class AttentionConsistencyLoss(nn.Module):
         weights: Mapping[str, float] | None = None,
         reduction: str = "mean",
         check_finite_values: bool | None = None,
+        *,
+        distance: str = "mse",
+        schedule: Callable[[int], float] | None = None,
+        stop_gradient: str | None = None,
+        diagnostics: bool | ConsistencyDiagnostics = True,
     ) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
         if weights is not None and not isinstance(weights, Mapping):
             raise TypeError(f"weights must be a mapping from transform name to weight, got {type(weights).__name__}")
-        self.weights = {str(k): check_number(f"weights[{k!r}]", v) for k, v in (weights or {}).items()}
+        self.weights = {}
+        for key, value in (weights or {}).items():
+            if not isinstance(key, str) or key not in available_transforms():
+                raise ValueError(
+                    f"weights key {key!r} names no registered transform (available: {', '.join(available_transforms())}); "
+                    "register your transform before creating the loss"
+                )
+            self.weights[key] = check_weight(f"weights[{key!r}]", value)
         self.check_finite_values = check_finite_values
+        self.distance = _check_distance(distance)
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be callable (step -> multiplier), e.g. Ramp(1000), got {type(schedule).__name__}")
+        self.schedule = schedule
+        if stop_gradient not in _STOP_GRADIENT:
+            raise ValueError(f"stop_gradient must be None, 'original' or 'transformed', got {stop_gradient!r}")
+        self.stop_gradient = stop_gradient
+        if isinstance(diagnostics, bool):
+            self.diagnostics = ConsistencyDiagnostics() if diagnostics else None
+        elif isinstance(diagnostics, ConsistencyDiagnostics):
+            self.diagnostics = diagnostics
+        else:
+            raise TypeError(f"diagnostics must be a bool or a ConsistencyDiagnostics, got {type(diagnostics).__name__}")
+        self.steps = 0
+
+    def step(self) -> None:
+        """Advance the schedule by one optimizer step (:meth:`views` does it by itself)."""
+        self.steps += 1
+
+    @property
+    def multiplier(self) -> float:
+        """The schedule's value at the current step (1 without a schedule)."""
+        if self.schedule is None:
+            return 1.0
+        value = check_weight(f"schedule({self.steps})", self.schedule(self.steps))
+        return value
+
+    def get_extra_state(self) -> dict[str, Any]:
+        diagnostics = self.diagnostics.state_dict() if self.diagnostics is not None else None
+        return {"steps": self.steps, "diagnostics": diagnostics}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        if self.diagnostics is not None and state.get("diagnostics") is not None:
+            self.diagnostics.load_state_dict(state["diagnostics"])
+
+    def _weight(self, transform: Transform) -> float:
+        return self.weights.get(transform.name, 1.0)
+
+    def _pair(self, heatmaps: Tensor, heatmaps_t: Tensor) -> tuple[Tensor, Tensor]:
+        if self.stop_gradient == "original":
+            return heatmaps.detach(), heatmaps_t
+        if self.stop_gradient == "transformed":
+            return heatmaps, heatmaps_t.detach()
+        return heatmaps, heatmaps_t
 
     def forward(self, heatmaps: Tensor, heatmaps_t: Tensor, transform: str | Transform, params: Any = None) -> Tensor:
-        """The weighted consistency of ``heatmaps_t`` with ``transform(heatmaps)``."""
+        """The weighted consistency of ``heatmaps_t`` with ``transform(heatmaps)``, times the schedule."""
         transform = get_transform(transform)
-        value = attention_consistency(heatmaps, heatmaps_t, transform, params, self.reduction, self.check_finite_values)
-        weight = self.weights.get(transform.name, 1.0)
+        value = attention_consistency(
+            *self._pair(heatmaps, heatmaps_t), transform, params, self.reduction, self.check_finite_values, self.distance
+        )
+        weight = self._weight(transform) * self.multiplier
+        if self.diagnostics is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.diagnostics.update(heatmaps, weight * value.detach().sum())
         return value if weight == 1.0 else weight * value
 
     def views(
@@ -151,6 +295,8 @@ class AttentionConsistencyLoss(nn.Module):
         mode: str = "independent",
         generator: torch.Generator | None = None,
         resized: Tensor | Sequence[Tensor] = (),
+        targets: Tensor | None = None,
+        criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> ConsistencyOutput:
         """Run the branches of one training step and return their logits and the loss.
 
@@ -179,11 +325,18 @@ class AttentionConsistencyLoss(nn.Module):
                 authors' loader resizes each person crop to 224 and to 192 directly). A view
                 whose :class:`~attn_consistency.Scale` gives one of these sizes starts from it
                 instead of resampling ``images``; its other transforms apply as usual.
+            targets: the labels of ``images``, given with ``criterion``: then the output
+                holds the classification loss too (``.classification``, ``.total``,
+                ``.ratio``) and the diagnostics compare the two terms.
+            criterion: a per-sample-mean classification loss ``criterion(logits, targets)``,
+                e.g. :class:`~attn_consistency.WeightedBCEWithLogitsLoss`; it is averaged over
+                the views (each view has the labels of the original), which equals the
+                reference's loss over the concatenated views.
+
+        A call with gradients enabled counts as one training step of the ``schedule``.
 
         Returns:
-            A :class:`ConsistencyOutput`. For the classification loss, average a
-            per-sample-mean criterion over ``output.logits`` (each view has the labels of
-            the original): that equals the reference's loss over the concatenated views.
+            A :class:`ConsistencyOutput`.
         """
         if self.reduction == "none":
             raise ValueError("views() adds up its terms: use reduction='mean' or 'sum'")
@@ -192,6 +345,14 @@ class AttentionConsistencyLoss(nn.Module):
         check_tensor("images", images, 4, "(N, C, H, W)", floating=True)
         if mode not in ("independent", "product"):
             raise ValueError(f"mode must be 'independent' or 'product', got {mode!r}")
+        if (targets is None) != (criterion is None):
+            raise ValueError("give targets= and criterion= together (the classification loss needs both), or neither")
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"criterion must be callable as criterion(logits, targets), got {type(criterion).__name__}")
+        if targets is not None:
+            check_tensor("targets", targets)
+            if targets.shape[0] != images.shape[0]:
+                raise ValueError(f"targets must hold one row per image ({images.shape[0]}), got shape {tuple(targets.shape)}")
         chosen = self._transforms(transforms, mode)
         params = {t.name: t.sample(generator) for t in chosen}
         if mode == "independent":
@@ -210,8 +371,9 @@ class AttentionConsistencyLoss(nn.Module):
 
         terms: dict[str, Tensor] = {}
         loss = images.new_zeros((), dtype=torch.promote_types(images.dtype, torch.float32))
+        multiplier = self.multiplier
         for transform in chosen:
-            weight = self.weights.get(transform.name, 1.0)
+            weight = self._weight(transform)
             if weight == 0.0:  # its views serve the classification loss only: no term to compute
                 continue
             pairs = [(v, tuple(t.name for t in chosen if t.name in v or t is transform)) for v in views]
@@ -227,10 +389,21 @@ class AttentionConsistencyLoss(nn.Module):
                 original = torch.cat([heatmaps[v] for v, _ in group]) if len(group) > 1 else heatmaps[group[0][0]]
                 moved = torch.cat([heatmaps[w] for _, w in group]) if len(group) > 1 else heatmaps[group[0][1]]
                 terms[name] = attention_consistency(
-                    original, moved, transform, params[transform.name], self.reduction, self.check_finite_values
+                    *self._pair(original, moved), transform, params[transform.name], self.reduction,
+                    self.check_finite_values, self.distance,
                 )
                 loss = loss + weight * terms[name]
-        return ConsistencyOutput([logits[v] for v in views], loss, terms, views)
+        # a schedule at 0 (the start of a warm-up) still reports the terms
+        loss = loss * multiplier if multiplier != 1.0 else loss
+        view_logits = [logits[v] for v in views]
+        classification = None
+        if criterion is not None:
+            classification = sum(criterion(x, targets) for x in view_logits) / len(view_logits)
+        if torch.is_grad_enabled():
+            if self.diagnostics is not None and not torch.compiler.is_compiling():
+                self.diagnostics.update(heatmaps[views[0]], loss, classification)
+            self.step()
+        return ConsistencyOutput(view_logits, loss, terms, views, classification)
 
     def _transforms(self, transforms: Any, mode: str) -> list[Transform]:
         if isinstance(transforms, (str, Transform)):
@@ -312,12 +485,23 @@ class AttentionConsistencyLoss(nn.Module):
             if first.is_contiguous(memory_format=torch.channels_last):
                 batch = batch.contiguous(memory_format=torch.channels_last)
             out = model(batch)
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"views() needs a model that returns its logits as one tensor, got a {type(out).__name__}; "
+                    "wrap the model in a module that returns the logits"
+                )
             recorded = cam.pop()
             if len(recorded) != 1:
                 raise RuntimeError(
                     f"one forward recorded {len(recorded)} heatmap batches; is the CAMHook attached to this "
                     "model (and not paused)? A model compiled with torch.compile and run before the hook "
                     "was attached keeps running without it: attach the CAMHook before the first call."
+                )
+            if out.dim() != 2 or out.shape[0] != batch.shape[0] or out.shape[1] != recorded[0].shape[1]:
+                raise ValueError(
+                    f"the model returned logits of shape {tuple(out.shape)} for {batch.shape[0]} images, but the CAMHook "
+                    f"recorded heatmaps for {recorded[0].shape[1]} labels {tuple(recorded[0].shape)}: the hook is not on "
+                    "the head that makes these logits; pass features= and classifier= to CAMHook"
                 )
             size = first.shape[0]
             for view, view_logits, view_maps in zip(views, out.split(size), recorded[0].split(size)):

@@ -1,0 +1,191 @@
+r"""How strong the consistency term is: weight schedules and the diagnostics a user sees.
+
+The distance of Eq. 5 is in the heatmaps' own units, so the paper's weight of 1 means a
+different strength on another model, another label count or another stage of training.
+Three levers control it (see :class:`~attn_consistency.AttentionConsistencyLoss`):
+
+- ``distance="relative"`` divides Eq. 5 by the heatmaps' own variance (kept out of the
+  gradient), so that one weight means the same on any model;
+- a weight schedule such as :class:`Ramp` (a warm-up from 0), here;
+- the weights themselves.
+
+:class:`ConsistencyDiagnostics` watches a run and warns once when the heatmaps collapse
+(their spread falls far below where it started) or when the term dwarfs the
+classification loss early on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._validation import check_finite_number
+
+__all__ = ["ConsistencyDiagnostics", "ConsistencyWarning", "Ramp"]
+
+_SHAPES = ("linear", "cosine", "gaussian")
+
+
+def _check_steps(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (a number of steps), got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class Ramp:
+    r"""A warm-up of the consistency weight: a multiplier that rises from 0 to 1.
+
+    With :math:`t = \min(1, \max(0, s - \text{delay}) / \text{steps})` at step :math:`s`:
+
+    - ``'linear'``: :math:`t`;
+    - ``'cosine'``: :math:`(1 - \cos \pi t) / 2`, flat at both ends;
+    - ``'gaussian'``: :math:`\exp(-5 (1 - t)^2)` for :math:`t > 0` (the ramp-up of temporal
+      ensembling, Laine and Aila 2017), 0 before the ramp starts.
+
+    Call it with a step number in a plain loop (``cls + ramp(step) * consistency(...)``),
+    or give it to :class:`~attn_consistency.AttentionConsistencyLoss` (``schedule=``), which
+    counts the steps itself.
+
+    Args:
+        steps: length of the ramp in optimizer steps; 0 means no warm-up (always 1).
+        shape: ``'linear'``, ``'cosine'`` or ``'gaussian'``.
+        delay: steps at 0 before the ramp starts.
+
+    Example:
+        >>> ramp = Ramp(100)
+        >>> [ramp(s) for s in (0, 50, 100, 1000)]
+        [0.0, 0.5, 1.0, 1.0]
+        >>> round(Ramp(100, "cosine")(25), 4)
+        0.1464
+    """
+
+    def __init__(self, steps: int, shape: str = "linear", delay: int = 0) -> None:
+        self.steps = _check_steps("steps", steps)
+        self.delay = _check_steps("delay", delay)
+        if shape not in _SHAPES:
+            raise ValueError(f"shape must be one of {', '.join(map(repr, _SHAPES))}, got {shape!r}")
+        self.shape = shape
+
+    def __call__(self, step: int) -> float:
+        step = _check_steps("step", step)
+        if step < self.delay:
+            return 0.0
+        if self.steps == 0:
+            return 1.0
+        t = min(1.0, (step - self.delay) / self.steps)
+        if self.shape == "linear":
+            return t
+        if self.shape == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * t))
+        return math.exp(-5.0 * (1.0 - t) ** 2) if t > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return f"Ramp(steps={self.steps}, shape={self.shape!r}, delay={self.delay})"
+
+
+class ConsistencyWarning(UserWarning):
+    """Raised (once per cause) by :class:`ConsistencyDiagnostics`."""
+
+
+def heatmap_spread(heatmaps: Tensor) -> Tensor:
+    """The spatial spread of a heatmap batch: the std over cells, averaged over maps (detached)."""
+    maps = heatmaps.detach().float().flatten(2)
+    if maps.shape[-1] < 2 or maps.shape[0] * maps.shape[1] == 0:
+        return maps.new_zeros(())
+    return maps.std(-1, unbiased=False).mean()
+
+
+class ConsistencyDiagnostics:
+    r"""Watch the consistency term during training and warn once when it goes wrong.
+
+    :meth:`update` takes each step's heatmaps, weighted consistency loss and (when known)
+    classification loss, as tensors, without waiting for the device. Every ``every``
+    updates the window is read (one device sync) and checked:
+
+    - **collapse**: the heatmaps' spatial spread (:func:`heatmap_spread`) falls below
+      ``collapse`` times its value over the first window. The consistency term is easiest
+      to satisfy with flat maps; flat maps carry no localisation.
+    - **dominance**: during the first ``early_steps`` updates, the weighted consistency
+      loss exceeds ``dominance`` times the classification loss. A term that large sets the
+      features before the classifier has found the labels.
+
+    Each warning (a :class:`ConsistencyWarning`) is given once per instance. The last
+    window's values are in :attr:`last` (``spread``, ``ratio``: consistency over
+    classification).
+
+    Args:
+        every: updates per window (one sync per window).
+        collapse: spread ratio (now / start) below which the maps count as collapsed.
+        dominance: consistency / classification ratio above which the term dwarfs it.
+        early_steps: updates during which dominance is checked.
+    """
+
+    def __init__(self, every: int = 25, collapse: float = 0.2, dominance: float = 1.0, early_steps: int = 500) -> None:
+        self.every = _check_steps("every", every)
+        if self.every == 0:
+            raise ValueError("every must be >= 1")
+        self.collapse = check_finite_number("collapse", collapse)
+        self.dominance = check_finite_number("dominance", dominance)
+        if not 0.0 < self.collapse < 1.0:
+            raise ValueError(f"collapse must lie in (0, 1), got {collapse!r}")
+        if self.dominance <= 0.0:
+            raise ValueError(f"dominance must be > 0, got {dominance!r}")
+        self.early_steps = _check_steps("early_steps", early_steps)
+        self.updates = 0
+        self.start_spread: float | None = None
+        self.last: dict[str, float] = {}
+        self.warned: set[str] = set()
+        self._window: list[Tensor] = []
+
+    def update(self, heatmaps: Tensor, consistency: Tensor, classification: Tensor | None = None) -> None:
+        """Record one step; check the window when it is full."""
+        nan = consistency.new_full((), math.nan, dtype=torch.float32)
+        ratio = nan if classification is None else consistency.detach().float() / classification.detach().float()
+        self._window.append(torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device)]))
+        self.updates += 1
+        if len(self._window) >= self.every:
+            self._check(torch.stack(self._window).cpu())
+            self._window = []
+
+    def _check(self, window: Tensor) -> None:
+        spread = float(window[:, 0].mean())
+        ratios = window[:, 1][torch.isfinite(window[:, 1])]
+        ratio = float(ratios.mean()) if len(ratios) else math.nan
+        self.last = {"spread": spread, "ratio": ratio}
+        if self.start_spread is None:
+            self.start_spread = spread
+        elif self.start_spread > 0 and spread < self.collapse * self.start_spread:
+            self._warn(
+                "collapse",
+                f"the heatmaps are collapsing: their spatial spread fell to {spread:.3g} from {self.start_spread:.3g} "
+                f"over the first {self.every} steps ({spread / self.start_spread:.0%}). Flat maps satisfy the "
+                "consistency term and localise nothing: lower its weight, use distance='relative', or warm it up "
+                "(schedule=Ramp(...)).",
+            )
+        if self.updates <= self.early_steps and ratio > self.dominance:
+            self._warn(
+                "dominance",
+                f"the consistency term is {ratio:.3g}x the classification loss in the first {self.updates} steps: it "
+                "sets the features before the classifier has found the labels. Lower its weight, use "
+                "distance='relative', or warm it up (schedule=Ramp(...)).",
+            )
+
+    def _warn(self, cause: str, message: str) -> None:
+        if cause not in self.warned:
+            self.warned.add(cause)
+            warnings.warn(f"attention consistency: {message} (diagnostics=False silences this)", ConsistencyWarning, stacklevel=4)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "start_spread": self.start_spread, "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.start_spread = state["start_spread"]
+        self.warned = set(state["warned"])
+        self._window = []

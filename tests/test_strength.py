@@ -1,0 +1,339 @@
+"""The levers of the term's strength: the schedule, the relative distance, stop-gradient, diagnostics."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from attn_consistency import (
+    AttentionConsistencyLoss,
+    CAMHook,
+    ConsistencyDiagnostics,
+    ConsistencyWarning,
+    Ramp,
+    WeightedBCEWithLogitsLoss,
+    attention_consistency,
+    get_transform,
+)
+from attn_consistency.consistency import heatmap_variance
+from test_consistency import TinyGapFc
+
+
+@pytest.fixture
+def model() -> TinyGapFc:
+    torch.manual_seed(0)
+    return TinyGapFc()
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize(
+    "ramp, values",
+    [
+        (Ramp(100), {0: 0.0, 25: 0.25, 50: 0.5, 99: 0.99, 100: 1.0, 10_000: 1.0}),
+        (Ramp(100, "cosine"), {0: 0.0, 50: 0.5, 25: (1 - math.cos(math.pi / 4)) / 2, 100: 1.0}),
+        (Ramp(10, "gaussian"), {0: 0.0, 5: math.exp(-5 * 0.25), 10: 1.0, 11: 1.0}),
+        (Ramp(10, delay=5), {0: 0.0, 4: 0.0, 5: 0.0, 10: 0.5, 15: 1.0}),
+        (Ramp(0), {0: 1.0, 7: 1.0}),
+    ],
+)
+def test_ramp_values_at_chosen_steps(ramp, values):
+    for step, value in values.items():
+        assert ramp(step) == pytest.approx(value, abs=1e-12), step
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(steps=-1), ValueError, "steps must be >= 0, got -1"),
+        (dict(steps=1.5), TypeError, "steps must be an int"),
+        (dict(steps=True), TypeError, "steps must be an int"),
+        (dict(steps=10, shape="exp"), ValueError, "shape must be one of 'linear', 'cosine', 'gaussian', got 'exp'"),
+        (dict(steps=10, delay=-2), ValueError, "delay must be >= 0"),
+    ],
+)
+def test_ramp_refuses_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Ramp(**kwargs)
+
+
+def test_views_apply_the_schedule_and_count_steps(model):
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    plain = AttentionConsistencyLoss(diagnostics=False)
+    ramped = AttentionConsistencyLoss(schedule=Ramp(4), diagnostics=False)
+    with CAMHook(model) as cam:
+        for step in range(6):
+            reference = plain.views(model, cam, images, ["flip"])
+            out = ramped.views(model, cam, images, ["flip"])
+            torch.testing.assert_close(out.loss, min(step / 4, 1.0) * reference.loss)
+            # the terms are reported before weighting
+            torch.testing.assert_close(out.terms["flip"], reference.terms["flip"])
+        assert ramped.steps == 6
+        with torch.no_grad():  # evaluation does not advance the schedule
+            ramped.views(model, cam, images, ["flip"])
+        assert ramped.steps == 6
+
+
+def test_forward_applies_the_schedule_and_step_advances_it():
+    m, m_t = torch.randn(2, 3, 7, 7), torch.randn(2, 3, 7, 7)
+    criterion = AttentionConsistencyLoss(weights={"flip": 0.5}, schedule=Ramp(10), diagnostics=False)
+    plain = attention_consistency(m, m_t, "flip")
+    assert float(criterion(m, m_t, "flip")) == 0.0
+    for _ in range(3):
+        criterion.step()
+    torch.testing.assert_close(criterion(m, m_t, "flip"), 0.5 * 0.3 * plain)
+    assert criterion.multiplier == pytest.approx(0.3)
+
+
+def test_schedule_state_survives_a_checkpoint_round_trip(tmp_path):
+    criterion = AttentionConsistencyLoss(schedule=Ramp(100))
+    for _ in range(37):
+        criterion.step()
+    torch.save(criterion.state_dict(), tmp_path / "loss.pt")
+    restored = AttentionConsistencyLoss(schedule=Ramp(100))
+    restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=True))
+    assert restored.steps == 37
+    assert restored.multiplier == pytest.approx(0.37)
+
+
+def test_schedule_values_are_checked():
+    criterion = AttentionConsistencyLoss(schedule=lambda step: -1.0)
+    with pytest.raises(ValueError, match=r"schedule\(0\) must be >= 0"):
+        criterion(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), "flip")
+    with pytest.raises(TypeError, match="schedule must be callable"):
+        AttentionConsistencyLoss(schedule=0.5)
+
+
+# --------------------------------------------------------------------------- relative distance
+
+
+def relative_oracle(m, m_t, transform, params=None):
+    """Hand-written: Eq. 5 of the materialised transform over the per-label variance of both batches."""
+    warped, _ = transform.apply_heatmaps(m, params)
+    mse = ((warped - m_t) ** 2).mean()
+    var = lambda x: torch.stack([x[:, l].flatten().var(unbiased=False) for l in range(x.shape[1])]).mean()  # noqa: E731
+    return mse / (0.5 * (var(m) + var(m_t)))
+
+
+@pytest.mark.parametrize("name, params", [("flip", None), ("rotate", 90.0), ("translate", (1 / 7, 0.0))])
+def test_relative_distance_equals_the_oracle(name, params):
+    generator = torch.Generator().manual_seed(3)
+    m, m_t = torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64), torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64)
+    transform = get_transform(name)
+    value = attention_consistency(m, m_t, transform, params, distance="relative")
+    if name == "translate":  # masked cells are left out of the mean: compare on the valid columns
+        warped, mask = transform.apply_heatmaps(m, params)
+        mse = (((warped - m_t) ** 2) * mask).sum() / (mask.sum() * 3 * 4)
+        expected = mse / heatmap_variance(m, m_t)
+    else:
+        expected = relative_oracle(m, m_t, transform, params)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+
+
+def test_relative_distance_of_the_scale_term_equals_the_materialised_oracle():
+    generator = torch.Generator().manual_seed(4)
+    m = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64)
+    big, big_t = (torch.nn.functional.interpolate(x, size=42, mode="nearest") for x in (m, m_t))
+    var = lambda x: x.var((0, 2, 3), unbiased=False).mean()  # noqa: E731
+    expected = ((big - big_t) ** 2).mean() / (0.5 * (var(m) + var(m_t)))
+    torch.testing.assert_close(attention_consistency(m, m_t, "scale", distance="relative"), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name, params", [("flip", None), ("scale", None), ("rotate", 30.0)])
+def test_relative_distance_is_unchanged_when_both_batches_are_scaled(name, params):
+    generator = torch.Generator().manual_seed(5)
+    m = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(2, 3, 7 if name == "scale" else 8, 7 if name == "scale" else 8, generator=generator, dtype=torch.float64)
+    transform = get_transform(name, **({"factor": 7 / 8} if name == "scale" else {}))
+    base = attention_consistency(m, m_t, transform, params, distance="relative")
+    for c in (1e-3, 3.0, 250.0):
+        torch.testing.assert_close(attention_consistency(c * m, c * m_t, transform, params, distance="relative"), base, rtol=1e-10, atol=0)
+    # while the paper's distance is in the maps' units
+    torch.testing.assert_close(
+        attention_consistency(3.0 * m, 3.0 * m_t, transform, params), 9.0 * attention_consistency(m, m_t, transform, params)
+    )
+
+
+def test_relative_distance_is_zero_for_exactly_equivariant_maps():
+    m = torch.randn(2, 3, 7, 7)
+    assert float(attention_consistency(m, m.flip(-1), "flip", distance="relative")) == 0.0
+    assert float(attention_consistency(m, torch.rot90(m, 1, (-2, -1)), "rotate", 90.0, distance="relative")) == 0.0
+    # 14x14 and 7x7 maps that nearest-upsample to the same 14x14 grid
+    coarse = torch.randn(2, 3, 7, 7)
+    fine = coarse.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert float(attention_consistency(fine, coarse, "scale", distance="relative")) == 0.0
+
+
+def test_relative_distance_of_flat_equal_maps_falls_back_to_their_units():
+    m, m_t = torch.full((2, 3, 4, 4), 2.0), torch.full((2, 3, 3, 3), 2.5)
+    assert heatmap_variance(m, m_t) == 1.0
+    torch.testing.assert_close(attention_consistency(m, m_t, "scale", distance="relative"), torch.tensor(0.25))
+
+
+def test_relative_distance_gradcheck_is_eq5s_gradient_over_the_detached_variance():
+    generator = torch.Generator().manual_seed(6)
+    m = torch.randn(2, 3, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    m_t = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    fixed = heatmap_variance(m.detach(), m_t.detach())
+
+    def relative_times_variance(a, b):
+        # numerically this is Eq. 5 / fixed; analytically the variance is out of the graph, so the
+        # gradient is that of Eq. 5 over the variance: gradcheck holds only if the normaliser is detached
+        return attention_consistency(a, b, "scale", distance="relative") * heatmap_variance(a, b) / fixed
+
+    assert gradcheck(relative_times_variance, (m, m_t), eps=1e-6, atol=1e-8)
+    for fn in (lambda a, b: attention_consistency(a, b, "scale", distance="relative"),):
+        value = fn(m, m_t)
+        value.backward()
+        expected = torch.autograd.grad(attention_consistency(m, m_t, "scale") / fixed, (m, m_t))
+        torch.testing.assert_close(m.grad, expected[0])
+        torch.testing.assert_close(m_t.grad, expected[1])
+
+
+def test_relative_distance_in_views_and_the_module(model):
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    paper = AttentionConsistencyLoss(diagnostics=False)
+    relative = AttentionConsistencyLoss(distance="relative", diagnostics=False)
+    with CAMHook(model) as cam:
+        a = paper.views(model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0))
+        b = relative.views(model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0))
+        model(images)
+        model(images.flip(-1))
+        m, m_t = cam.pop()
+    assert set(a.terms) == set(b.terms) == {"flip@28", "flip@24", "scale"}
+    # the same flip maps at 28 px, divided by their variance
+    flip_pair_variance = heatmap_variance(m, m_t)
+    torch.testing.assert_close(b.terms["flip@28"], a.terms["flip@28"] / flip_pair_variance, rtol=1e-5, atol=0)
+    torch.testing.assert_close(relative(m, m_t, "flip"), attention_consistency(m, m_t, "flip") / flip_pair_variance)
+    with pytest.raises(ValueError, match="distance must be 'mse' \\(paper Eq. 5\\) or 'relative', got 'l2'"):
+        AttentionConsistencyLoss(distance="l2")
+
+
+# --------------------------------------------------------------------------- stop gradient
+
+
+@pytest.mark.parametrize("stop, trained", [(None, {0, 1}), ("original", {1}), ("transformed", {0})])
+def test_stop_gradient_chooses_the_branch_that_is_trained(stop, trained):
+    m = torch.randn(2, 3, 7, 7, requires_grad=True)
+    m_t = torch.randn(2, 3, 7, 7, requires_grad=True)
+    AttentionConsistencyLoss(stop_gradient=stop, diagnostics=False)(m, m_t, "flip").backward()
+    got = {i for i, x in enumerate((m, m_t)) if x.grad is not None and bool(x.grad.abs().sum() > 0)}
+    assert got == trained
+    with pytest.raises(ValueError, match="stop_gradient must be None, 'original' or 'transformed'"):
+        AttentionConsistencyLoss(stop_gradient="both")
+
+
+def test_stop_gradient_in_views_keeps_the_value(model):
+    images = torch.randn(2, 3, 28, 28)
+    with CAMHook(model) as cam:
+        a = AttentionConsistencyLoss(diagnostics=False).views(model, cam, images, ["flip"])
+        b = AttentionConsistencyLoss(stop_gradient="original", diagnostics=False).views(model, cam, images, ["flip"])
+    torch.testing.assert_close(a.loss, b.loss)
+    a_grad = torch.autograd.grad(a.loss, model.body[0].weight)[0]
+    b_grad = torch.autograd.grad(b.loss, model.body[0].weight)[0]
+    assert not torch.allclose(a_grad, b_grad)
+
+
+# --------------------------------------------------------------------------- classification in views()
+
+
+def test_views_with_targets_give_the_classification_and_the_ratio(model):
+    images = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    targets = (torch.rand(4, 5, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    criterion = WeightedBCEWithLogitsLoss(torch.full((5,), 0.5))
+    loss = AttentionConsistencyLoss(diagnostics=False)
+    with CAMHook(model) as cam:
+        out = loss.views(model, cam, images, ["flip", "scale"], mode="product", targets=targets, criterion=criterion)
+    expected = sum(criterion(logits, targets) for logits in out.logits) / 4
+    torch.testing.assert_close(out.classification, expected)
+    torch.testing.assert_close(out.total, expected + out.loss)
+    torch.testing.assert_close(out.ratio, out.loss.detach() / expected.detach())
+    assert out.total.requires_grad
+    with CAMHook(model) as cam:
+        bare = loss.views(model, cam, images, ["flip"])
+        with pytest.raises(ValueError, match="give targets= and criterion= together"):
+            loss.views(model, cam, images, ["flip"], targets=targets)
+        with pytest.raises(ValueError, match=r"targets must hold one row per image \(4\)"):
+            loss.views(model, cam, images, ["flip"], targets=targets[:3], criterion=criterion)
+    assert bare.classification is None
+    with pytest.raises(ValueError, match="without targets= and criterion="):
+        bare.total
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def spread_batch(spread: float) -> torch.Tensor:
+    """Heatmaps (2, 3, 4, 4) whose every map has spatial std ``spread`` (a checkerboard of +-spread)."""
+    board = (torch.arange(16).view(4, 4) + torch.arange(4).view(4, 1)) % 2 * 2.0 - 1.0
+    return (spread * board).expand(2, 3, 4, 4).clone()
+
+
+def run(diagnostics, spreads, ratio=0.1):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for spread in spreads:
+            diagnostics.update(spread_batch(spread), torch.tensor(ratio), torch.tensor(1.0))
+    return [w for w in caught if issubclass(w.category, ConsistencyWarning)]
+
+
+def test_collapse_warning_fires_once_on_a_constructed_collapse():
+    diagnostics = ConsistencyDiagnostics(every=5, collapse=0.2)
+    caught = run(diagnostics, [4.0] * 5 + [0.5] * 20)
+    assert len(caught) == 1
+    assert "collapsing" in str(caught[0].message) and "12%" in str(caught[0].message)
+    assert "diagnostics=False" in str(caught[0].message)
+    assert diagnostics.last["spread"] == pytest.approx(0.5)
+
+
+def test_collapse_warning_is_silent_on_a_healthy_run():
+    # maps whose spread grows, or dips by less than the threshold, are healthy
+    assert run(ConsistencyDiagnostics(every=5), [1.0] * 5 + [0.5] * 5 + [3.0] * 20) == []
+
+
+def test_dominance_warning_fires_early_only():
+    caught = run(ConsistencyDiagnostics(every=5, dominance=1.0, early_steps=10), [1.0] * 10, ratio=4.0)
+    assert len(caught) == 1 and "4x the classification loss" in str(caught[0].message)
+    late = ConsistencyDiagnostics(every=5, dominance=1.0, early_steps=10)
+    run(late, [1.0] * 10, ratio=0.5)
+    assert run(late, [1.0] * 10, ratio=4.0) == []
+
+
+def test_diagnostics_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"collapse must lie in \(0, 1\)"):
+        ConsistencyDiagnostics(collapse=1.5)
+    with pytest.raises(ValueError, match="dominance must be > 0"):
+        ConsistencyDiagnostics(dominance=0)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        ConsistencyDiagnostics(every=0)
+    with pytest.raises(TypeError, match="diagnostics must be a bool or a ConsistencyDiagnostics"):
+        AttentionConsistencyLoss(diagnostics="on")
+
+
+def test_views_warn_when_the_term_dwarfs_the_classification_loss(model):
+    images = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros(4, 5)
+    criterion = WeightedBCEWithLogitsLoss(torch.full((5,), 0.5))
+    heavy = {"flip": 1e6}
+    with CAMHook(model) as cam:
+        loud = AttentionConsistencyLoss(weights=heavy, diagnostics=ConsistencyDiagnostics(every=2))
+        with pytest.warns(ConsistencyWarning, match="the classification loss"):
+            for _ in range(2):
+                loud.views(model, cam, images, ["flip"], targets=targets, criterion=criterion)
+        quiet = AttentionConsistencyLoss(weights=heavy, diagnostics=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConsistencyWarning)
+            for _ in range(30):
+                quiet.views(model, cam, images, ["flip"], targets=targets, criterion=criterion)
+
+
+def test_weights_are_validated():
+    with pytest.raises(ValueError, match="weights key 'flp' names no registered transform"):
+        AttentionConsistencyLoss(weights={"flp": 0.0})
+    for bad, match in ((-1.0, ">= 0"), (math.nan, "finite"), (math.inf, "finite")):
+        with pytest.raises(ValueError, match=match):
+            AttentionConsistencyLoss(weights={"flip": bad})
