@@ -59,15 +59,6 @@ def check_bool(name: str, value: object, optional: bool = False) -> bool | None:
     raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
-def check_int(name: str, value: object, minimum: int | None = None) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_generator(name: str, value: object) -> torch.Generator | None:
     """Return ``value`` if it is ``None`` or a CPU ``torch.Generator``.
 
