@@ -8,13 +8,19 @@ inconsistency of Table 2 (Eq. 5 over a test set) is :func:`attention_inconsisten
 
 Label encodings (the ``encoding`` argument):
 
-* ``"binary"``: targets in {0, 1}; 1 = positive, 0 = negative (PA-100K, MS-COCO).
+* ``"binary"``: targets in {0, 1}; 1 = positive, 0 = negative (PA-100K, MS-COCO). Bool
+  targets are 0/1.
 * ``"signed"``: targets in {1, -1, 0}; 1 = positive, -1 = negative, 0 = unspecified
   (WIDER Attribute). As in the reference code, unspecified entries are *dropped* for
   average precision and counted as *negatives* for every other metric.
 
 The encoding is explicit on purpose: "dropping the zeros" of a 0/1-encoded dataset drops
-every negative and makes every AP equal to 1.0.
+every negative and makes every AP equal to 1.0. So ``"signed"`` refuses targets of a dtype
+that cannot hold -1 (bool, unsigned integers), and warns when the targets hold no -1.
+
+Every input is checked, with an error naming the argument: scores and targets must be
+non-empty (N, L) real matrices of one shape, scores finite, targets in the encoding,
+``threshold`` a finite number and ``top_k`` an int in [1, L].
 
 Conventions where a ratio is undefined:
 
@@ -30,6 +36,7 @@ Conventions where a ratio is undefined:
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
 from collections.abc import Iterable
@@ -38,6 +45,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 import torch
 from torch import Tensor
 
+from ._validation import ENCODINGS, check_encoding, check_finite_number, check_target_dtype
 from .consistency import attention_inconsistency
 
 if TYPE_CHECKING:
@@ -57,12 +65,6 @@ __all__ = [
 
 Encoding: TypeAlias = Literal["binary", "signed"]
 ArrayLike: TypeAlias = "Tensor | np.ndarray"
-
-_ENCODING_VALUES: dict[str, tuple[float, ...]] = {
-    "binary": (0.0, 1.0),
-    "signed": (-1.0, 0.0, 1.0),
-}
-
 
 def _as_tensor(x: ArrayLike, name: str) -> Tensor:
     """Detached CPU tensor from a torch tensor or a numpy array."""
@@ -96,16 +98,18 @@ def _check_finite(scores: Tensor) -> Tensor:
     return scores
 
 
-def _format_set(values: Iterable[float]) -> str:
-    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+def _format_set(values: Iterable[float], limit: int = 8) -> str:
+    # Capped: scores passed as targets by mistake would list every distinct score.
+    values = list(values)
+    shown = ", ".join(f"{v:g}" for v in values[:limit])
+    return "{" + shown + (f", ... ({len(values)} values)" if len(values) > limit else "") + "}"
 
 
 def _prepare(
     scores: ArrayLike, targets: ArrayLike, encoding: Encoding
 ) -> tuple[Tensor, Tensor]:
     """Validate and return (scores, targets) as float64 (N, L) tensors."""
-    if encoding not in _ENCODING_VALUES:
-        raise ValueError(f"encoding must be 'binary' or 'signed', got {encoding!r}")
+    check_encoding(encoding)
     s = _as_tensor(scores, "scores")
     t = _as_tensor(targets, "targets")
     _check_matrix(s, "scores")
@@ -115,9 +119,10 @@ def _prepare(
             "scores and targets must have the same shape, got "
             f"scores {tuple(s.shape)} and targets {tuple(t.shape)}"
         )
+    check_target_dtype("targets", t, encoding)
     s = _check_finite(s.to(torch.float64))
     t = t.to(torch.float64)
-    allowed = _ENCODING_VALUES[encoding]
+    allowed = ENCODINGS[encoding]
     offending = [v for v in torch.unique(t).tolist() if v not in allowed]
     if offending:
         raise ValueError(
@@ -137,15 +142,24 @@ def _nanmean(x: Tensor) -> float:
     return float(torch.nanmean(x))
 
 
+def _check_threshold(threshold: object) -> float:
+    # NaN would predict nothing positive (every comparison is False): a silent wrong score.
+    try:
+        return check_finite_number("threshold", threshold)
+    except TypeError:
+        raise TypeError(
+            f"threshold must be a float, got {type(threshold).__name__}"
+        ) from None
+
+
 def _predict(scores: Tensor, threshold: float, top_k: int | None) -> Tensor:
+    # Checked with top_k too, where it is unused: a bad value is a bug all the same.
+    threshold = _check_threshold(threshold)
     if top_k is None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(
-                f"threshold must be a float, got {type(threshold).__name__}"
-            )
         return scores > threshold
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+    top_k = int(top_k)
     n_labels = scores.shape[1]
     if not 1 <= top_k <= n_labels:
         raise ValueError(
@@ -168,9 +182,10 @@ def predict_labels(
     label index.
 
     Args:
-        scores: (N, L) logits or probabilities.
-        threshold: decision threshold (0.0 for logits, 0.5 for probabilities).
-        top_k: number of labels predicted per example, or None to threshold.
+        scores: (N, L) logits or probabilities, finite.
+        threshold: decision threshold (0.0 for logits, 0.5 for probabilities); a finite
+            number, checked also with ``top_k``.
+        top_k: number of labels predicted per example, in [1, L], or None to threshold.
 
     Returns:
         (N, L) bool tensor.
@@ -480,7 +495,11 @@ def example_based_metrics(
     """
     raw = _as_tensor(scores, "scores")
     s, t = _prepare(raw, targets, encoding)
-    pred = raw if raw.dtype == torch.bool else _predict(s, threshold, None)
+    if raw.dtype == torch.bool:
+        _check_threshold(threshold)  # unused with given predictions: a bad value is a bug all the same
+        pred = raw
+    else:
+        pred = _predict(s, threshold, None)
     positive = t == 1
     inter = (pred & positive).sum(1).to(torch.float64)
     union = (pred | positive).sum(1).to(torch.float64)

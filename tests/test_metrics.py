@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -407,3 +408,113 @@ def test_top_k_out_of_range(k: int) -> None:
         label_based_metrics(torch.zeros(2, 3), torch.zeros(2, 3), top_k=k)
     with pytest.raises(TypeError, match=r"top_k must be an int or None, got float"):
         predict_labels(torch.zeros(2, 3), top_k=3.0)
+
+
+# ------------------------------------------------------------- hostile input (issue 13)
+
+ALL_METRICS = [
+    average_precision,
+    mean_average_precision,
+    balanced_accuracy,
+    label_precision_recall_f1,
+    label_based_metrics,
+    example_based_metrics,
+]
+WITH_THRESHOLD = [
+    lambda s, t, **kw: balanced_accuracy(s, t, **kw),
+    lambda s, t, **kw: label_precision_recall_f1(s, t, **kw),
+    lambda s, t, **kw: label_precision_recall_f1(s, t, top_k=1, **kw),
+    lambda s, t, **kw: label_based_metrics(s, t, **kw),
+    lambda s, t, **kw: label_based_metrics(s, t, top_k=1, **kw),
+    lambda s, t, **kw: example_based_metrics(s, t, **kw),
+    lambda s, t, **kw: example_based_metrics(s > 0, t, **kw),
+    lambda s, t, **kw: predict_labels(s, **kw),
+    lambda s, t, **kw: predict_labels(s, top_k=2, **kw),
+]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("call", WITH_THRESHOLD)
+def test_non_finite_threshold_is_refused(call, bad: float) -> None:
+    # Before: threshold=nan predicted nothing and reported P = R = F1 = 0 without an error.
+    scores, targets = random_problem(0)
+    with pytest.raises(ValueError, match=rf"threshold must be a finite number, got {bad}"):
+        call(scores, targets, threshold=bad)
+
+
+@pytest.mark.parametrize("call", WITH_THRESHOLD)
+def test_threshold_type_is_checked_even_where_unused(call) -> None:
+    scores, targets = random_problem(0)
+    with pytest.raises(TypeError, match=r"threshold must be a float, got str"):
+        call(scores, targets, threshold="0.5")
+    with pytest.raises(TypeError, match=r"threshold must be a float, got bool"):
+        call(scores, targets, threshold=True)
+
+
+def test_numpy_scalars_for_threshold_and_top_k() -> None:
+    scores, targets = random_problem(1)
+    expected = label_based_metrics(scores, targets, threshold=0.5, top_k=3)
+    assert label_based_metrics(scores, targets, threshold=np.float32(0.5), top_k=np.int64(3)) == expected
+    with pytest.raises(TypeError, match=r"top_k must be an int or None, got bool"):
+        predict_labels(scores, top_k=True)
+
+
+@pytest.mark.parametrize("fn", ALL_METRICS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_scores_refused_by_every_metric(fn, bad: float) -> None:
+    scores, targets = random_problem(2)
+    scores[0, 3] = bad
+    with pytest.raises(ValueError, match=r"scores must be finite, found 1 NaN/inf value\(s\)"):
+        fn(scores, targets)
+
+
+@pytest.mark.parametrize("fn", ALL_METRICS)
+@pytest.mark.parametrize("convert", [lambda t: t.astype(bool), lambda t: t.astype(np.uint8), lambda t: torch.from_numpy(t).bool(), lambda t: t.astype(np.float32)])
+def test_bool_and_integer_targets_give_the_int64_result(fn, convert) -> None:
+    scores, targets = random_problem(3)
+    expected = fn(scores, targets)
+    got = fn(scores, convert(targets))
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    if isinstance(expected, dict):
+        assert list(got) == list(expected)
+        torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(expected.values())), **exact)
+    else:
+        torch.testing.assert_close(got, expected, **exact)
+
+
+@pytest.mark.parametrize("fn", ALL_METRICS)
+@pytest.mark.parametrize("targets", [np.ones((3, 2), dtype=bool), torch.ones(3, 2, dtype=torch.uint8)])
+def test_targets_that_cannot_hold_minus_one_are_refused_as_signed(fn, targets) -> None:
+    # A bool or unsigned matrix declared signed is the dropped-zero trap: every 0 unspecified.
+    with pytest.raises(TypeError, match=r"targets of dtype torch.(bool|uint8) cannot hold -1 \(negative\), so with encoding='signed'"):
+        fn(torch.randn(3, 2), targets, encoding="signed")
+
+
+@pytest.mark.parametrize("encoding", [None, ["binary"], 1])
+def test_encoding_of_the_wrong_type(encoding) -> None:
+    with pytest.raises(TypeError, match=r"encoding must be a str \('binary' or 'signed'\), got"):
+        label_based_metrics(torch.zeros(3, 2), torch.zeros(3, 2), encoding=encoding)
+
+
+@pytest.mark.parametrize("fn", ALL_METRICS)
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 0)])
+def test_empty_input_refused_by_every_metric(fn, shape) -> None:
+    shape_text = re.escape(str(shape))
+    with pytest.raises(ValueError, match=rf"scores must be non-empty, got shape {shape_text}"):
+        fn(torch.zeros(shape), torch.zeros(shape))
+    with pytest.raises(ValueError, match=rf"targets must be non-empty, got shape {shape_text}"):
+        fn(torch.zeros(3, 3), torch.zeros(shape))
+
+
+def test_complex_input_refused() -> None:
+    with pytest.raises(TypeError, match=r"scores must be real-valued, got dtype torch.complex64"):
+        average_precision(torch.zeros(2, 2, dtype=torch.complex64), torch.zeros(2, 2))
+    with pytest.raises(TypeError, match=r"targets must be real-valued, got dtype torch.complex64"):
+        average_precision(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.complex64))
+
+
+def test_many_offending_target_values_are_capped() -> None:
+    scores = torch.arange(-10.0, 10.0).reshape(4, 5)
+    # scores passed as targets by mistake: the message lists a few values and the count
+    with pytest.raises(ValueError, match=r"for encoding='binary', found \{-10, -9, -8, -7, -6, -5, -4, -3, \.\.\. \(18 values\)\}$"):
+        label_based_metrics(scores, scores)
