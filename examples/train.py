@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from attn_consistency import AttentionConsistencyLoss, CAMHook, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
+from attn_consistency import AttentionConsistencyLoss, CAMHook, Ramp, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
+from attn_consistency.strength import heatmap_spread
 from attn_consistency.metrics import attention_inconsistency, example_based_metrics, label_based_metrics
 
 __all__ = ["PRESETS", "TrainConfig", "main", "train"]
@@ -63,6 +64,13 @@ class TrainConfig:
     augmentation: str = "views"
     mode: str | None = None  # 'product' (authors' four views) or 'independent'; None: product for flip+scale
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The strength of the term (attn_consistency.strength): 'mse' is the paper's Eq. 5, 'relative'
+    # divides it by the heatmaps' variance; a warm-up ramps the weights from 0 over that many epochs.
+    distance: str = "mse"
+    warmup_epochs: float = 0.0
+    warmup_shape: str = "linear"
+    stop_gradient: str | None = None  # None (both views trained, the paper) | original | transformed
+    diagnostics: bool = True  # warn once when the heatmaps collapse or the term dwarfs classification
     rotate_degrees: float = 90.0
     translate_fraction: float = 32 / 224
     ignore_unspecified: bool = False  # WIDER's 0 labels: the reference trains them as negatives
@@ -112,6 +120,14 @@ _SYNTHETIC = dict(dataset="synthetic", arch="small_resnet", image_size=64, scale
 PRESETS["synthetic-pretrain"] = dict(_SYNTHETIC, synthetic_classes=4, seed=1, epochs=16, lr=2e-3, lr_step=12, lr_gamma=0.1)
 PRESETS["synthetic"] = dict(_SYNTHETIC, synthetic_classes=6, epochs=6, lr=1e-3, lr_step=4, lr_gamma=0.1)
 PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"))
+
+
+# The recommended strength of the term for a model and data other than the paper's (measured:
+# benchmarks/gain.py, README "Does it pay?"): the paper's presets above keep the paper's loss.
+RECOMMENDED: dict[str, Any] = dict(distance="relative", weights={"flip": 1.0, "scale": 1.0}, warmup_epochs=0.0)
+# Your own data (an image folder with CSV label files): ResNet-50 at the paper's 224/192.
+PRESETS["csv-r50"] = dict(_WIDER, dataset="csv")
+PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale")) | RECOMMENDED
 
 
 # --------------------------------------------------------------------------- distributed
@@ -349,6 +365,7 @@ def evaluate(model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConf
         from examples.synthetic import pointing_game
 
         result["pointing-game"] = pointing_game(torch.cat(heatmaps), targets, dataset.boxes, config.image_size)
+        result["heatmap-spread"] = float(heatmap_spread(torch.cat(heatmaps)))
     return result
 
 
@@ -437,7 +454,6 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     classification = WeightedBCEWithLogitsLoss(ratio, encoding, config.ignore_unspecified).to(device)
     transforms = _transforms(config)
     weights = config.weights if config.consistency else {t.name: 0.0 for t in transforms}
-    consistency = AttentionConsistencyLoss(weights=weights)
     # the authors' flip + scale step runs all four combinations of the two
     mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
     if config.optimizer == "sgd":
@@ -473,6 +489,16 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
     )
+    steps_per_epoch = len(loader) if config.max_steps is None else min(len(loader), config.max_steps)
+    consistency = AttentionConsistencyLoss(
+        weights=weights,
+        distance=config.distance,
+        schedule=Ramp(round(config.warmup_epochs * steps_per_epoch), config.warmup_shape) if config.warmup_epochs else None,
+        stop_gradient=config.stop_gradient,
+        diagnostics=config.diagnostics and ddp.main,
+    )
+    if resume and checkpoint_path.exists() and "consistency" in state:
+        consistency.load_state_dict(state["consistency"])
     amp = _use(config.amp, device)
     memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
     random_augmentation = bool(transforms) and not config.consistency and config.augmentation == "random"
@@ -483,6 +509,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             group["lr"] = config.lr * config.lr_gamma ** (epoch // config.lr_step)
         net.train()
         running = torch.zeros(3, device=device)
+        term_sums: dict[str, Tensor] = {}
         steps = 0
         for step, (images, targets) in enumerate(_progress(loader, config, f"epoch {epoch + 1}") if ddp.main else loader):
             if config.max_steps is not None and step >= config.max_steps:
@@ -493,10 +520,12 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if transforms and not random_augmentation:
                     views = consistency.views(
-                        net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step), resized=resized
+                        net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step),
+                        resized=resized, targets=targets, criterion=classification,
                     )
-                    cls_loss = sum(classification(logits, targets) for logits in views.logits) / len(views.logits)
-                    ac_loss = views.loss
+                    cls_loss, ac_loss = views.classification, views.loss
+                    for name, term in views.terms.items():
+                        term_sums[name] = term_sums.get(name, 0.0) + term.detach().float()
                 else:  # one view: the batch, or a random augmentation of it
                     if random_augmentation:
                         images = _random_view(images, resized, transforms, _step_generator(config, epoch, step))
@@ -514,6 +543,10 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             running /= ddp.world
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row |= dict(zip(("loss", "cls_loss", "ac_loss"), (running / max(steps, 1)).tolist()))
+        # how strong the term is next to the classification loss, and each term unweighted
+        row["ac_ratio"] = row["ac_loss"] / row["cls_loss"] if row["cls_loss"] else 0.0
+        row["ac_multiplier"] = consistency.multiplier
+        row |= {f"term-{name}": float(total) / max(steps, 1) for name, total in term_sums.items()}
         if ddp.main:
             model.eval()
             row |= evaluate(model, cam, test_set, config, device)
@@ -528,6 +561,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
                     "history": json.dumps(history),
                     "label_names": list(getattr(train_set, "label_names", [])),
                     "pretrained_sha256": pretrained_digest,
+                    "consistency": consistency.state_dict(),
                 },
                 checkpoint_path,
             )

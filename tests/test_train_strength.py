@@ -1,0 +1,59 @@
+"""The training script's control of the term's strength: the schedule resumes, the terms are logged."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.train import PRESETS, RECOMMENDED, TrainConfig, load_checkpoint, parse_args, train
+
+TINY = dict(synthetic_train=16, synthetic_test=8, image_size=32, scale_size=24, batch_size=4, test_batch_size=8,
+            progress=False, lr_step=1)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ramped(out: Path, epochs: int) -> TrainConfig:
+    # 4 steps per epoch, a warm-up over 1.5 epochs (6 steps): the second epoch ends mid-ramp
+    settings = TINY | dict(distance="relative", warmup_epochs=1.5, out=str(out), epochs=epochs)
+    return TrainConfig(**(PRESETS["synthetic-acfs"] | settings))
+
+
+def test_the_warm_up_resumes_where_it_stopped(tmp_path: Path) -> None:
+    straight = train(ramped(tmp_path / "straight", 3), device="cpu")
+    assert [row["ac_multiplier"] for row in straight] == pytest.approx([4 / 6, 1.0, 1.0])
+    train(ramped(tmp_path / "resumed", 1), device="cpu")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["consistency"]["_extra_state"]["steps"] == 4
+    resumed = train(ramped(tmp_path / "resumed", 3), device="cpu", resume=True)
+    assert resumed == straight
+
+
+def test_each_term_and_the_ratio_are_logged(tmp_path: Path) -> None:
+    (row,) = train(dataclasses.replace(ramped(tmp_path, 1), warmup_epochs=0.0), device="cpu")
+    assert {"term-flip@32", "term-flip@24", "term-scale"} <= set(row)
+    assert row["ac_ratio"] == pytest.approx(row["ac_loss"] / row["cls_loss"])
+    assert row["ac_loss"] == pytest.approx(row["term-flip@32"] + row["term-flip@24"] + row["term-scale"], rel=1e-5)
+    assert row["heatmap-spread"] > 0
+
+
+def test_the_strength_settings_are_flags() -> None:
+    config, _ = parse_args(["--preset", "synthetic-acfs", "--distance", "relative", "--warmup-epochs", "2",
+                            "--warmup-shape", "cosine", "--stop-gradient", "original", "--diagnostics", "false"])  # fmt: skip
+    assert (config.distance, config.warmup_epochs, config.warmup_shape, config.stop_gradient, config.diagnostics) == (
+        "relative", 2.0, "cosine", "original", False
+    )
+
+
+def test_paper_presets_keep_the_paper_loss_and_users_presets_the_recommended_one() -> None:
+    for name, preset in PRESETS.items():
+        config = TrainConfig(**preset)
+        if name.startswith(("wider", "pa100k", "coco", "synthetic")):
+            assert (config.distance, config.warmup_epochs, config.stop_gradient) == ("mse", 0.0, None), name
+    assert RECOMMENDED.items() <= PRESETS["csv-r50-acfs"].items()
