@@ -1,11 +1,12 @@
-"""The main job: baseline vs attention consistency on the built-in synthetic dataset, on CPU.
+"""The main job: attention consistency against its controls on the built-in synthetic dataset, on CPU.
 
 Follows the paper's protocol at toy size on :class:`examples.synthetic.SyntheticShapes`. A
 small GAP-FC network is first pretrained on 4 shapes drawn on other images (a stand-in for
-the ImageNet weights the paper starts from), then fine-tuned on 6 shapes twice from those
-weights: once with the classification loss alone and once with attention consistency under
-flip and scale (the authors' four-view step). It prints a table like the paper's Tables 1-2
-and draws Figure 5::
+the ImageNet weights the paper starts from), then fine-tuned from those weights on a harder
+task (8 shapes, 4 of them new, small objects, 500 training images: the ``finetune`` regime of
+``benchmarks/gain.py``, seed 0) four times: the baseline, the authors' four views (flip x
+scale) as augmentation only, the paper's loss on those views, and the recommended setting.
+It prints a table like the paper's Tables 1-2 and draws Figure 5::
 
     python -m examples.demo --out runs/demo
 
@@ -24,12 +25,21 @@ from pathlib import Path
 import torch
 
 from examples.figure5 import figure5, load_trained
-from examples.train import PRESETS, TrainConfig, build_datasets, scale_factor, train
+from examples.gain import REGIMES, ROWS, pretrained, run_row
+from examples.train import PRESETS, TrainConfig, build_datasets, scale_factor
 
 __all__ = ["main"]
 
 PRETRAINED_MAP = 0.95
 """Pretraining mAP below which the demo warns that its starting point is weak."""
+
+NAMES = {
+    "baseline": "baseline",
+    "augmentation": "flip + scale views, no consistency",
+    "paper": "attention consistency, paper (Eq. 5, weight 1)",
+    "recommended": "attention consistency, recommended",
+}
+"""The rows of :data:`examples.gain.ROWS`, as the table names them."""
 
 COLUMNS = (
     ("mAP", "mAP"),
@@ -38,6 +48,7 @@ COLUMNS = (
     ("inconsistency-flip", "incons. flip"),
     ("inconsistency-scale", "incons. scale"),
     ("pointing-game", "pointing game"),
+    ("seconds", "time (s)"),
 )
 
 
@@ -45,7 +56,10 @@ def table(results: dict[str, dict[str, float]]) -> str:
     """Markdown table: metrics in percent, attention inconsistency (Eq. 5) as is, both as the paper."""
     lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in results.items():
-        cells = [f"{row[key]:.2f}" if key.startswith("inconsistency") else f"{row[key] * 100:.1f}" for key, _ in COLUMNS]
+        cells = [
+            f"{row[key]:.2f}" if key.startswith("inconsistency") else f"{row[key]:.0f}" if key == "seconds" else f"{row[key] * 100:.1f}"
+            for key, _ in COLUMNS
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -58,51 +72,55 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    regime = REGIMES["finetune"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--pretrain-epochs", type=_positive, default=PRESETS["synthetic-pretrain"]["epochs"])
-    parser.add_argument("--epochs", type=_positive, default=PRESETS["synthetic"]["epochs"], help="fine-tuning epochs")
-    parser.add_argument("--train-images", type=_positive, default=PRESETS["synthetic"]["synthetic_train"])
-    parser.add_argument("--test-images", type=_positive, default=TrainConfig.synthetic_test)
+    parser.add_argument("--pretrain-images", type=_positive, default=PRESETS["synthetic-pretrain"]["synthetic_train"])
+    parser.add_argument("--epochs", type=_positive, default=regime["epochs"], help="fine-tuning epochs")
+    parser.add_argument("--train-images", type=_positive, default=regime["synthetic_train"])
+    parser.add_argument("--test-images", type=_positive, default=regime["synthetic_test"])
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    sizes = dict(synthetic_train=args.train_images, synthetic_test=args.test_images, progress=args.progress)
+    sizes = dict(synthetic_test=args.test_images, progress=args.progress)
 
-    pretrain = TrainConfig(**PRESETS["synthetic-pretrain"] | sizes | dict(epochs=args.pretrain_epochs, out=str(out / "pretrain")))
-    print(f"== pretraining: {pretrain.synthetic_classes} shapes, {pretrain.epochs} epochs on {pretrain.synthetic_train} images", flush=True)
-    pretrained = train(pretrain, device="cpu", resume=True)[-1]
-    print(f"   pretrained mAP {pretrained['mAP'] * 100:.1f}", flush=True)
-    if pretrained["mAP"] < PRETRAINED_MAP:
+    classes = PRESETS["synthetic-pretrain"]["synthetic_classes"]
+    print(f"== pretraining: {classes} shapes, {args.pretrain_epochs} epochs on {args.pretrain_images} images", flush=True)
+    weights, pretrained_metrics = pretrained(out, epochs=args.pretrain_epochs, synthetic_train=args.pretrain_images, **sizes)
+    print(f"   pretrained mAP {pretrained_metrics['mAP'] * 100:.1f}", flush=True)
+    if pretrained_metrics["mAP"] < PRETRAINED_MAP:
         print(
-            f"warning: the pretraining reached mAP {pretrained['mAP'] * 100:.1f} only (the net learns the shapes "
-            f"suddenly after a plateau, and this run ended before or during it); both rows start from weakly "
+            f"warning: the pretraining reached mAP {pretrained_metrics['mAP'] * 100:.1f} only (the net learns the shapes "
+            f"suddenly after a plateau, and this run ended before or during it); every row starts from weakly "
             f"trained features. For the intended comparison, run again with more epochs, e.g. "
-            f"--pretrain-epochs {2 * pretrain.epochs} --out {out}-longer",
+            f"--pretrain-epochs {2 * args.pretrain_epochs} --out {out}-longer",
             file=sys.stderr, flush=True,
         )
 
-    runs = {"baseline": "synthetic", "attention consistency (flip + scale)": "synthetic-acfs"}
+    fine_tune = sizes | dict(synthetic_train=args.train_images, epochs=args.epochs)
     results, configs = {}, {}
-    for name, preset in runs.items():
-        settings = PRESETS[preset] | sizes | dict(epochs=args.epochs, pretrained=str(Path(pretrain.out) / "last.pt"), out=str(out / preset))
-        config = TrainConfig(**settings)
-        print(f"== {name}: {preset}, {config.epochs} epochs on {config.synthetic_train} images", flush=True)
-        history = train(config, device="cpu", resume=True)
-        results[name], configs[name] = history[-1], config
+    for key, name in NAMES.items():
+        print(f"== {name}: {args.epochs} epochs on {args.train_images} images", flush=True)
+        results[name] = run_row("finetune", ROWS[key], 0, out / key, weights, **fine_tune)
+        configs[name] = load_trained(out / key / "last.pt")[1]
 
     text = table(results)
     print("\n" + text)
-    print("metrics in %; attention inconsistency: paper Eq. 5 on the test set (Table 2); pointing game: share of heatmap peaks inside a box of their label")
+    print(
+        "metrics in %; attention inconsistency: paper Eq. 5 on the test set (Table 2); pointing game: share of "
+        "heatmap peaks inside a box of their label; time: seconds of training and evaluation"
+    )
 
-    config = configs["baseline"]
+    config = configs[NAMES["baseline"]]
     test_set = build_datasets(config)[1]
     label = 2 if config.synthetic_classes > 2 else 0
     indices = [i for i in range(len(test_set)) if test_set.targets[i, label] == 1][:2]
-    models = {name.split(" (")[0]: load_trained(Path(c.out) / "last.pt")[0] for name, c in configs.items()}
+    drawn = {"baseline": "baseline", "paper": "AC paper", "recommended": "AC recommended"}
+    models = {title: load_trained(out / key / "last.pt")[0] for key, title in drawn.items()}
     picture = figure5(
         models, test_set.images[indices], label, out / "figure5.png",
         label_name=test_set.label_names[label], scale_factor=scale_factor(config),

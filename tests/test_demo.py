@@ -1,4 +1,4 @@
-"""The main job, at toy size: pretraining, the two fine-tuning runs, the table and Figure 5."""
+"""The main job, at toy size: pretraining, the four fine-tuning rows, the table and Figure 5."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def one_thread():
 
 
 def run_demo(out: Path) -> dict[str, dict[str, float]]:
-    return demo.main(["--out", str(out), "--pretrain-epochs", "1", "--epochs", "1", "--train-images", "32", "--test-images", "16", "--no-progress"])  # fmt: skip
+    return demo.main(["--out", str(out), "--pretrain-epochs", "1", "--pretrain-images", "32", "--epochs", "1", "--train-images", "32", "--test-images", "16", "--no-progress"])  # fmt: skip
 
 
 def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,15 +34,18 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
     assert "warning: the pretraining reached mAP" in captured.err
     assert f"--pretrain-epochs 2 --out {tmp_path}-longer" in captured.err
 
-    assert list(results) == ["baseline", "attention consistency (flip + scale)"]
+    assert list(results) == list(demo.NAMES.values())
     for row in results.values():
         for key, _ in demo.COLUMNS:
             assert math.isfinite(row[key]), key
-    assert results["baseline"]["ac_loss"] == 0.0
-    assert results["attention consistency (flip + scale)"]["ac_loss"] > 0.0
+    names = demo.NAMES
+    assert results[names["baseline"]]["ac_loss"] == results[names["augmentation"]]["ac_loss"] == 0.0
+    assert results[names["paper"]]["ac_loss"] > 0.0 and results[names["recommended"]]["ac_loss"] > 0.0
+    # the control trains on the same four views as the consistency rows, the baseline on one
+    assert "term-scale" in results[names["paper"]] and "term-scale" not in results[names["augmentation"]]
     table = demo.table(results)
     assert table in printed
-    assert table.count("\n") == 3  # header, rule, two rows
+    assert table.count("\n") == 5  # header, rule, four rows
 
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["table"] == table
@@ -50,7 +53,7 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
     assert list(summary["configs"]) == list(results)
     for config in summary["configs"].values():
         assert config["pretrained"] == str(pretrain)
-        assert (config["synthetic_classes"], config["scale_size"]) == (6, 56)
+        assert (config["synthetic_classes"], config["scale_size"]) == (8, 56)
     with Image.open(tmp_path / "figure5.png") as picture:
         assert picture.width > 200 and picture.height > 200
 
@@ -58,7 +61,7 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
     # every weight by about 1e-3 at most, far less than the distance between two random inits
     backbone = {k: v for k, v in load_checkpoint(pretrain)["model"].items() if k.endswith("conv1.weight")}
     assert len(backbone) == 3  # the three residual blocks
-    for run in ("synthetic", "synthetic-acfs"):
+    for run in demo.NAMES:
         tuned = load_checkpoint(tmp_path / run / "last.pt")["model"]
         for key, value in backbone.items():
             assert 0 < (tuned[key] - value).abs().max() < 0.01, (run, key)  # trained, from there
@@ -66,21 +69,21 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
 
 def test_demo_resumes_finished_runs_without_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = run_demo(tmp_path)
-    stamps = {run: (tmp_path / run / "last.pt").stat().st_mtime_ns for run in ("pretrain", "synthetic", "synthetic-acfs")}
+    stamps = {run: (tmp_path / run / "last.pt").stat().st_mtime_ns for run in ("pretrain", *demo.NAMES)}
     capsys.readouterr()
     assert run_demo(tmp_path) == first
-    assert capsys.readouterr().err.count("resuming") == 3
+    assert capsys.readouterr().err.count("resuming") == 5
     assert {run: (tmp_path / run / "last.pt").stat().st_mtime_ns for run in stamps} == stamps
 
 
 def test_demo_does_not_mix_fine_tuning_runs_with_a_longer_pretraining(tmp_path: Path) -> None:
     run_demo(tmp_path)
-    args = ["--out", str(tmp_path), "--pretrain-epochs", "2", "--epochs", "1", "--train-images", "32", "--test-images", "16", "--no-progress"]  # fmt: skip
+    args = ["--out", str(tmp_path), "--pretrain-epochs", "2", "--pretrain-images", "32", "--epochs", "1", "--train-images", "32", "--test-images", "16", "--no-progress"]  # fmt: skip
     with pytest.raises(ValueError, match="pretrain/last.pt changed since the run started"):
         demo.main(args)
 
 
-@pytest.mark.parametrize("flag", ["--epochs", "--pretrain-epochs", "--train-images", "--test-images", "--threads"])
+@pytest.mark.parametrize("flag", ["--epochs", "--pretrain-epochs", "--pretrain-images", "--train-images", "--test-images", "--threads"])
 def test_demo_counts_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         demo.main([flag, "0"])

@@ -1,0 +1,116 @@
+"""Does attention consistency pay? The study behind ``benchmarks/gain.py`` and the demo.
+
+The task is :class:`examples.synthetic.SyntheticShapes` in a harder setting than the demo's
+(more shapes, smaller objects, more of them, fewer training images), so that the baseline's
+mAP is well below ceiling (70-90). Two regimes:
+
+- ``scratch``: the small GAP-FC net from random weights;
+- ``finetune``: the same net fine-tuned from the stand-in pretraining (``synthetic-pretrain``,
+  4 shapes on other images, trained once by this command), as the paper starts from ImageNet.
+
+Rows (every row of a regime and seed sees the same data, order and initial weights):
+
+- ``baseline``: the classification loss on the original view;
+- ``augmentation``: the authors' four views (flip x scale), consistency weights 0: the
+  control that isolates the consistency term;
+- ``paper``: the same views with the paper's loss (Eq. 5, every weight 1);
+- ``recommended``: the same views with :data:`examples.train.RECOMMENDED`.
+
+:func:`run_row` trains one (regime, row, seed); a finished run is reused. :func:`table` gives
+the mean and the sample standard deviation over seeds of the last epoch's test metrics and of
+each run's training time (wall seconds of the whole run, evaluation included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from examples.train import PRESETS, RECOMMENDED, TrainConfig, train
+
+__all__ = ["REGIMES", "ROWS", "VIEWS", "pretrained", "run_row", "table"]
+
+# The harder task. 6 shapes from scratch, 8 (4 of them new) when fine-tuning; objects of 13-22 px
+# (scratch) or 10-19 px (fine-tune) on 64 px images, up to 4 of them. Baselines measured at these
+# settings: see benchmarks/README.md.
+_SYNTHETIC = dict(dataset="synthetic", arch="small_resnet", image_size=64, scale_size=56, batch_size=16,
+                  optimizer="adam", weight_decay=0.0, workers=0, synthetic_test=400, synthetic_objects=4,
+                  lr_gamma=0.1, progress=False)  # fmt: skip
+REGIMES: dict[str, dict[str, Any]] = {
+    "scratch": _SYNTHETIC | dict(synthetic_classes=6, synthetic_sizes=(0.2, 0.35), synthetic_train=800, epochs=30, lr=2e-3, lr_step=24),
+    "finetune": _SYNTHETIC | dict(synthetic_classes=8, synthetic_sizes=(0.15, 0.3), synthetic_train=500, epochs=10, lr=1e-3, lr_step=8),
+}
+VIEWS = dict(transforms=("flip", "scale"), mode="product")
+ROWS: dict[str, dict[str, Any]] = {
+    "baseline": dict(transforms=()),
+    "augmentation": VIEWS | dict(consistency=False),
+    "paper": dict(VIEWS),
+    "recommended": VIEWS | RECOMMENDED,
+}
+COLUMNS = (
+    ("mAP", "mAP", 100.0),
+    ("F1-C", "F1-C", 100.0),
+    ("inconsistency-flip", "incons. flip", 1.0),
+    ("inconsistency-scale", "incons. scale", 1.0),
+    ("pointing-game", "pointing game", 100.0),
+    ("seconds", "time (s)", 1.0),
+)
+
+
+def pretrained(out: Path, **overrides: Any) -> tuple[str, dict[str, float]]:
+    """The stand-in pretraining of the fine-tuned regime (trained once, then reused).
+
+    Returns the checkpoint's path and the pretraining's last metrics.
+    """
+    config = TrainConfig(**PRESETS["synthetic-pretrain"] | dict(progress=False) | overrides | dict(out=str(out / "pretrain")))
+    history = train(config, device="cpu", resume=True)
+    return str(out / "pretrain" / "last.pt"), history[-1]
+
+
+def run_row(
+    regime: str, row: dict[str, Any], seed: int, out: Path, pretrained: str | None, **overrides: Any
+) -> dict[str, float]:
+    """Train (or reuse) one run; its last epoch's metrics and its training time in seconds.
+
+    ``overrides`` change settings of the regime (the demo's test runs it at toy size).
+    """
+    settings = REGIMES[regime] | row | overrides | dict(seed=seed, out=str(out))
+    if regime == "finetune":
+        settings["pretrained"] = pretrained
+    config = TrainConfig(**settings)
+    # written once the run has finished: a run that was only reloaded keeps the time it took
+    timing = out / "timing.json"
+    stored = json.loads(timing.read_text()) if timing.exists() else {}
+    start = time.perf_counter()
+    history = train(config, device="cpu", resume=True)
+    if stored.get("epochs") != config.epochs:
+        # an interrupted and resumed run counts the time since it resumed
+        stored = {"epochs": config.epochs, "seconds": time.perf_counter() - start}
+        timing.write_text(json.dumps(stored))
+    return history[-1] | {"seconds": stored["seconds"]}
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
+    """Markdown: one row per (regime, row), mean +- std over seeds of each column."""
+    lines = [
+        "| regime | row | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|---|---|---" + "|---" * len(COLUMNS) + "|",
+    ]
+    for regime, rows in results.items():
+        for name, runs in rows.items():
+            cells = []
+            for key, _, factor in COLUMNS:
+                mean, std = _summary([run[key] * factor for run in runs])
+                digits = 0 if key == "seconds" else 2 if key.startswith("inconsistency") else 1
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}")
+            lines.append(f"| {regime} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
