@@ -665,6 +665,11 @@ def get_transform(transform: str | Transform, **kwargs: Any) -> Transform:
         if kwargs:
             raise TypeError("keyword arguments apply to a transform name, not to a Transform instance")
         return transform
+    if isinstance(transform, type) and issubclass(transform, Transform):
+        raise TypeError(
+            f"transform must be a name or a Transform instance, got the class {transform.__name__}: "
+            f"pass {transform.__name__}() or its registered name"
+        )
     if not isinstance(transform, str):
         raise TypeError(f"transform must be a name or a Transform, got {type(transform).__name__}")
     if transform not in _REGISTRY:

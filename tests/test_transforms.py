@@ -585,3 +585,10 @@ def test_register_refuses_bad_names_and_factories(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         register_transform(*args, **kwargs)
     assert available_transforms() == sorted(["flip", "rotate", "scale", "translate"])
+
+
+def test_get_transform_refuses_a_class_and_other_types():
+    with pytest.raises(TypeError, match=r"transform must be a name or a Transform instance, got the class Flip: pass Flip\(\)"):
+        get_transform(Flip)
+    with pytest.raises(TypeError, match=r"transform must be a name or a Transform, got int"):
+        get_transform(3)
