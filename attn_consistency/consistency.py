@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._validation import check_finite, check_reduction, check_tensor, check_weight, data_checks_enabled
 from .cam import CAMHook
-from .strength import ConsistencyDiagnostics, Ramp
+from .strength import ConsistencyDiagnostics, gradient_ratio
 from .transforms import Scale, Transform, available_transforms, get_transform
 
 __all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency", "attention_inconsistency"]
@@ -46,19 +46,18 @@ def _check_distance(distance: str) -> str:
 
 
 def heatmap_variance(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
-    r"""The normaliser of ``distance="relative"``: the heatmaps' variance, out of the gradient.
+    r"""The normaliser of ``distance="relative"``: the heatmaps' own variance.
 
     .. math:: s = \tfrac12 \big(\overline{\mathrm{Var}}(M) + \overline{\mathrm{Var}}(M')\big)
 
     where :math:`\overline{\mathrm{Var}}` is the variance of a label's maps over samples and
     cells (each label centred on its own mean, so the large constant of an absent label's
     logit does not count), averaged over labels. Multiplying both batches by :math:`c`
-    multiplies :math:`s` by :math:`c^2`. Returns 1 where every map is flat and equal (no
-    scale to take).
+    multiplies :math:`s` by :math:`c^2`. It is 1 where every map is flat and equal (no scale
+    to take); elsewhere it stays in the graph (see :func:`attention_consistency`).
     """
-    with torch.no_grad():
-        variance = 0.5 * (heatmaps.var((0, 2, 3), unbiased=False).mean() + heatmaps_t.var((0, 2, 3), unbiased=False).mean())
-        return torch.where(variance > 0, variance, torch.ones_like(variance))
+    variance = 0.5 * (heatmaps.var((0, 2, 3), unbiased=False).mean() + heatmaps_t.var((0, 2, 3), unbiased=False).mean())
+    return torch.where(variance > 0, variance, torch.ones_like(variance))
 
 
 def attention_consistency(
@@ -74,11 +73,17 @@ def attention_consistency(
 
     With ``distance="mse"`` (the paper) the per-map terms are the mean squared difference
     of Eq. 5, in the heatmaps' own units. With ``distance="relative"`` they are divided by
-    :func:`heatmap_variance` of the two batches, a number kept out of the gradient: the
-    value is unchanged when both batches are multiplied by a constant, 0 for exactly
-    equivariant maps, about 2 for unrelated maps, and the gradient is that of Eq. 5 scaled
-    by :math:`1/s`. One weight then means the same strength on any model and at any stage
-    of training.
+    :func:`heatmap_variance` :math:`s` of the two batches: the value is unchanged when both
+    batches are multiplied by a constant, 0 for exactly equivariant maps and about 2 for
+    unrelated maps of equal variance, so one weight means the same strength on any model
+    and at any stage of training.
+
+    :math:`s` stays in the gradient, on purpose. Eq. 5 falls quadratically when the maps
+    shrink, so its gradient always has a part that shrinks every map, the flat, small maps
+    that cost the paper's loss accuracy on new models (README, "Does it pay?"). A
+    scale-free loss has no gradient along that direction (Euler: its gradient is orthogonal
+    to the maps); a normaliser kept out of the gradient would rescale Eq. 5's gradient and
+    keep the shrinking part.
 
     Computed in float32 (or float64 for float64 input), also under autocast.
 
@@ -401,7 +406,10 @@ class AttentionConsistencyLoss(nn.Module):
             classification = sum(criterion(x, targets) for x in view_logits) / len(view_logits)
         if torch.is_grad_enabled():
             if self.diagnostics is not None and not torch.compiler.is_compiling():
-                self.diagnostics.update(heatmaps[views[0]], loss, classification)
+                gradients = None
+                if self.diagnostics.due and classification is not None:
+                    gradients = gradient_ratio(loss, classification, [heatmaps[v] for v in views], view_logits)
+                self.diagnostics.update(heatmaps[views[0]], loss, classification, gradients)
             self.step()
         return ConsistencyOutput(view_logits, loss, terms, views, classification)
 

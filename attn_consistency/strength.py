@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from ._validation import check_finite_number
 
-__all__ = ["ConsistencyDiagnostics", "ConsistencyWarning", "Ramp"]
+__all__ = ["ConsistencyDiagnostics", "ConsistencyWarning", "Ramp", "gradient_ratio", "heatmap_spread"]
 
 _SHAPES = ("linear", "cosine", "gaussian")
 
@@ -101,6 +102,29 @@ def heatmap_spread(heatmaps: Tensor) -> Tensor:
     return maps.std(-1, unbiased=False).mean()
 
 
+def gradient_ratio(consistency: Tensor, classification: Tensor, heatmaps: Sequence[Tensor], logits: Sequence[Tensor]) -> Tensor:
+    r"""How hard the consistency term pushes the heatmaps, next to the classification loss.
+
+    .. math:: r = \lVert \partial \ell_a / \partial M \rVert \,/\, \lVert \partial \ell_c / \partial M \rVert
+
+    over the heatmaps of every view. For a GAP-FC head the logits are
+    ``heatmaps.mean((2, 3)) + bias``, so the classification loss's gradient on each cell is
+    its gradient on the logit over :math:`hw`: both are read from the small graphs between
+    the heatmaps and the losses (the backbone is not traversed). Unlike the ratio of the
+    loss values, it shows a term that is small but dominates the training signal.
+    """
+    wanted = [m for m in heatmaps if m.requires_grad]
+    if not wanted or not consistency.requires_grad or not classification.requires_grad:
+        return consistency.new_full((), math.nan, dtype=torch.float32)
+    grads_maps = torch.autograd.grad(consistency, wanted, retain_graph=True, allow_unused=True)
+    grads_logits = torch.autograd.grad(classification, list(logits), retain_graph=True, allow_unused=True)
+    pushed = sum(g.float().square().sum() for g in grads_maps if g is not None)
+    pulled = sum(
+        g.float().square().sum() / (m.shape[-2] * m.shape[-1]) for g, m in zip(grads_logits, heatmaps, strict=True) if g is not None
+    )
+    return (torch.as_tensor(pushed) / torch.as_tensor(pulled)).sqrt().detach()
+
+
 class ConsistencyDiagnostics:
     r"""Watch the consistency term during training and warn once when it goes wrong.
 
@@ -111,18 +135,20 @@ class ConsistencyDiagnostics:
     - **collapse**: the heatmaps' spatial spread (:func:`heatmap_spread`) falls below
       ``collapse`` times its value over the first window. The consistency term is easiest
       to satisfy with flat maps; flat maps carry no localisation.
-    - **dominance**: during the first ``early_steps`` updates, the weighted consistency
-      loss exceeds ``dominance`` times the classification loss. A term that large sets the
-      features before the classifier has found the labels.
+    - **dominance**: during the first ``early_steps`` updates, the consistency term pushes
+      the heatmaps ``dominance`` times harder than the classification loss
+      (:func:`gradient_ratio`, measured on the window's last step; the ratio of the loss
+      values where no gradients are given). A term that strong sets the features before the
+      classifier has found the labels.
 
     Each warning (a :class:`ConsistencyWarning`) is given once per instance. The last
-    window's values are in :attr:`last` (``spread``, ``ratio``: consistency over
-    classification).
+    window's values are in :attr:`last`: ``spread``, ``ratio`` (consistency over
+    classification loss), ``gradient_ratio``.
 
     Args:
         every: updates per window (one sync per window).
         collapse: spread ratio (now / start) below which the maps count as collapsed.
-        dominance: consistency / classification ratio above which the term dwarfs it.
+        dominance: gradient ratio above which the term dwarfs the classification loss.
         early_steps: updates during which dominance is checked.
     """
 
@@ -143,11 +169,19 @@ class ConsistencyDiagnostics:
         self.warned: set[str] = set()
         self._window: list[Tensor] = []
 
-    def update(self, heatmaps: Tensor, consistency: Tensor, classification: Tensor | None = None) -> None:
-        """Record one step; check the window when it is full."""
+    @property
+    def due(self) -> bool:
+        """Whether the next :meth:`update` closes a window (and so reads its gradient ratio)."""
+        return len(self._window) + 1 >= self.every
+
+    def update(
+        self, heatmaps: Tensor, consistency: Tensor, classification: Tensor | None = None, gradients: Tensor | None = None
+    ) -> None:
+        """Record one step (``gradients``: its :func:`gradient_ratio`, if measured); check a full window."""
         nan = consistency.new_full((), math.nan, dtype=torch.float32)
         ratio = nan if classification is None else consistency.detach().float() / classification.detach().float()
-        self._window.append(torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device)]))
+        grad = nan if gradients is None else gradients.float()
+        self._window.append(torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device), grad.to(nan.device)]))
         self.updates += 1
         if len(self._window) >= self.every:
             self._check(torch.stack(self._window).cpu())
@@ -155,9 +189,12 @@ class ConsistencyDiagnostics:
 
     def _check(self, window: Tensor) -> None:
         spread = float(window[:, 0].mean())
-        ratios = window[:, 1][torch.isfinite(window[:, 1])]
-        ratio = float(ratios.mean()) if len(ratios) else math.nan
-        self.last = {"spread": spread, "ratio": ratio}
+        means = []
+        for column in (1, 2):
+            values = window[:, column][torch.isfinite(window[:, column])]
+            means.append(float(values.mean()) if len(values) else math.nan)
+        ratio, gradients = means
+        self.last = {"spread": spread, "ratio": ratio, "gradient_ratio": gradients}
         if self.start_spread is None:
             self.start_spread = spread
         elif self.start_spread > 0 and spread < self.collapse * self.start_spread:
@@ -168,14 +205,14 @@ class ConsistencyDiagnostics:
                 "consistency term and localise nothing: lower its weight, use distance='relative', or warm it up "
                 "(schedule=Ramp(...)).",
             )
-        if self.updates <= self.early_steps and ratio > self.dominance:
+        strength, what = (gradients, "pushes the heatmaps") if math.isfinite(gradients) else (ratio, "is")
+        if self.updates <= self.early_steps and strength > self.dominance:
             self._warn(
                 "dominance",
-                f"the consistency term is {ratio:.3g}x the classification loss in the first {self.updates} steps: it "
-                "sets the features before the classifier has found the labels. Lower its weight, use "
-                "distance='relative', or warm it up (schedule=Ramp(...)).",
+                f"the consistency term {what} {strength:.3g}x {'as hard as ' if what != 'is' else ''}the classification "
+                f"loss in the first {self.updates} steps: it sets the features before the classifier has found the "
+                "labels. Lower its weight, use distance='relative', or warm it up (schedule=Ramp(...)).",
             )
-
     def _warn(self, cause: str, message: str) -> None:
         if cause not in self.warned:
             self.warned.add(cause)

@@ -18,6 +18,7 @@ from attn_consistency import (
     get_transform,
 )
 from attn_consistency.consistency import heatmap_variance
+from attn_consistency.strength import gradient_ratio
 from test_consistency import TinyGapFc
 
 
@@ -174,24 +175,28 @@ def test_relative_distance_of_flat_equal_maps_falls_back_to_their_units():
     torch.testing.assert_close(attention_consistency(m, m_t, "scale", distance="relative"), torch.tensor(0.25))
 
 
-def test_relative_distance_gradcheck_is_eq5s_gradient_over_the_detached_variance():
+@pytest.mark.parametrize("name, size_t", [("flip", 5), ("scale", 4), ("rotate", 5)])
+def test_relative_distance_gradcheck(name, size_t):
     generator = torch.Generator().manual_seed(6)
     m = torch.randn(2, 3, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
-    m_t = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True)
-    fixed = heatmap_variance(m.detach(), m_t.detach())
+    m_t = torch.randn(2, 3, size_t, size_t, generator=generator, dtype=torch.float64, requires_grad=True)
+    params = 30.0 if name == "rotate" else None
+    assert gradcheck(lambda a, b: attention_consistency(a, b, name, params, distance="relative"), (m, m_t), eps=1e-6, atol=1e-8)
 
-    def relative_times_variance(a, b):
-        # numerically this is Eq. 5 / fixed; analytically the variance is out of the graph, so the
-        # gradient is that of Eq. 5 over the variance: gradcheck holds only if the normaliser is detached
-        return attention_consistency(a, b, "scale", distance="relative") * heatmap_variance(a, b) / fixed
 
-    assert gradcheck(relative_times_variance, (m, m_t), eps=1e-6, atol=1e-8)
-    for fn in (lambda a, b: attention_consistency(a, b, "scale", distance="relative"),):
-        value = fn(m, m_t)
-        value.backward()
-        expected = torch.autograd.grad(attention_consistency(m, m_t, "scale") / fixed, (m, m_t))
-        torch.testing.assert_close(m.grad, expected[0])
-        torch.testing.assert_close(m_t.grad, expected[1])
+def test_relative_distance_has_no_gradient_that_shrinks_the_maps():
+    # scale-free: the gradient is orthogonal to the maps themselves (Euler's theorem, degree 0),
+    # while Eq. 5's gradient has a part along them (it falls when both maps shrink)
+    generator = torch.Generator().manual_seed(7)
+    m = torch.randn(4, 3, 7, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    m_t = torch.randn(4, 3, 6, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    for distance, along in (("relative", 0.0), ("mse", None)):
+        grads = torch.autograd.grad(attention_consistency(m, m_t, "scale", distance=distance), (m, m_t))
+        radial = float((grads[0] * m.detach()).sum() + (grads[1] * m_t.detach()).sum())
+        if along is None:  # degree 2: <grad, M> = 2 * loss
+            assert radial == pytest.approx(2 * float(attention_consistency(m.detach(), m_t.detach(), "scale")))
+        else:
+            assert abs(radial) < 1e-12
 
 
 def test_relative_distance_in_views_and_the_module(model):
@@ -301,6 +306,28 @@ def test_dominance_warning_fires_early_only():
     late = ConsistencyDiagnostics(every=5, dominance=1.0, early_steps=10)
     run(late, [1.0] * 10, ratio=0.5)
     assert run(late, [1.0] * 10, ratio=4.0) == []
+
+
+def test_gradient_ratio_equals_the_oracle_on_maps_that_make_the_logits():
+    # the oracle: logits built from the maps themselves (GAP-FC), so autograd gives the
+    # classification's gradient on every cell directly
+    generator = torch.Generator().manual_seed(8)
+    m = torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    m_t = torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64)
+    logits, logits_t = m.mean((2, 3)) + bias, m_t.mean((2, 3)) + bias
+    targets = (torch.rand(3, 4, generator=generator) < 0.5).double()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    classification = 0.5 * (bce(logits, targets) + bce(logits_t, targets))
+    consistency = 0.3 * attention_consistency(m, m_t, "flip")
+    norm = lambda grads: torch.sqrt(sum(g.square().sum() for g in grads))  # noqa: E731
+    expected = norm(torch.autograd.grad(consistency, (m, m_t), retain_graph=True)) / norm(
+        torch.autograd.grad(classification, (m, m_t), retain_graph=True)
+    )
+    got = gradient_ratio(consistency, classification, [m, m_t], [logits, logits_t])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    # nothing was accumulated into the leaves: the training step's backward is untouched
+    assert m.grad is None and m_t.grad is None
 
 
 def test_diagnostics_arguments_are_checked():
