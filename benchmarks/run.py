@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from examples._files import write_text_atomic
+
 from .harness import (
     Clock,
     alternate,
@@ -152,26 +154,52 @@ def step_cases(settings: dict[str, Any]) -> list[StepCase]:
     ]
 
 
+_LOWEST = {"labels": 1, "size": 1, "scale_size": 1, "steps": 1, "loss_rounds": 1, "warmup": 0, "loss_warmup": 0, "seed": 0}
+
+
 def _check_settings(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> None:
-    for key in ("labels", "size", "scale_size", "steps"):
-        if settings[key] < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
-    for key in ("warmup", "loss_warmup"):
-        if settings[key] < 0:
-            parser.error(f"--{key.replace('_', '-')} must be >= 0, got {settings[key]}")
-    if settings["loss_rounds"] < 1 or min(settings["batch"]) < 1:
-        parser.error("--loss-rounds and --batch must be >= 1")
+    """``parser.error`` naming the flag and the value of the first setting (from the preset or
+    the command line) that cannot run."""
+    for key, low in _LOWEST.items():
+        if settings[key] < low:
+            parser.error(f"--{key.replace('_', '-')} must be >= {low}, got {settings[key]}")
+    if min(settings["batch"]) < 1:
+        parser.error(f"--batch must be >= 1, got {min(settings['batch'])}")
     if settings["threads"] is not None and settings["threads"] < 1:
         parser.error(f"--threads must be >= 1, got {settings['threads']}")
+    if not 0 < settings["reference_memory_gb"] < math.inf:
+        parser.error(f"--reference-memory-gb must be a finite number > 0, got {settings['reference_memory_gb']}")
+    for key in ("transforms", "batch", "loss_shapes", "precision", "memory_format", "runner", "parts"):
+        repeated = sorted({str(v) for v in settings[key] if list(settings[key]).count(v) > 1})
+        if repeated:  # a repeated transform would be one view twice; a repeated case, a wasted run
+            parser.error(f"--{key.replace('_', '-')} repeats {', '.join(repeated)}")
     try:
-        settings["loss_shapes"] = [parse_shape(spec) for spec in settings["loss_shapes"]]
-        device = torch.device(settings["device"])
-        check_arch(settings["arch"])
-        build_transforms(settings["transforms"], settings["scale_size"])
-    except (ValueError, RuntimeError) as error:
-        parser.error(str(error))
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu or cuda, got {settings['device']!r}")
+        device_type = torch.device(settings["device"]).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda (cuda:1, ...), got {settings['device']!r}")
+    checks = (
+        ("--loss-shapes", lambda: [parse_shape(spec) for spec in settings["loss_shapes"]]),
+        ("--arch", lambda: check_arch(settings["arch"])),
+        ("--transforms", lambda: build_transforms(settings["transforms"], settings["scale_size"])),
+    )
+    for name, check in checks:
+        try:
+            value = check()
+        except (ValueError, RuntimeError, TypeError) as error:
+            parser.error(f"{name}: {error}")
+        if name == "--loss-shapes":
+            settings["loss_shapes"] = value
+
+
+def _output(parser: argparse.ArgumentParser, path: Path) -> Path:
+    """``--output``: a JSON file whose markdown twin (``.md`` beside it) is another file."""
+    if path.suffix.lower() == ".md":
+        parser.error(f"--output {path}: the markdown table is written beside it as .md; give a .json path")
+    if path.is_dir():
+        parser.error(f"--output {path} is a folder, expected a file name")
+    return path
 
 
 def _require_device(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> torch.device:
@@ -280,15 +308,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for shape in settings["loss_shapes"] if "loss" in settings["parts"] else []:
             print("loss:", shape.label())
         return {"command": command, "cases": [case.as_dict() for case in cases]}
+    output = _output(parser, args.output or RESULTS / f"{args.preset}.json")
     device = _require_device(parser, settings)
     with _benchmark_settings(settings, device, any(case.compile for case in cases)):
         result = _run(settings, cases, device, command)
 
-    output = args.output or RESULTS / f"{args.preset}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
-    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    output.with_suffix(".md").write_text(table, encoding="utf-8")
+    write_text_atomic(json.dumps(result, indent=1) + "\n", output, "benchmark result")
+    write_text_atomic(table, output.with_suffix(".md"), "benchmark table")
     print(table)
     print(f"wrote {output} and {output.with_suffix('.md')}", file=sys.stderr)
     return result

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from examples._files import write_text_atomic
 from examples.figure5 import figure5, load_trained
 from examples.gain import REGIMES, ROWS, pretrained, run_row
 from examples.train import PRESETS, TrainConfig, build_datasets, scale_factor
+from examples.validation import count_type
 
 __all__ = ["main"]
 
@@ -64,11 +66,18 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive = count_type(1)
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything trains, values that argparse alone lets through."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
+    batch = {"--pretrain-images": PRESETS["synthetic-pretrain"]["batch_size"], "--train-images": REGIMES["finetune"]["batch_size"]}
+    for name, size in batch.items():
+        given = getattr(args, name.removeprefix("--").replace("-", "_"))
+        if given < size:  # an epoch drops its last, partial batch: it would take no step
+            parser.error(f"{name} {given} is less than one batch ({size} images)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -83,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -118,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     config = configs[NAMES["baseline"]]
     test_set = build_datasets(config)[1]
     label = 2 if config.synthetic_classes > 2 else 0
+    if not (test_set.targets[:, label] == 1).any():  # a small --test-images: draw a shape it shows
+        label = int(test_set.targets.sum(0).argmax())
     indices = [i for i in range(len(test_set)) if test_set.targets[i, label] == 1][:2]
     drawn = {"baseline": "baseline", "paper": "AC paper", "recommended": "AC recommended"}
     models = {title: load_trained(out / key / "last.pt")[0] for key, title in drawn.items()}
@@ -127,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         denormalize=test_set.denormalize,
     )
     summary = {"results": results, "configs": {k: dataclasses.asdict(c) for k, c in configs.items()}, "table": text}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(json.dumps(summary, indent=2), out / "results.json", "demo results")
     print(f"wrote {out / 'results.json'} and {picture}")
     return results
 

@@ -12,6 +12,7 @@ transform::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attn_consistency import CAMHook, get_transform
-from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, load_checkpoint, scale_factor
+from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, load_train_checkpoint, scale_factor
+from examples.validation import count_type
 
 __all__ = ["figure5", "load_trained"]
 
@@ -42,6 +44,8 @@ def _views_and_maps(model: nn.Module, images: Tensor, label: int, scale_factor: 
         for view in views:
             model(view)
             (maps,) = cam.pop()
+            if not 0 <= label < maps.shape[1]:
+                raise ValueError(f"label must be in [0, {maps.shape[1] - 1}] (the model's labels), got {label}")
             heat = F.interpolate(maps[:, label : label + 1].float(), size=view.shape[-2:], mode="bilinear", align_corners=False)
             result.append((view, heat[:, 0]))
     return result
@@ -74,6 +78,15 @@ def figure5(
     Returns:
         The path written.
     """
+    if not models:
+        raise ValueError("models must hold at least one model")
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] < 1 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (K, 3, H, W) tensor with K >= 1, got {shape}")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise TypeError(f"label must be an int, got {type(label).__name__} {label!r}")
+    if not (isinstance(scale_factor, int | float) and 0 < scale_factor < float("inf")):
+        raise ValueError(f"scale_factor must be a finite number > 0, got {scale_factor!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,15 +123,41 @@ def figure5(
 
 
 def load_trained(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig, list[str]]:
-    """Model, config and label names of a checkpoint written by ``examples.train``."""
+    """Model, config and label names of a checkpoint written by ``examples.train``.
+
+    Raises:
+        ValueError: naming the file, when it is not such a checkpoint (a plain state dict, a
+            file of another program or of a later version with unknown settings).
+    """
     from examples.models import build_model
 
-    state = load_checkpoint(checkpoint)
-    config = TrainConfig(**json.loads(state["config"]))
+    state = load_train_checkpoint(checkpoint)
+    settings = json.loads(state["config"])
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{checkpoint}: settings unknown to this version of examples.train: {', '.join(unknown)}")
+    config = TrainConfig(**settings)
     names = list(state["label_names"])
     model = build_model(config.arch, len(names))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{checkpoint}: its weights do not fit {config.arch} with {len(names)} labels: {error}") from None
     return model.eval(), config, names
+
+
+def _image_format(text: str) -> str:
+    """``--out``: a file name whose extension matplotlib can write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(text).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r} must end in one of .{', .'.join(sorted(formats))}")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file name")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -126,21 +165,35 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("checkpoints", nargs="+", help="last.pt files written by examples.train")
     parser.add_argument("--names", nargs="+", help="a row title per checkpoint (default: its folder)")
     parser.add_argument("--label", required=True, help="label name or index")
-    parser.add_argument("--indices", type=int, nargs="+", default=[0], help="test images to draw")
-    parser.add_argument("--out", default="figure5.png")
+    parser.add_argument("--indices", type=count_type(0), nargs="+", default=[0], help="test images to draw")
+    parser.add_argument("--out", type=_image_format, default="figure5.png", help="an image file (.png, .pdf, ...)")
     args = parser.parse_args(argv)
     if args.names and len(args.names) != len(args.checkpoints):
         parser.error(f"--names has {len(args.names)} entries for {len(args.checkpoints)} checkpoints")
+    names = args.names or [Path(p).parent.name for p in args.checkpoints]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # one row per name: a repeated name would drop a model from the figure
+        given = "--names" if args.names else "the checkpoints' folders (the default --names)"
+        parser.error(f"{given} repeat {', '.join(map(repr, repeated))}: give each checkpoint its own name")
 
     loaded = [load_trained(path) for path in args.checkpoints]
     _, config, label_names = loaded[0]
+    for path, (_, other, other_names) in zip(args.checkpoints[1:], loaded[1:]):
+        # the heatmaps of one label index on one test set: the runs must share both
+        if other_names != label_names or (other.dataset, other.image_size) != (config.dataset, config.image_size):
+            parser.error(
+                f"{path} was trained on other data than {args.checkpoints[0]}: labels {other_names} at "
+                f"{other.image_size} px on {other.dataset!r}, there {label_names} at {config.image_size} px on {config.dataset!r}"
+            )
     label = int(args.label) if args.label.isdigit() else label_names.index(args.label) if args.label in label_names else None
     if label is None or not 0 <= label < len(label_names):
         parser.error(f"--label {args.label!r} is not one of {label_names}")
     test_set = build_datasets(config)[1]
+    beyond = [i for i in args.indices if i >= len(test_set)]
+    if beyond:
+        parser.error(f"--indices {beyond} beyond the test set of {len(test_set)} images (0 to {len(test_set) - 1})")
     images = torch.stack([test_set[i][0] for i in args.indices])
     denormalize = getattr(test_set, "denormalize", _imagenet_denormalize)
-    names = args.names or [Path(p).parent.name for p in args.checkpoints]
     return figure5(
         {name: model for name, (model, _, _) in zip(names, loaded)},
         images, label, args.out, label_name=label_names[label], scale_factor=scale_factor(config), denormalize=denormalize,

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SmallResNet", "build_model"]
+from examples._files import load_torch
+
+__all__ = ["SmallResNet", "build_model", "check_arch"]
 
 
 class _Block(nn.Module):
@@ -74,16 +76,27 @@ def _head_prefix(model: nn.Module) -> str:
 
 def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a file: plain, under ``"state_dict"``, or a checkpoint of ``examples.train``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, "pretrained weights")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    bad = next((key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path} is not a state dict: its entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
     return state
+
+
+def check_arch(arch: str) -> str:
+    """``arch`` if :func:`build_model` knows it, else a ValueError naming it."""
+    if arch == "small_resnet":
+        return arch
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
+    return arch
 
 
 def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn.Module:
@@ -99,15 +112,15 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
             (how the demo starts from its pretraining run). Everything but the classifier is
             loaded; the classifier is a new head.
     """
-    if arch == "small_resnet":
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+    if check_arch(arch) == "small_resnet":
         if pretrained == "imagenet":
             raise ValueError("small_resnet has no ImageNet weights: give the path of a checkpoint of it, or None")
         model: nn.Module = SmallResNet(num_labels)
     else:
         import torchvision
 
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
         model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained == "imagenet" else None)
         _replace_head(model, num_labels)
     if pretrained not in (None, "imagenet"):

@@ -36,6 +36,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from attn_consistency import AttentionConsistencyLoss, CAMHook, Ramp, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
 from attn_consistency.strength import heatmap_spread
 from attn_consistency.metrics import attention_inconsistency, example_based_metrics, label_based_metrics
+from examples._files import load_torch, malformed, save_torch_atomic, write_text_atomic
+from examples.validation import argument_type, check_training_set, device_type, json_value, validate_config
 
 __all__ = ["PRESETS", "TrainConfig", "main", "train"]
 
@@ -254,33 +256,51 @@ class _EpochSampler(Sampler[int]):
 # --------------------------------------------------------------------------- checkpoints
 
 
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces ``path`` on success and is removed on failure."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_atomic(obj: Any, path: Path) -> None:
-    """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it."""
-    with _replacing(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it
+    (:func:`examples._files.write_atomic`: a failure names ``path`` and leaves it as it was)."""
+    save_torch_atomic(obj, path, "checkpoint")
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    with _replacing(path) as tmp:
-        tmp.write_text(text)
+    write_text_atomic(text, path, "metrics file")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (tensors and plain types only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+_CHECKPOINT = {"model": dict, "optimizer": dict, "epoch": int, "config": str, "history": str, "label_names": list}
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """Read a file written by :func:`save_atomic` (tensors and plain types only).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming ``path``, for a file torch cannot read or that holds other objects.
+    """
+    return load_torch(path, "checkpoint")
+
+
+def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train`, checked to be one.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming ``path``, for a file that is not such a checkpoint: unreadable,
+            holding other objects, or a plain state dict (which ``--pretrained`` takes).
+    """
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "config" not in state:
+        hint = " (a state dict of weights? --pretrained takes those)" if isinstance(state, dict) else ""
+        raise malformed(path, f"not a checkpoint written by examples.train: no 'config'{hint}")
+    for key, kind in _CHECKPOINT.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise malformed(path, f"not a checkpoint written by examples.train: {key!r} is {type(state.get(key)).__name__}")
+    try:
+        config, history = json.loads(state["config"]), json.loads(state["history"])
+    except json.JSONDecodeError as error:
+        raise malformed(path, f"the checkpoint's settings or history are not valid JSON ({error})") from None
+    if not isinstance(config, dict) or not isinstance(history, list) or len(history) != state["epoch"] + 1:
+        raise malformed(path, f"the checkpoint's settings, history and epoch {state['epoch']} disagree")
+    return state
 
 
 def _write_metrics(history: list[dict[str, Any]], out: Path) -> None:
@@ -428,12 +448,9 @@ def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_diges
 
 def train(config: TrainConfig, device: str | torch.device | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) training; returns the per-epoch metrics written to ``metrics.json``."""
+    validate_config(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = dataclasses.replace(config, scale_source=scale_source(config))  # saved resolved
-    if config.augmentation not in ("views", "random"):
-        raise ValueError(f"augmentation must be 'views' or 'random', got {config.augmentation!r}")
-    if config.optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
     ddp = _init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
@@ -443,6 +460,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     torch.manual_seed(config.seed)
 
     train_set, test_set = build_datasets(config)
+    check_training_set(config, len(train_set), ddp.world)
     from examples.models import build_model
 
     model = build_model(config.arch, train_set.targets.shape[1], config.pretrained).to(device)
@@ -464,7 +482,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     start_epoch, history = 0, []
     checkpoint_path = out / "last.pt"
     if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        state = load_train_checkpoint(checkpoint_path)
         _check_same_run(state, config, pretrained_digest, checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -589,25 +607,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a table row")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--device", type=device_type, help="cpu, cuda, cuda:1 (default: cuda if available)")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
         if field.name == "transforms":
-            parser.add_argument(flag, nargs="*", default=None, help="views: flip scale rotate translate")
+            parser.add_argument(flag, nargs="*", type=argument_type(field.name, str), default=None, help="views: flip scale rotate translate")
         elif field.name == "synthetic_sizes":
-            parser.add_argument(flag, nargs=2, type=float, default=None, metavar=("MIN", "MAX"))
+            parser.add_argument(flag, nargs=2, type=argument_type(field.name, float), default=None, metavar=("MIN", "MAX"))
         elif field.name == "weights":
-            parser.add_argument(flag, type=json.loads, default=None, help='JSON, e.g. {"flip": 0.6, "scale": 0.8}')
+            parser.add_argument(flag, type=argument_type(field.name, json_value), default=None, help='JSON, e.g. {"flip": 0.6, "scale": 0.8}')
         elif isinstance(value, bool) or field.type in ("bool | None", "bool"):
-            parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL")
+            parser.add_argument(flag, type=argument_type(field.name, _parse_bool), default=None, metavar="BOOL")
         elif isinstance(value, int) or "int" in str(field.type):
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=argument_type(field.name, int), default=None)
         elif isinstance(value, float):
-            parser.add_argument(flag, type=float, default=None)
+            parser.add_argument(flag, type=argument_type(field.name, float), default=None)
         else:
-            parser.add_argument(flag, default=None)
+            parser.add_argument(flag, type=argument_type(field.name, str), default=None)
     args = parser.parse_args(argv)
     settings = dict(PRESETS.get(args.preset, {}))
     for field in dataclasses.fields(TrainConfig):
