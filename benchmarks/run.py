@@ -199,6 +199,10 @@ def _output(parser: argparse.ArgumentParser, path: Path) -> Path:
         parser.error(f"--output {path}: the markdown table is written beside it as .md; give a .json path")
     if path.is_dir():
         parser.error(f"--output {path} is a folder, expected a file name")
+    try:  # before the run, not after it
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output {path}: cannot create its folder ({error.strerror or error})")
     return path
 
 
@@ -313,7 +317,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with _benchmark_settings(settings, device, any(case.compile for case in cases)):
         result = _run(settings, cases, device, command)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
     write_text_atomic(json.dumps(result, indent=1) + "\n", output, "benchmark result")
     write_text_atomic(table, output.with_suffix(".md"), "benchmark table")

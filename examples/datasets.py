@@ -201,6 +201,8 @@ def _check_labels(path: Path, where: str, values: Sequence[Any], allowed: tuple[
 
 def _check_names(path: Path, where: str, names: list[str]) -> list[str]:
     """Label names, each given once: a repeated name would make two columns indistinguishable."""
+    if not names:
+        raise malformed(path, f"{where} holds no label")
     seen: dict[str, int] = {}
     for k, name in enumerate(names):
         if name in seen:

@@ -156,6 +156,7 @@ _RULES: dict[str, Rule] = {
     "mode": _choice("product", "independent"),
     "weights": _weights,
     "translate_fraction": _interval(-1, 1, low_open=True, high_open=True, why=" (a fraction of the width)"),
+    "warmup_epochs": _interval(0),
     "epochs": _count(1),
     "batch_size": _count(1),
     "test_batch_size": _count(1),

@@ -102,6 +102,7 @@ CONFIG_ERRORS = [
     ({"lr_step": 0}, ValueError, "--lr-step must be at least 1 (epochs between two decays), got 0"),
     ({"lr": math.nan}, ValueError, "--lr must be a finite number, got nan"),
     ({"weight_decay": -1e-4}, ValueError, "--weight-decay must be >= 0, got -0.0001"),
+    ({"warmup_epochs": -1.0}, ValueError, "--warmup-epochs must be >= 0, got -1.0"),
     ({"consistency": "no"}, TypeError, "--consistency must be true or false, got str 'no'"),
     ({"amp": 1}, TypeError, "--amp must be true or false, got int 1"),
     ({"transforms": "flip"}, TypeError, "--transforms must be a sequence of transform names, got str 'flip'"),
@@ -296,11 +297,16 @@ def test_benchmark_flags(argv: list[str], message: str, capsys: pytest.CaptureFi
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("output", ["result.md", "folder"])
+@pytest.mark.parametrize("output", ["result.md", "folder", "file/result.json"])
 def test_benchmark_output_is_checked_before_the_run(output: str, tmp_path: Path, capsys, monkeypatch) -> None:
     (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")  # a file where the output's folder should be
     monkeypatch.setattr(benchmark, "_run", lambda *args: pytest.fail("ran with an output it cannot write"))
     with pytest.raises(SystemExit):
         benchmark.main(["--preset", "smoke", "--output", str(tmp_path / output)])
-    expected = "the markdown table is written beside it as .md" if output.endswith(".md") else "is a folder, expected a file name"
+    expected = {
+        "result.md": "the markdown table is written beside it as .md",
+        "folder": "is a folder, expected a file name",
+        "file/result.json": "cannot create its folder",
+    }[output]
     assert f"--output {tmp_path / output}" in (err := capsys.readouterr().err) and expected in err

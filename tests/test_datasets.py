@@ -660,6 +660,20 @@ def test_wider_more_malformed_entries(wider_root: Path, keys: tuple, value, mess
         WiderAttribute(wider_root)
 
 
+def test_annotation_files_without_labels_are_malformed(wider_root: Path, coco_root: Path, pa100k_root: Path) -> None:
+    path = write_wider(wider_root, set_path(wider_annotation(), ("attribute_id_map",), {}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: attribute_id_map holds no label")):
+        WiderAttribute(wider_root)
+    write_coco(coco_root, set_path(coco_annotation(), ("categories",), []))
+    with pytest.raises(ValueError, match=r"instances_val2014\.json: categories holds no label"):
+        COCO2014(coco_root, "val")
+    variables = pa100k_variables()
+    variables["attributes"] = np.empty((0, 1), dtype=object)
+    scipy.io.savemat(pa100k_root / "annotation.mat", variables)
+    with pytest.raises(ValueError, match=re.escape(f"{pa100k_root / 'annotation.mat'}: attributes holds no label")):
+        PA100K(pa100k_root)
+
+
 def test_coco_repeated_category_name_is_malformed(coco_root: Path) -> None:
     write_coco(coco_root, set_path(coco_annotation(), ("categories", 2, "name"), "car"))
     with pytest.raises(ValueError, match=re.escape("instances_val2014.json: categories[2] 'car' repeats categories[0]")):
