@@ -484,8 +484,11 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     if resume and checkpoint_path.exists():
         state = load_train_checkpoint(checkpoint_path)
         _check_same_run(state, config, pretrained_digest, checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:  # same settings, other tensors: an edited file
+            raise malformed(checkpoint_path, f"its weights or optimizer state do not fit this run ({error})") from None
         start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
         if ddp.main:
             print(f"resuming {checkpoint_path} after epoch {state['epoch'] + 1}", file=sys.stderr)

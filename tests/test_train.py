@@ -562,6 +562,14 @@ def test_killed_writer_leaves_the_checkpoint_and_a_temporary_the_next_write_remo
     assert os.listdir(tmp_path) == ["last.pt"] and load_checkpoint(path) == {"epoch": 3}
 
 
+def test_resume_refuses_weights_that_do_not_fit_the_run_naming_the_file(tmp_path: Path) -> None:
+    train(resume_config(tmp_path, 1), device="cpu")
+    state = load_checkpoint(tmp_path / "last.pt")
+    save_atomic(state | {"model": SmallResNet(3).state_dict()}, tmp_path / "last.pt")  # 3 labels, the run has 6
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'last.pt'}: its weights or optimizer state do not fit this run")):
+        train(resume_config(tmp_path, 2), device="cpu", resume=True)
+
+
 @pytest.mark.parametrize("content", ["empty", "garbage", "truncated", "object", "state_dict", "history"])
 def test_resume_refuses_a_last_pt_that_is_not_a_checkpoint_naming_it(content: str, tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
