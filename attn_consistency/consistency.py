@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_finite, check_reduction, check_tensor, check_weight, data_checks_enabled
+from ._validation import check_bool, check_finite, check_reduction, check_tensor, check_weight, data_checks_enabled
 from .cam import CAMHook
 from .strength import ConsistencyDiagnostics, gradient_ratio
 from .transforms import Scale, Transform, available_transforms, get_transform
@@ -114,6 +114,7 @@ def attention_consistency(
     """
     check_reduction(reduction)
     _check_distance(distance)
+    check_bool("check_finite_values", check_finite_values, optional=True)
     transform = get_transform(transform)
     _pair_checked(heatmaps, heatmaps_t)
     if data_checks_enabled(check_finite_values, heatmaps, heatmaps_t):
@@ -232,7 +233,7 @@ class AttentionConsistencyLoss(nn.Module):
                     "register your transform before creating the loss"
                 )
             self.weights[key] = check_weight(f"weights[{key!r}]", value)
-        self.check_finite_values = check_finite_values
+        self.check_finite_values = check_bool("check_finite_values", check_finite_values, optional=True)
         self.distance = _check_distance(distance)
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be callable (step -> multiplier), e.g. Ramp(1000), got {type(schedule).__name__}")

@@ -644,6 +644,10 @@ def register_transform(
             raise TypeError(f"factory must be a Transform subclass or a callable, got {type(factory).__name__}")
         if name in _REGISTRY and not overwrite:
             raise ValueError(f"a transform named {name!r} is already registered; pass overwrite=True to replace it")
+        if isinstance(factory, type) and "name" not in vars(factory):
+            # a subclass that inherits its name (a Flip subclass would be "flip") takes the registered
+            # one, so that its instances, made by name or directly, answer to their weight's key
+            factory.name = name
         _REGISTRY[name] = factory
         return factory
 

@@ -559,15 +559,22 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             optimizer.step()
             running += torch.stack([loss.detach(), cls_loss.detach(), ac_loss.detach()]).float()
             steps += 1
+        terms = torch.stack([term_sums[name] for name in sorted(term_sums)]) if term_sums else None
         if ddp.world > 1:
             dist.all_reduce(running)
             running /= ddp.world
+            if terms is not None:  # every replica computes the same terms, in the same order
+                dist.all_reduce(terms)
+                terms /= ddp.world
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row |= dict(zip(("loss", "cls_loss", "ac_loss"), (running / max(steps, 1)).tolist()))
         # how strong the term is next to the classification loss, and each term unweighted
         row["ac_ratio"] = row["ac_loss"] / row["cls_loss"] if row["cls_loss"] else 0.0
         row["ac_multiplier"] = consistency.multiplier
-        row |= {f"term-{name}": float(total) / max(steps, 1) for name, total in term_sums.items()}
+        if consistency.diagnostics is not None and consistency.diagnostics.last:
+            row["ac_grad_ratio"] = consistency.diagnostics.last["gradient_ratio"]
+        if terms is not None:
+            row |= {f"term-{name}": value / max(steps, 1) for name, value in zip(sorted(term_sums), terms.tolist())}
         if ddp.main:
             model.eval()
             row |= evaluate(model, cam, test_set, config, device)

@@ -35,12 +35,13 @@ from examples.train import PRESETS, TrainConfig, _image_transform, _random_view,
 REPO = Path(__file__).resolve().parents[1]
 
 LABEL_KEYS = {"mAP", "mA", "P-C", "R-C", "F1-C", "F1-C-harmonic", "P-O", "R-O", "F1-O"}
-TRAIN_KEYS = {"epoch", "lr", "loss", "cls_loss", "ac_loss", "inconsistency-flip", "inconsistency-scale"}
+TRAIN_KEYS = {"epoch", "lr", "loss", "cls_loss", "ac_loss", "ac_ratio", "ac_multiplier", "inconsistency-flip", "inconsistency-scale"}
 EXTRA_KEYS = {
     "wider": set(),
     "pa100k": {"Acc", "Prec", "Recall", "F1"},
     "coco": {f"{key}@3" for key in LABEL_KEYS - {"mAP", "mA"}},
-    "synthetic": {"pointing-game"},
+    "synthetic": {"pointing-game", "heatmap-spread"},
+    "csv": set(),
 }
 # Four samples per split, every label positive in two and negative in two (WIDER: also unspecified),
 # so that every label-based metric is defined.
@@ -130,13 +131,27 @@ def data_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "wider": write_wider_root(tmp_path_factory.mktemp("wider")),
         "pa100k": write_pa100k_root(tmp_path_factory.mktemp("pa100k")),
         "coco": write_coco_root(tmp_path_factory.mktemp("coco")),
+        "csv": write_csv_root(tmp_path_factory.mktemp("csv")),
     }
+
+
+def write_csv_root(root: Path) -> Path:
+    """A user's image folder with CSV label files, the four labels of LABELS."""
+    for split in ("train", "test"):
+        lines = ["filename,cat,dog,bird,fish"]
+        for k, labels in enumerate(LABELS):
+            save(root / split / f"{k}.png", noise((40, 32), k))
+            lines.append(f"{split}/{k}.png," + ",".join(map(str, labels)))
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
 
 
 def tiny_settings(preset: str, data_roots: dict[str, Path], out: Path) -> dict:
     settings = PRESETS[preset]
     root = data_roots.get(settings["dataset"])
     sizes = {"scale_size": SCALE_SIZE[settings["arch"]]}
+    if settings["dataset"] == "csv":
+        sizes |= {"csv_train": str(root / "train.csv"), "csv_test": str(root / "test.csv")}
     if "translate" in settings.get("transforms", ()) and settings["arch"] != "small_resnet":
         # a shifted 1x1 map has no cell whose source lies inside it: the term would be 0; 64 px gives 2x2
         sizes = {"image_size": 64, "scale_size": 48}
@@ -163,7 +178,10 @@ def check_run(preset: str, out: Path, history: list[dict]) -> None:
     written = json.loads((out / "metrics.json").read_text())
     assert written == history and len(written) == 1
     (row,) = written
-    assert set(row) == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS[dataset]
+    consistency = bool(settings.get("transforms")) and settings.get("consistency", True)
+    terms = {k for k in row if k.startswith("term-")}
+    assert bool(terms) == consistency  # each term, unweighted, where there is one
+    assert set(row) - terms - {"ac_grad_ratio"} == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS[dataset]
     assert row["epoch"] == 1 and row["lr"] == settings.get("lr", 1e-3)
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()), row
     assert row["cls_loss"] > 0
@@ -184,7 +202,7 @@ def check_run(preset: str, out: Path, history: list[dict]) -> None:
     assert json.loads(state["history"]) == written
     config = json.loads(state["config"])
     assert (config["arch"], config["dataset"], tuple(config["transforms"])) == (arch, dataset, settings.get("transforms", ()))
-    labels = {"wider": 14, "pa100k": 4, "coco": 4, "synthetic": settings.get("synthetic_classes", 6)}[dataset]
+    labels = {"wider": 14, "pa100k": 4, "coco": 4, "csv": 4, "synthetic": settings.get("synthetic_classes", 6)}[dataset]
     assert state["model"]["fc.weight"].shape == (labels, FEATURES[arch])
     if arch in LAYER3_BLOCKS:
         blocks = {int(key.split(".")[1]) for key in state["model"] if key.startswith("layer3.")}
@@ -638,7 +656,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     history = json.loads((out / "metrics.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     for row in history:
-        assert set(row) == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS["synthetic"]
+        terms = {k for k in row if k.startswith("term-")}
+        assert terms == {"term-flip@32", "term-flip@24", "term-scale"}  # averaged over both replicas
+        assert set(row) - terms == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS["synthetic"]
         assert all(math.isfinite(v) for v in row.values())
         assert row["ac_loss"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.csv", "metrics.json"]

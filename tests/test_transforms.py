@@ -557,7 +557,11 @@ def test_registered_name_is_the_transform_name(generator):
         assert get_transform("myflip").name == "myflip"
         assert get_transform("halfflip").name == "halfflip"
         assert get_transform("vflip2").name == "vflip2"
-        assert _MyFlip().name == "flip" and _NamedVerticalFlip().name == "vertical"  # an instance keeps its own
+        # a registered subclass that inherited its name answers to the registered one, also when made
+        # directly; a class that names itself keeps its name
+        assert _MyFlip().name == "myflip" and _NamedVerticalFlip().name == "vertical"
+        direct = AttentionConsistencyLoss(weights={"myflip": 0.0})
+        assert float(direct(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), _MyFlip())) == 0.0
         assert [get_transform(n).name for n in ("flip", "rotate", "scale", "translate")] == ["flip", "rotate", "scale", "translate"]
         m = torch.randn(2, 3, 7, 7, generator=generator)
         m_t = torch.randn(2, 3, 7, 7, generator=generator)
