@@ -6,17 +6,20 @@ heatmap of label :math:`l` (paper Eq. 1) is
 .. math:: M_l(m, n) = \sum_c W(l, c)\, F_c(m, n)
 
 with :math:`F` the tensor the model average-pools and :math:`W` the linear weight. Then
-``heatmaps.mean((2, 3)) + bias == logits``: :class:`CAMHook` checks it on the first
-forward, so a model whose head is not GAP-FC is reported instead of silently giving
+``heatmaps.mean((2, 3)) + bias == logits``. :class:`CAMHook` finds :math:`F` and :math:`W`
+by following the model's first forward, and checks there, in float32, that the head
+really is GAP-FC, so a model whose head is not is reported instead of silently giving
 wrong maps.
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,16 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["CAMHook"]
 
 _POOL_TYPES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+# Relative rounding error a computation in each dtype may carry (a few units in the last
+# place): the first-forward check must accept the model's own rounding and nothing more.
+_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# float32 matmuls may run in TF32 ("high") or bf16 ("medium"), see torch.set_float32_matmul_precision;
+# a dot product of K terms also accumulates rounding, hence 1e-3 even at "highest".
+_MATMUL_RTOL_FP32 = {"highest": 1e-3, "high": 1e-2, "medium": 3e-2}
+
+# The CAMHooks alive on each model, to warn when a second one records the same features.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[CAMHook]] = weakref.WeakKeyDictionary()
 
 
 def _is_pool(module: nn.Module) -> bool:
@@ -44,37 +57,210 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _resolve(model: nn.Module, what: str, value: nn.Module | str) -> nn.Module:
-    if isinstance(value, nn.Module):
-        if not any(m is value for m in model.modules()):
-            raise ValueError(f"{what} must be a submodule of the model, got a {type(value).__name__} outside it")
-        return value
+def _resolve(wrapper: nn.Module, model: nn.Module, what: str, value: object) -> nn.Module:
+    """The submodule of ``model`` that ``value`` (a module or a dotted name) designates."""
     if isinstance(value, str):
-        try:
-            return model.get_submodule(value)
-        except AttributeError:
-            raise ValueError(f"{what}={value!r} names no submodule of {type(model).__name__}") from None
-    raise TypeError(f"{what} must be an nn.Module or a dotted module name, got {type(value).__name__}")
+        found = None
+        for root in (model, wrapper):  # a name may be relative to the wrapper ("module.fc")
+            try:
+                found = root.get_submodule(value)
+                break
+            except AttributeError:
+                continue
+        if found is None or not any(m is found for m in model.modules()):
+            raise ValueError(f"{what}={value!r} names no submodule of {type(model).__name__}")
+        value = found
+    elif not isinstance(value, nn.Module):
+        raise TypeError(f"{what} must be an nn.Module or a dotted module name, got {type(value).__name__}")
+    elif not any(m is value for m in model.modules()):
+        raise ValueError(f"{what} must be a submodule of the model, got a {type(value).__name__} outside it")
+    if value is model:
+        raise ValueError(f"{what} must be a submodule of {type(model).__name__}, not the model itself")
+    return value
 
 
-def _find_head(model: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor] | None]:
-    """Find (features module, classifier, activation) of the common model families."""
+def _static_head(
+    model: nn.Module,
+) -> tuple[nn.Module | None, nn.Module | None, Callable[[Tensor], Tensor] | None, bool]:
+    """A first guess of (features, classifier, activation), and whether the model family fixes it.
+
+    timm (``global_pool`` + ``get_classifier()``) and torchvision's DenseNet say where their
+    head is. For any other model the guess (the last average pooling and the last linear layer
+    registered) only names the head until the first forward shows which modules feed the output.
+    """
     if callable(getattr(model, "get_classifier", None)):  # timm
         pools = [m for name, m in model.named_modules() if name.split(".")[-1] == "global_pool"]
-        if pools:
-            return pools[-1], model.get_classifier(), None
-    if type(model).__name__ == "DenseNet" and hasattr(model, "features") and hasattr(model, "classifier"):
+        classifier = model.get_classifier()
+        if pools and isinstance(classifier, nn.Linear):
+            return pools[-1], classifier, None, True
+    if (
+        type(model).__name__ == "DenseNet"
+        and isinstance(getattr(model, "features", None), nn.Module)
+        and isinstance(getattr(model, "classifier", None), nn.Linear)
+    ):
         # torchvision's DenseNet applies its last ReLU functionally, between the
-        # `features` block and the pooling.
-        return model.features, model.classifier, F.relu
+        # `features` block and the (functional) pooling.
+        return model.features, model.classifier, F.relu, True
     pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    pools = pools or [m for m in model.modules() if _is_pool(m) and m is not model]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not pools or not linears:
-        raise ValueError(
-            f"could not find the average pooling and linear classifier of {type(model).__name__}; "
-            "pass features= (the pooling module, or the module whose output is pooled) and classifier="
+    return (pools[-1] if pools else None), (linears[-1] if linears else None), None, False
+
+
+def _tensors(output: object) -> list[Tensor]:
+    """The tensors a model returned: itself, or those in a tuple, list or dict."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for t in output.values() if isinstance(t, Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [t for t in output if isinstance(t, Tensor)]
+    return []
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` is ``a`` or a view of it in the same order (flatten, view, identity)."""
+    try:
+        return (
+            a.numel() == b.numel() > 0
+            and a.dtype == b.dtype
+            and a.data_ptr() == b.data_ptr()
+            and a.is_contiguous()
+            and b.is_contiguous()
         )
-    return pools[-1], linears[-1], None
+    except RuntimeError:  # a tensor subclass without storage
+        return False
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool | None:
+    """Whether ``b`` holds ``a``'s values (a view, a copy or a cast); ``None`` when no value can tell.
+
+    Shared memory answers even for nan (a first batch with a nan pixel in a model with
+    BatchNorm in train mode is all nan); else the finite values must be equal.
+    """
+    if a.numel() != b.numel():
+        return False
+    if a.numel() == 0:
+        return None
+    if _shares_memory(a, b):
+        return True
+    a, b = a.detach().reshape(-1).float(), b.detach().reshape(-1).to(device=a.device, dtype=torch.float32)
+    finite = a.isfinite()
+    if not torch.equal(finite, b.isfinite()):
+        return False
+    if not bool(finite.any()):
+        return None
+    return torch.equal(a[finite], b[finite])
+
+
+def _matches_pooled(pooled: Tensor, x: Tensor, tol: Tensor, rtol: float) -> bool:
+    """Whether ``x`` is ``pooled`` up to ``tol``, or ``pooled`` through inverted dropout.
+
+    Dropout between pooling and classifier (EfficientNet, timm's ``drop_rate``) zeroes some
+    entries and scales the rest by one factor ``1 / (1 - p) > 1``; the maps of Eq. 1 are still
+    those of the model, whose expected logits they give. A ReLU zeroes entries too but keeps
+    the scale 1, and a plain scaling zeroes none: both are refused.
+    """
+    if bool(((x - pooled).abs() <= tol).all()):
+        return True
+    kept = x != 0
+    dropped = ~kept & (pooled.abs() > tol)
+    if not bool(dropped.any()) or not bool(kept.any()):
+        return False
+    scale = float(x[kept].abs().sum() / pooled[kept].abs().sum().clamp_min(torch.finfo(torch.float32).tiny))
+    if not scale > 1.0 + rtol:
+        return False
+    deviation = (x[kept] - scale * pooled[kept]).abs()
+    return bool((deviation <= scale * tol[kept] + rtol * x[kept].abs()).all())
+
+
+def _feeds(pooled: Tensor, x: Tensor) -> bool | None:
+    """Whether the pooling output ``pooled`` is the classifier input ``x`` (up to dropout).
+
+    ``None`` when no value can tell (an empty batch, non-finite values).
+    """
+    if pooled.numel() != x.numel():
+        return False
+    if pooled.numel() == 0:
+        return None
+    if _shares_memory(pooled, x):
+        return True
+    p, v = pooled.detach().reshape(x.shape).float(), x.detach().to(device=pooled.device, dtype=torch.float32)
+    finite = p.isfinite() & v.isfinite()
+    if not bool(finite.any()):
+        return None
+    p, v = p[finite], v[finite]
+    rtol = _rtol(pooled.dtype, x.dtype)
+    return _matches_pooled(p, v, rtol * p.abs(), rtol)
+
+
+def _rtol(*dtypes: torch.dtype) -> float:
+    """The rounding of the least precise of ``dtypes``."""
+    return max(_RTOL.get(dtype, _RTOL[torch.bfloat16]) for dtype in dtypes)
+
+
+def _matmul_rtol(*dtypes: torch.dtype) -> float:
+    """The rounding of a matmul in the least precise of ``dtypes``."""
+    rtol = _rtol(*dtypes)
+    if rtol == _RTOL[torch.float32]:
+        return _MATMUL_RTOL_FP32.get(torch.get_float32_matmul_precision(), _RTOL[torch.bfloat16])
+    return rtol
+
+
+def _remove_all(hooks: dict[str, list[RemovableHandle]]) -> None:
+    for handles in hooks.values():
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+
+class _Undecided(ValueError):
+    """The first forward cannot tell which modules are the head (no finite value, no sample)."""
+
+
+def _weak_hook(cam: CAMHook, method: str, *bound: object) -> Callable[..., None]:
+    """A hook calling ``cam.<method>(*bound, *hook_args)`` that holds no reference to ``cam``.
+
+    A CAMHook the user dropped without remove() then stops recording, and its finalizer
+    takes the hooks off the model; a strong reference from the model would keep every
+    forgotten hook recording (and its maps in memory). A hook that raises first removes
+    every hook of its CAMHook: left on the model, they would fail again at every later
+    forward, even at plain inference or through a new, correct CAMHook. The hooks run
+    eagerly under torch.compile: the one-off ones read values, and the recording one keeps
+    a Python list, whose length a compiled graph would guard on (a recompilation per length).
+    """
+    ref = weakref.ref(cam)
+
+    def hook(*args: Any) -> None:
+        owner = ref()
+        if owner is None:
+            return
+        try:
+            getattr(owner, method)(*bound, *args)
+        except _Undecided:
+            raise
+        except Exception:
+            owner.remove()
+            raise
+
+    return torch.compiler.disable(hook)
+
+
+def _wide(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32, or float64 if it is: the precision the check recomputes in."""
+    return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+class _Forward:
+    """What the one-off hooks saw during one call of the model."""
+
+    def __init__(self) -> None:
+        # (candidate index, features, pooled output or None when the candidate is not a pooling)
+        self.pools: list[tuple[int, Tensor, Tensor | None]] = []
+        # (candidate index, input, output) of every call of a candidate classifier
+        self.linears: list[tuple[int, Any, Any]] = []
+        # (float32 copy or None without check, original dtype) of each recorded feature map
+        self.features: list[tuple[Tensor | None, torch.dtype]] = []
 
 
 class CAMHook:
@@ -85,25 +271,74 @@ class CAMHook:
     since the last call, in order. The maps stay in the autograd graph, so a loss on them
     trains the backbone.
 
-    Finds the pooled features and the classifier by itself for torchvision ResNet /
-    ResNeXt / Wide-ResNet / RegNet / EfficientNet / DenseNet and for timm models
-    (``global_pool`` + ``get_classifier()``); name them for any other model.
+    **Finding the head.** timm models (``global_pool`` + ``get_classifier()``) and
+    torchvision's DenseNet name their head. For any other model (torchvision ResNet, ResNeXt,
+    Wide-ResNet, RegNet, EfficientNet, a model of your own) the first call of the model is
+    followed: the classifier is the ``nn.Linear`` whose output the model returns (as is, or
+    through flatten / view), and the features are the input of the average pooling whose
+    output feeds that classifier (directly or through dropout). The order in which modules
+    are registered does not matter: a squeeze-excitation block registered after the head is
+    not mistaken for it. Until that first forward, :attr:`features` and :attr:`classifier`
+    hold a guess (the last average pooling and the last linear layer). Name the modules for
+    a model that pools functionally or returns more than its logits, and call the model
+    itself (``model(x)``, not its parts) at least once. A forward whose values cannot tell
+    (an empty batch, all values non-finite) raises a ``ValueError`` saying so; the hook
+    stays and the next forward decides.
+
+    **The check.** On the first forward with a non-empty batch and finite values, in
+    float32 (float64 for a float64 model), within the rounding of the dtype the model ran
+    in (bf16 under autocast): the classifier's input is the average over the cells of
+    :math:`F` (up to dropout), with a tolerance relative to the magnitude of :math:`F`; the
+    classifier's output is ``input @ W.T + bias``, relative to ``|input| @ |W|.T + |bias|``;
+    and the model returns that output (or a tuple, list or dict holding it), whose last
+    dimension is the number of labels. Then ``heatmaps.mean((2, 3)) + bias`` is the model's
+    logits. A forward with non-finite values or no sample says nothing about the
+    architecture, so the check waits for the next one; its heatmaps are recorded (the
+    consistency loss reports non-finite heatmaps). The detection and the check run once,
+    eagerly even under ``torch.compile``; afterwards one hook per forward records the maps.
+
+    On any error raised from its hooks (a head that is not GAP-FC, features that are not a
+    4-D map with the classifier's channel count, a failing ``activation``) the CAMHook first
+    removes all its hooks, so that later forwards of the model, and a new CAMHook, run as if
+    it had never been attached.
 
     Args:
         model: the classifier (a DistributedDataParallel, DataParallel or compiled wrapper
             is looked through).
         features: the pooling module (its input is the feature map :math:`F`), or the
-            module whose output is the feature map; a module or a dotted name.
+            module whose output is the feature map; a module or a dotted name (relative to
+            ``model`` or to the module it wraps).
         classifier: the ``nn.Linear`` applied to the pooled features; module or name.
         activation: a function applied to the ``features`` output before pooling, for
-            models that apply it functionally (DenseNet's ReLU; found automatically).
+            models that apply it functionally (DenseNet's ReLU; found automatically). It
+            must keep the shape of the features.
         detach_classifier: use a detached :math:`W`, as the authors' code: the consistency
             loss then trains the backbone only and the classifier learns from the
             classification loss. ``False`` lets the loss reach :math:`W` too.
-        check: on the first forward, verify ``heatmaps.mean((2, 3)) + bias == logits`` and
-            raise a ``ValueError`` naming the head when it fails.
+        check: run the value checks above. ``False`` keeps the detection and the structural
+            checks (the features run once per forward, the classifier runs, a tensor output
+            has one logit per label).
         max_stored: forwards kept before the oldest unconsumed maps are dropped (with a
             warning), so that a loop that never calls :meth:`pop` cannot leak memory.
+
+    Attributes:
+        features: the module hooked for :math:`F` (see above for the time before the first
+            forward).
+        classifier: the ``nn.Linear`` whose weight gives :math:`W`.
+        enabled: ``False`` records nothing (see :meth:`paused`).
+
+    Raises:
+        TypeError: an argument of the wrong type; at the first forward, a model output with
+            no tensor in it (or, for detection, not a tensor).
+        ValueError: a module that is not in the model or cannot be the head; at the first
+            forward, a head that is not GAP-FC, features that are not a 4-D map with the
+            classifier's channel count, features that run more than once per forward, or a
+            model whose output is not its classifier's.
+
+    A CAMHook keeps its hooks on the model until :meth:`remove`, the end of a ``with`` block,
+    or its garbage collection: keep a reference to it while it should record. Attach one per
+    model and reuse it at every step; a second live CAMHook on the same features gets a
+    warning.
 
     Example:
         >>> import torchvision
@@ -130,36 +365,100 @@ class CAMHook:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(max_stored, int) or max_stored < 1:
+        if activation is not None and not callable(activation):
+            raise TypeError(f"activation must be a function of the features or None, got {type(activation).__name__}")
+        for name, flag in (("detach_classifier", detach_classifier), ("check", check)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+        if isinstance(max_stored, bool) or not isinstance(max_stored, numbers.Integral):
+            raise TypeError(f"max_stored must be a positive int, got {type(max_stored).__name__} {max_stored!r}")
+        if max_stored < 1:
             raise ValueError(f"max_stored must be a positive int, got {max_stored!r}")
         module = _unwrap(model)
-        found = _find_head(module) if features is None or classifier is None else (None, None, None)
-        self.features = _resolve(module, "features", features) if features is not None else found[0]
-        self.classifier = _resolve(module, "classifier", classifier) if classifier is not None else found[1]
-        # the activation found with the features applies only when the user named neither
-        self.activation = activation if activation is not None or features is not None else found[2]
-        if not isinstance(self.classifier, nn.Linear):
+        named_features = _resolve(model, module, "features", features) if features is not None else None
+        named_classifier = _resolve(model, module, "classifier", classifier) if classifier is not None else None
+        guess_features, guess_classifier, guess_activation, known = _static_head(module)
+        head_features = named_features if named_features is not None else guess_features
+        head_classifier = named_classifier if named_classifier is not None else guess_classifier
+        if head_features is None or head_classifier is None:
+            raise ValueError(
+                f"could not find the average pooling and linear classifier of {type(module).__name__}; "
+                "pass features= (the pooling module, or the module whose output is pooled) and classifier="
+            )
+        if not isinstance(head_classifier, nn.Linear):
             raise TypeError(
                 f"classifier must be an nn.Linear applied to the pooled features, got "
-                f"{type(self.classifier).__name__}; pass classifier= to name it"
+                f"{type(head_classifier).__name__}; pass classifier= to name it"
             )
-        names = {m: name for name, m in module.named_modules()}
+        if isinstance(head_features, nn.Linear):
+            raise TypeError(
+                "features must be the pooling module or the module whose output is the 4-D feature map, "
+                "got an nn.Linear"
+            )
+        if any(m is head_classifier for m in head_features.modules()):
+            raise ValueError(
+                f"features must run before the classifier, got a {type(head_features).__name__} that holds it; "
+                "name the pooling module or the module whose output is pooled"
+            )
+        if nn.parameter.is_lazy(head_classifier.weight):
+            raise ValueError(
+                f"the classifier {type(head_classifier).__name__} is not initialized yet; run one forward "
+                "of the model before attaching the CAMHook"
+            )
+        self._module = module
         self._model_name = type(module).__name__
-        self._features_name = names.get(self.features, type(self.features).__name__)
-        self._classifier_name = names.get(self.classifier, "classifier")
-        self._classifier_block = self._enclosing_block(module, self._classifier_name)
+        self._set_head(head_features, head_classifier)
+        # the activation found with the features applies only when the user named neither
+        self.activation = activation if activation is not None or features is not None else guess_activation
         self.detach_classifier = detach_classifier
-        self.max_stored = max_stored
+        self.check = check
+        self.max_stored = int(max_stored)
         self.enabled = True
         self._maps: list[Tensor] = []
         self._warned_overflow = False
-        self._pending_check: tuple[Tensor, Tensor] | None = None
-        self._handle: RemovableHandle | None = (
-            self.features.register_forward_pre_hook(self._on_pool_input)
-            if _is_pool(self.features)
-            else self.features.register_forward_hook(self._on_features_output)
+        self._warned_outside = False
+        self._features_named = named_features is not None
+        self._classifier_named = named_classifier is not None
+        # Known families and named modules are the head; otherwise the first forward decides
+        # among every pooling and every linear layer (those named stand alone).
+        self._resolved = known or (self._features_named and self._classifier_named)
+        self._pool_candidates = (
+            [named_features]
+            if named_features is not None
+            else [m for m in module.modules() if _is_pool(m) and m is not module]
         )
-        self._check_handle = self.classifier.register_forward_hook(self._on_logits) if check else None
+        self._linear_candidates = (
+            [named_classifier]
+            if named_classifier is not None
+            else [m for m in module.modules() if isinstance(m, nn.Linear)]
+        )
+        self._pending = True  # the first-forward verification
+        self._forward: _Forward | None = None
+        self._hooks: dict[str, list[RemovableHandle]] = {"features": [], "model": [], "forward": []}
+        weakref.finalize(self, _remove_all, self._hooks)
+        live = _LIVE.setdefault(module, weakref.WeakSet())
+        if any(other.features is self.features for other in live):
+            warnings.warn(
+                f"CAMHook: {self._model_name} already has a live CAMHook on '{self._features_name}'; both record "
+                "every forward. Reuse one CAMHook across steps, or call remove() on the old one (or use "
+                "`with CAMHook(...)`) before attaching another.",
+                stacklevel=2,
+            )
+        live.add(self)
+        if self._resolved:
+            self._attach_features()
+        self._hooks["model"] += [
+            module.register_forward_pre_hook(_weak_hook(self, "_on_model_call")),
+            module.register_forward_hook(_weak_hook(self, "_on_model_output")),
+        ]
+
+    def _set_head(self, features: nn.Module, classifier: nn.Linear) -> None:
+        names = {m: name for name, m in self._module.named_modules()}
+        self.features = features
+        self.classifier = classifier
+        self._features_name = names.get(features, type(features).__name__)
+        self._classifier_name = names.get(classifier, "classifier")
+        self._classifier_block = self._enclosing_block(self._module, self._classifier_name)
 
     @staticmethod
     def _enclosing_block(model: nn.Module, name: str) -> str:
@@ -171,34 +470,94 @@ class CAMHook:
         others = [type(m).__name__ for m in block.children() if m is not classifier]
         return f" ('{parent}' also holds {', '.join(others)})" if others else ""
 
-    def _on_pool_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._record(args[0])
+    def _attach_features(self) -> None:
+        if _is_pool(self.features):
+            handle = self.features.register_forward_pre_hook(_weak_hook(self, "_on_pool_input"))
+        else:
+            handle = self.features.register_forward_hook(_weak_hook(self, "_on_features_output"))
+        self._hooks["features"].append(handle)
 
-    def _on_features_output(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def _remove_hooks(self, kind: str) -> None:
+        for handle in self._hooks[kind]:
+            handle.remove()
+        self._hooks[kind].clear()
+
+    @staticmethod
+    def _fail(message: str, error: type[Exception] = ValueError) -> NoReturn:
+        # raised inside a hook, whose wrapper (_weak_hook) removes every hook first
+        raise error(message)
+
+    # --- recording -------------------------------------------------------------------
+
+    def _on_pool_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._record(args[0] if args else None)
+
+    def _on_features_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._record(output)
 
-    def _record(self, features: Tensor) -> None:
-        if not self.enabled:
-            return
+    def _record(self, features: Any) -> None:
+        forward = self._forward
+        if forward is None:
+            if not self.enabled:
+                return
+            if self._pending and not self._warned_outside:
+                self._warned_outside = True
+                warnings.warn(
+                    f"CAMHook: '{self._features_name}' ran outside a call of {self._model_name} (its parts called "
+                    "one by one?); the head is checked on the first call of the model itself, so these heatmaps "
+                    "are unchecked",
+                    stacklevel=2,
+                )
+        features = self._activate(features)
+        self._check_channels(features)
+        if forward is not None:
+            # a copy: the model may change the features in place after the hook (DenseNet's ReLU)
+            copy = _wide(features) if self.check else None
+            if copy is not None and copy.dtype == features.dtype:
+                copy = copy.clone()
+            forward.features.append((copy, features.dtype))
+        if self.enabled:
+            self._store(self._heatmaps(features))
+
+    def _activate(self, features: Any) -> Tensor:
         if not isinstance(features, Tensor) or features.dim() != 4:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(
+            self._fail(
                 f"{self._model_name}: the features of '{self._features_name}' must be a 4-D map "
                 f"(N, C, h, w), got {shape}; pass features= naming the pooling module or the "
                 "module whose output is pooled"
             )
+        if not features.is_floating_point():
+            self._fail(f"{self._model_name}: the features of '{self._features_name}' must be floating point, "
+                       f"got {features.dtype}", TypeError)
         if self.activation is not None:
-            features = self.activation(features)
-        weight = self.classifier.weight
-        if features.shape[1] != weight.shape[1]:
-            raise ValueError(
+            activated = self.activation(features)  # an error here also removes the hooks (_weak_hook)
+            if not isinstance(activated, Tensor) or activated.shape != features.shape:
+                got = tuple(activated.shape) if isinstance(activated, Tensor) else type(activated).__name__
+                self._fail(
+                    f"activation must return a tensor of the features' shape {tuple(features.shape)} "
+                    f"(it is applied to '{self._features_name}' before pooling), got {got}",
+                    ValueError if isinstance(activated, Tensor) else TypeError,
+                )
+            features = activated
+        return features
+
+    def _check_channels(self, features: Tensor) -> None:
+        channels = self.classifier.weight.shape[1]
+        if features.shape[1] != channels:
+            self._fail(
                 f"{self._model_name} is not GAP-FC: the classifier '{self._classifier_name}' takes "
-                f"{weight.shape[1]} features but the pooled map '{self._features_name}' has "
+                f"{channels} features but the pooled map '{self._features_name}' has "
                 f"{features.shape[1]} channels{self._classifier_block}"
             )
+
+    def _heatmaps(self, features: Tensor) -> Tensor:
+        weight = self.classifier.weight
         if self.detach_classifier:
             weight = weight.detach()
-        heatmaps = F.conv2d(features, weight[:, :, None, None].to(features.dtype))
+        return F.conv2d(features, weight[:, :, None, None].to(device=features.device, dtype=features.dtype))
+
+    def _store(self, heatmaps: Tensor) -> None:
         if len(self._maps) >= self.max_stored:
             self._maps.pop(0)
             if not self._warned_overflow:
@@ -210,65 +569,262 @@ class CAMHook:
                     stacklevel=2,
                 )
         self._maps.append(heatmaps)
-        if self._check_handle is not None and not torch.compiler.is_compiling():
-            # the check runs on an eager forward (see _on_logits): keep it out of compiled graphs
-            self._pending_check = (heatmaps.detach(), features.detach().mean((2, 3)))
 
-    def _on_logits(self, module: nn.Module, args: tuple[Any, ...], logits: Tensor) -> None:
-        if torch.compiler.is_compiling():
-            # a data-dependent check would split the compiled graph; check in eager instead
-            return
-        pending, self._pending_check = self._pending_check, None
-        if pending is None:
-            return
-        with torch.no_grad():
-            self._check_gap_fc(*pending, args[0].detach(), logits.detach())
-        self._check_handle.remove()
-        self._check_handle = None
+    # --- the first forward: detection and check ------------------------------------------
 
-    def _check_gap_fc(self, heatmaps: Tensor, pooled: Tensor, classifier_input: Tensor, logits: Tensor) -> None:
-        """Raise unless ``logits == heatmaps.mean((2, 3)) + bias``, up to dropout in the head."""
-        expected = heatmaps.float().mean((2, 3))
-        if self.classifier.bias is not None:
-            expected = expected + self.classifier.bias.float()
-        low_precision = heatmaps.dtype in (torch.float16, torch.bfloat16)
-        rtol = 3e-2 if low_precision else 1e-4
-        if logits.shape != expected.shape:
-            detail = f"the classifier output has shape {tuple(logits.shape)}, expected {tuple(expected.shape)}"
+    def _on_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._remove_hooks("forward")  # left by a forward that raised before its end
+        self._forward = _Forward()
+        if self._resolved:
+            pools, linears = [], [self.classifier]
         else:
-            logits = logits.float()
-            error = float((expected - logits).abs().max())
-            if error <= rtol * (1.0 + float(logits.abs().max())):
-                return
-            if self._differs_by_dropout(pooled.float(), classifier_input.float(), rtol):
-                return
-            detail = f"logits differ from heatmaps.mean((2, 3)) + bias by up to {error:.3g}"
-        raise ValueError(
-            f"{self._model_name} is not GAP-FC between '{self._features_name}' and "
-            f"'{self._classifier_name}'{self._classifier_block}: {detail}. Class activation "
-            "maps need global average pooling followed by one linear layer; pass features= "
-            "and classifier= to name them, or use a model with such a head"
+            pools, linears = self._pool_candidates, self._linear_candidates
+        handles = self._hooks["forward"]
+        for index, pool in enumerate(pools):
+            handles.append(pool.register_forward_hook(_weak_hook(self, "_on_candidate_features", index)))
+        for index, linear in enumerate(linears):
+            handles.append(linear.register_forward_hook(_weak_hook(self, "_on_candidate_linear", index)))
+
+    def _on_candidate_features(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        forward = self._forward
+        if forward is None:
+            return
+        if _is_pool(self._pool_candidates[index]):
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                forward.pools.append((index, args[0], output))
+        else:
+            features = self._activate(output)
+            # a copy: the model may change its output in place later, after the hook saw it
+            forward.pools.append((index, features.clone() if features is output else features, None))
+
+    def _on_candidate_linear(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._forward is not None:
+            self._forward.linears.append((index, args[0] if args else None, output))
+
+    def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        forward, self._forward = self._forward, None
+        self._remove_hooks("forward")
+        if forward is None or not self._pending:
+            return
+        if not self._resolved:
+            features = self._detect(forward, output)
+            forward.features.append((_wide(features) if self.check else None, features.dtype))
+            if self.enabled:
+                self._store(self._heatmaps(features))
+        with torch.no_grad(), torch.autocast(_device_type(output), enabled=False):
+            done = self._verdict(forward, output)
+        if done:
+            self._pending = False
+            self._remove_hooks("model")
+
+    def _undecided(self, reason: str) -> NoReturn:
+        # Not a verdict on the architecture: the hooks stay, and the next forward decides.
+        raise _Undecided(
+            f"CAMHook could not find the head of {self._model_name} from this forward: {reason}. It tries again "
+            "at the next forward; pass features= and classifier= to name the head"
         )
 
-    @staticmethod
-    def _differs_by_dropout(pooled: Tensor, classifier_input: Tensor, rtol: float) -> bool:
-        """Whether the classifier input is the pooled map through (inverted) dropout.
+    def _detect(self, forward: _Forward, output: Any) -> Tensor:
+        """Pick the classifier and the pooling that feed the model's output; return the features."""
+        model = self._model_name
+        if self._classifier_named:
+            calls = forward.linears
+            if not calls:
+                self._fail(f"the classifier '{self._classifier_name}' did not run in the forward of {model}")
+            found = self._classifier_call(forward, output)
+            event = found[0] if found is not None else calls[-1]  # the check reports a mismatch
+        else:
+            if not isinstance(output, Tensor):
+                self._fail(
+                    f"{model} returned a {type(output).__name__}: finding its classifier needs the model to "
+                    "return its logits as a tensor; pass classifier= (and features=) to name the head",
+                    TypeError,
+                )
+            relations = [
+                (call, _same_values(call[2], output)) for call in forward.linears if isinstance(call[2], Tensor)
+            ]
+            found = [call for call, same in relations if same]
+            indices = sorted({call[0] for call in found})
+            if len(indices) > 1:
+                names = ", ".join(self._name(self._linear_candidates[i]) for i in indices)
+                self._fail(f"the output of {model} is that of several linear layers ({names}); pass classifier=")
+            if not found:
+                if any(same is None for _, same in relations):
+                    self._undecided(_no_evidence(output))
+                self._fail(
+                    f"could not find the classifier of {model}: no nn.Linear computes what it returns (a tensor of "
+                    f"shape {tuple(output.shape)}); class activation maps need global average pooling followed by "
+                    "one linear layer whose output the model returns. Pass features= and classifier= to name them"
+                )
+            event = found[-1]
+        classifier = self._linear_candidates[event[0]]
+        if self._features_named:
+            calls = forward.pools
+            if not calls:
+                self._fail(f"the features '{self._features_name}' did not run in the forward of {model}")
+            self._set_head(self.features, classifier)
+            if len(calls) > 1:
+                self._fail(self._runs_more_than_once(len(calls)))
+            _, features, pooled = calls[0]
+            if pooled is not None:  # a named pooling: its input, not yet activated
+                features = self._activate(features)
+        else:
+            self._set_head(self.features, classifier)
+            x = event[1]
+            relations = [(call, _feeds(call[2], x)) for call in forward.pools if isinstance(x, Tensor)]
+            found = {call[0] for call, feeds in relations if feeds}
+            # a pooling nested in another one that feeds the classifier has the same input: keep the outer one
+            candidates = self._pool_candidates
+            outer = sorted(
+                i for i in found if not any(j != i and _contains(candidates[j], candidates[i]) for j in found)
+            )
+            if len(outer) > 1:
+                names = ", ".join(f"'{self._name(candidates[i])}'" for i in outer)
+                self._fail(
+                    f"several poolings of {model} feed its classifier '{self._classifier_name}' ({names}); "
+                    "pass features="
+                )
+            if not outer:
+                if any(feeds is None for _, feeds in relations):
+                    self._undecided(_no_evidence(x))
+                self._fail(
+                    f"{model} is not GAP-FC: the input of its classifier '{self._classifier_name}' is not the output "
+                    f"of an average pooling{self._classifier_block}. Class activation maps need global average "
+                    "pooling followed by one linear layer; pass features= and classifier= to name them, or use a "
+                    "model with such a head"
+                )
+            calls = [call for call in forward.pools if call[0] == outer[0]]
+            self._set_head(candidates[outer[0]], classifier)
+            if len(calls) > 1:
+                self._fail(self._runs_more_than_once(len(calls)))
+            features = self._activate(calls[0][1])
+        self._check_channels(features)
+        self._resolved = True
+        self._attach_features()
+        return features
 
-        Dropout between pooling and classifier (EfficientNet, timm's ``drop_rate``) zeroes
-        some entries and scales the rest by ``1 / (1 - p)``; the maps of Eq. 1 are still
-        those of the model, whose expected logits they give.
-        """
-        if classifier_input.shape != pooled.shape:
-            classifier_input = classifier_input.reshape(pooled.shape[0], -1)
-            if classifier_input.shape != pooled.shape:
+    def _runs_more_than_once(self, calls: int) -> str:
+        return (
+            f"the features '{self._features_name}' run {calls} times in one forward of {self._model_name} (a module "
+            "shared by several blocks?), which would record several heatmaps per forward; pass features= naming the "
+            "module whose output the model pools for its classifier"
+        )
+
+    def _name(self, module: nn.Module) -> str:
+        return next((name for name, m in self._module.named_modules() if m is module), type(module).__name__)
+
+    def _classifier_call(self, forward: _Forward, output: Any) -> tuple[tuple[int, Any, Any], Tensor] | None:
+        """The classifier call whose output the model returns, with that output; None if undecided."""
+        for call in forward.linears:
+            for returned in _tensors(output):
+                if isinstance(call[2], Tensor) and _same_values(call[2], returned):
+                    return call, returned
+        return None
+
+    def _verdict(self, forward: _Forward, output: Any) -> bool:
+        """Check the head on what the first forward saw; ``False`` when it cannot tell yet."""
+        model, classifier = self._model_name, self._classifier_name
+        if not forward.features:
+            self._fail(
+                f"the features '{self._features_name}' did not run in the forward of {model}; name a module "
+                "that runs before the classifier"
+            )
+        if len(forward.features) > 1:
+            self._fail(self._runs_more_than_once(len(forward.features)))
+        if not forward.linears:
+            self._fail(f"the classifier '{classifier}' did not run in the forward of {model}")
+        returned = _tensors(output)
+        if not returned:
+            self._fail(
+                f"{model} returned a {type(output).__name__}; CAMHook needs its logits as a tensor (or in a tuple, "
+                "list or dict)",
+                TypeError,
+            )
+        labels = self.classifier.out_features
+        if not self.check:
+            if isinstance(output, Tensor):
+                self._check_labels(output, labels)
+            return True
+        found = self._classifier_call(forward, output)
+        if found is None:
+            calls = [call[2] for call in forward.linears if isinstance(call[2], Tensor)]
+            if any(_same_values(call, t) is None for call in calls for t in returned):
                 return False
-        kept = classifier_input != 0
-        if not bool(kept.any()):
+            shapes = ", ".join(str(tuple(t.shape)) for t in returned)
+            self._fail(
+                f"{model} is not GAP-FC between '{self._features_name}' and '{classifier}'{self._classifier_block}: "
+                f"it does not return the output of '{classifier}' (it returns {shapes}). Class activation maps "
+                "explain the logits of global average pooling followed by one linear layer; pass features= and "
+                "classifier= to name them, or use a model with such a head"
+            )
+        (_, x, y), logits = found
+        self._check_labels(logits, labels)
+        if not isinstance(x, Tensor):
+            self._fail(
+                f"the classifier '{classifier}' of {model} must be called with its input as a positional tensor"
+            )
+        features, dtype = forward.features[0]
+        if features.shape[0] == 0 or not all(bool(t.isfinite().all()) for t in (features, x, y)):
             return False
-        scale = float(classifier_input[kept].abs().sum() / pooled[kept].abs().sum().clamp_min(1e-12))
-        deviation = float((classifier_input[kept] - scale * pooled[kept]).abs().max())
-        dropped = bool((~kept).any())
-        return dropped and scale > 1.0 + rtol and deviation <= rtol * (1.0 + float(classifier_input.abs().max()))
+        self._check_gap_fc(features, dtype, x, y)
+        return True
+
+    def _check_labels(self, logits: Tensor, labels: int) -> None:
+        if logits.dim() == 0 or logits.shape[-1] != labels:
+            self._fail(
+                f"{self._model_name} returns logits of shape {tuple(logits.shape)}, but its classifier "
+                f"'{self._classifier_name}' has {labels} outputs: the heatmaps (N, {labels}, h, w) would not "
+                "match the logits' last dimension"
+            )
+
+    def _check_gap_fc(self, features: Tensor, dtype: torch.dtype, x: Tensor, y: Tensor) -> None:
+        """Raise unless ``x`` averages ``features`` (up to dropout) and ``y`` is the linear map of ``x``.
+
+        In float32, with tolerances relative to the magnitude of what each step computes
+        (the features for the pooling, ``|x| @ |W|.T + |bias|`` for the classifier), in the
+        rounding of the dtype the model ran in. The logits themselves set no tolerance: a
+        head whose logits happen to be small would pass any check scaled by them.
+        """
+        n, channels, h, w = features.shape
+        head = f"{self._model_name} is not GAP-FC between '{self._features_name}' and '{self._classifier_name}'"
+        advice = (
+            ". Class activation maps need global average pooling followed by one linear layer; pass "
+            "features= and classifier= to name them, or use a model with such a head"
+        )
+        if x.numel() != n * channels:
+            self._fail(
+                f"{head}{self._classifier_block}: the classifier's input has shape {tuple(x.shape)}, not the "
+                f"pooled ({n}, {channels}){advice}"
+            )
+        x32 = _wide(x).reshape(n, channels)
+        features = features.to(device=x32.device, dtype=torch.promote_types(features.dtype, x32.dtype))
+        pooled = features.mean((2, 3))
+        rtol = _rtol(dtype, x.dtype)
+        if not _matches_pooled(pooled, x32, rtol * features.abs().mean((2, 3)), rtol):
+            error = float((x32 - pooled).abs().max())
+            self._fail(
+                f"{head}{self._classifier_block}: the classifier's input is not the average of the features over "
+                f"their {h}x{w} cells (off by up to {error:.3g}, for features of mean magnitude "
+                f"{float(features.abs().mean()):.3g}){advice}"
+            )
+        weight = _wide(self.classifier.weight).to(x32.dtype)
+        bias = None if self.classifier.bias is None else _wide(self.classifier.bias).to(x32.dtype)
+        expected = F.linear(x32, weight, bias)
+        magnitude = x32.abs() @ weight.abs().T
+        if bias is not None:
+            magnitude = magnitude + bias.abs()
+        if y.numel() != expected.numel():
+            self._fail(
+                f"{head}: the classifier's output has shape {tuple(y.shape)}, expected {tuple(expected.shape)}"
+            )
+        error = (_wide(y).reshape(expected.shape).to(expected) - expected).abs()
+        if not bool((error <= _matmul_rtol(x.dtype, y.dtype) * magnitude).all()):
+            self._fail(
+                f"{head}: the output of '{self._classifier_name}' is not input @ weight.T + bias (off by up to "
+                f"{float(error.max()):.3g}); is it a Linear subclass, or changed by another hook?{advice[1:]}"
+            )
+
+    # --- public API ----------------------------------------------------------------------
 
     def pop(self) -> list[Tensor]:
         """The heatmaps of every forward since the last call, oldest first; then forget them."""
@@ -284,7 +840,10 @@ class CAMHook:
 
     @contextmanager
     def paused(self) -> Iterator[CAMHook]:
-        """Record nothing inside the block (an evaluation loop that needs no heatmaps)."""
+        """Record nothing inside the block (an evaluation loop that needs no heatmaps).
+
+        The first-forward detection and check still run on a paused forward.
+        """
         enabled, self.enabled = self.enabled, False
         try:
             yield self
@@ -293,14 +852,12 @@ class CAMHook:
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop stored maps; safe to call twice."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        if self._check_handle is not None:
-            self._check_handle.remove()
-            self._check_handle = None
+        _remove_all(self._hooks)
+        self._forward = None
         self._maps = []
-        self._pending_check = None
+        live = _LIVE.get(self._module)
+        if live is not None:
+            live.discard(self)
 
     def __enter__(self) -> CAMHook:
         return self
@@ -313,3 +870,18 @@ class CAMHook:
             f"CAMHook({self._model_name}, features='{self._features_name}', "
             f"classifier='{self._classifier_name}', detach_classifier={self.detach_classifier})"
         )
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _no_evidence(tensor: Any) -> str:
+    if isinstance(tensor, Tensor) and tensor.numel() == 0:
+        return "the batch is empty (N=0)"
+    return "its values are non-finite (nan or inf)"
+
+
+def _device_type(output: Any) -> str:
+    tensors = _tensors(output)
+    return tensors[0].device.type if tensors else "cpu"

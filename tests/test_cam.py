@@ -356,7 +356,7 @@ def test_many_steps_leave_hooks_and_storage_unchanged(one_thread) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with CAMHook(model) as cam:
-            assert hook_count(model) == before + 2  # features hook + one-off GAP-FC check
+            assert hook_count(model) == before + 2  # the one-off detection and check, on the model
             model(x)
             cam.pop()
             steady = hook_count(model)
@@ -471,6 +471,7 @@ def test_wrapped_model_is_looked_through(wrapper: str) -> None:
         for _ in range(2):
             logits = wrapped(x)
             (heatmaps,) = cam.pop()
+            assert hook_count(model) == 1  # checked, even in a compiled forward
             torch.testing.assert_close(logits, expected_logits, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(heatmaps, expected, rtol=1e-6, atol=1e-6)
             assert heatmaps.requires_grad
