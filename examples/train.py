@@ -67,9 +67,10 @@ class TrainConfig:
     mode: str | None = None  # 'product' (authors' four views) or 'independent'; None: product for flip+scale
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     # The strength of the term (attn_consistency.strength): 'mse' is the paper's Eq. 5, 'relative'
-    # divides it by the heatmaps' variance; a warm-up ramps the weights from 0 over that many epochs.
+    # divides it by the heatmaps' variance; a warm-up ramps the weights from 0 over that fraction of
+    # the run's steps (epochs x steps per epoch: a resumed run with more epochs stretches it).
     distance: str = "mse"
-    warmup_epochs: float = 0.0
+    warmup: float = 0.0
     warmup_shape: str = "linear"
     stop_gradient: str | None = None  # None (both views trained, the paper) | original | transformed
     diagnostics: bool = True  # warn once when the heatmaps collapse or the term dwarfs classification
@@ -126,7 +127,7 @@ PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scal
 
 # The recommended strength of the term for a model and data other than the paper's (measured:
 # benchmarks/gain.py, README "Does it pay?"): the paper's presets above keep the paper's loss.
-RECOMMENDED: dict[str, Any] = dict(distance="relative", weights={"flip": 1.0, "scale": 1.0}, warmup_epochs=0.0)
+RECOMMENDED: dict[str, Any] = dict(distance="relative", warmup=0.3)
 # Your own data (an image folder with CSV label files): ResNet-50 at the paper's 224/192.
 PRESETS["csv-r50"] = dict(_WIDER, dataset="csv")
 PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale")) | RECOMMENDED
@@ -514,7 +515,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     consistency = AttentionConsistencyLoss(
         weights=weights,
         distance=config.distance,
-        schedule=Ramp(round(config.warmup_epochs * steps_per_epoch), config.warmup_shape) if config.warmup_epochs else None,
+        schedule=Ramp(round(config.warmup * config.epochs * steps_per_epoch), config.warmup_shape) if config.warmup else None,
         stop_gradient=config.stop_gradient,
         diagnostics=config.diagnostics and ddp.main,
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import examples.train as train_module
 from examples.train import PRESETS, RECOMMENDED, TrainConfig, load_checkpoint, parse_args, train
 
 TINY = dict(synthetic_train=16, synthetic_test=8, image_size=32, scale_size=24, batch_size=4, test_batch_size=8,
@@ -20,23 +21,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def ramped(out: Path, epochs: int) -> TrainConfig:
-    # 4 steps per epoch, a warm-up over 1.5 epochs (6 steps): the second epoch ends mid-ramp
-    settings = TINY | dict(distance="relative", warmup_epochs=1.5, out=str(out), epochs=epochs)
+def ramped(out: Path) -> TrainConfig:
+    # 4 steps per epoch, 3 epochs, a warm-up over half the run (6 steps): the first epoch ends mid-ramp
+    settings = TINY | dict(distance="relative", warmup=0.5, out=str(out), epochs=3)
     return TrainConfig(**(PRESETS["synthetic-acfs"] | settings))
 
 
-def test_the_warm_up_resumes_where_it_stopped(tmp_path: Path) -> None:
-    straight = train(ramped(tmp_path / "straight", 3), device="cpu")
+def test_the_warm_up_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = train(ramped(tmp_path / "straight"), device="cpu")
     assert [row["ac_multiplier"] for row in straight] == pytest.approx([4 / 6, 1.0, 1.0])
-    train(ramped(tmp_path / "resumed", 1), device="cpu")
+    # interrupted in the second epoch's evaluation, after the first epoch's checkpoint
+    evaluate, calls = train_module.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(ramped(tmp_path / "resumed"), device="cpu")
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["consistency"]["_extra_state"]["steps"] == 4
-    resumed = train(ramped(tmp_path / "resumed", 3), device="cpu", resume=True)
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    resumed = train(ramped(tmp_path / "resumed"), device="cpu", resume=True)
     assert resumed == straight
 
 
 def test_each_term_and_the_ratio_are_logged(tmp_path: Path) -> None:
-    (row,) = train(dataclasses.replace(ramped(tmp_path, 1), warmup_epochs=0.0), device="cpu")
+    (row,) = train(dataclasses.replace(ramped(tmp_path), warmup=0.0, epochs=1), device="cpu")
     assert {"term-flip@32", "term-flip@24", "term-scale"} <= set(row)
     assert row["ac_ratio"] == pytest.approx(row["ac_loss"] / row["cls_loss"])
     assert row["ac_loss"] == pytest.approx(row["term-flip@32"] + row["term-flip@24"] + row["term-scale"], rel=1e-5)
@@ -44,10 +57,10 @@ def test_each_term_and_the_ratio_are_logged(tmp_path: Path) -> None:
 
 
 def test_the_strength_settings_are_flags() -> None:
-    config, _ = parse_args(["--preset", "synthetic-acfs", "--distance", "relative", "--warmup-epochs", "2",
+    config, _ = parse_args(["--preset", "synthetic-acfs", "--distance", "relative", "--warmup", "0.25",
                             "--warmup-shape", "cosine", "--stop-gradient", "original", "--diagnostics", "false"])  # fmt: skip
-    assert (config.distance, config.warmup_epochs, config.warmup_shape, config.stop_gradient, config.diagnostics) == (
-        "relative", 2.0, "cosine", "original", False
+    assert (config.distance, config.warmup, config.warmup_shape, config.stop_gradient, config.diagnostics) == (
+        "relative", 0.25, "cosine", "original", False
     )
 
 
@@ -55,5 +68,5 @@ def test_paper_presets_keep_the_paper_loss_and_users_presets_the_recommended_one
     for name, preset in PRESETS.items():
         config = TrainConfig(**preset)
         if name.startswith(("wider", "pa100k", "coco", "synthetic")):
-            assert (config.distance, config.warmup_epochs, config.stop_gradient) == ("mse", 0.0, None), name
+            assert (config.distance, config.warmup, config.stop_gradient) == ("mse", 0.0, None), name
     assert RECOMMENDED.items() <= PRESETS["csv-r50-acfs"].items()
