@@ -7,19 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from examples import demo
 from examples.train import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_demo(out: Path) -> dict[str, dict[str, float]]:

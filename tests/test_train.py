@@ -60,14 +60,7 @@ LAYER3_BLOCKS = {"resnet50": 6, "resnet101": 23}
 FEATURES = {"resnet50": 2048, "resnet101": 2048, "small_resnet": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a busy 2-core machine OpenMP threads spin against each other: a 32 px ResNet-50 step
-    # took 10-20x longer with 2 threads than with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- dataset roots in the real formats

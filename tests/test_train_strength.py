@@ -4,7 +4,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 import examples.train as train_module
 from examples.train import PRESETS, RECOMMENDED, TrainConfig, load_checkpoint, parse_args, train
@@ -13,12 +12,7 @@ TINY = dict(synthetic_train=16, synthetic_test=8, image_size=32, scale_size=24, 
             progress=False, lr_step=1)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ramped(out: Path) -> TrainConfig:
