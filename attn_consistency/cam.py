@@ -218,32 +218,45 @@ class _Undecided(ValueError):
     """The first forward cannot tell which modules are the head (no finite value, no sample)."""
 
 
-def _weak_hook(cam: CAMHook, method: str, *bound: object) -> Callable[..., None]:
+class _WeakHook:
     """A hook calling ``cam.<method>(*bound, *hook_args)`` that holds no reference to ``cam``.
 
     A CAMHook the user dropped without remove() then stops recording, and its finalizer
     takes the hooks off the model; a strong reference from the model would keep every
     forgotten hook recording (and its maps in memory). A hook that raises first removes
     every hook of its CAMHook: left on the model, they would fail again at every later
-    forward, even at plain inference or through a new, correct CAMHook. The hooks run
-    eagerly under torch.compile: the one-off ones read values, and the recording one keeps
-    a Python list, whose length a compiled graph would guard on (a recompilation per length).
+    forward, even at plain inference or through a new, correct CAMHook. A copy of the model
+    (deepcopy for an EMA teacher, pickling) gets inert hooks: its forwards are not this
+    CAMHook's to record.
     """
-    ref = weakref.ref(cam)
 
-    def hook(*args: Any) -> None:
-        owner = ref()
+    __slots__ = ("_ref", "_method", "_bound")
+
+    def __init__(self, cam: CAMHook | None, method: str = "", *bound: object) -> None:
+        self._ref = weakref.ref(cam) if cam is not None else None
+        self._method = method
+        self._bound = bound
+
+    # Eager even under torch.compile: the one-off hooks read values, and the recording one
+    # keeps a Python list, whose length a compiled graph would guard on (a recompilation per length).
+    @torch.compiler.disable
+    def __call__(self, *args: Any) -> None:
+        owner = self._ref() if self._ref is not None else None
         if owner is None:
             return
         try:
-            getattr(owner, method)(*bound, *args)
+            getattr(owner, self._method)(*self._bound, *args)
         except _Undecided:
             raise
         except Exception:
             owner.remove()
             raise
 
-    return torch.compiler.disable(hook)
+    def __reduce__(self) -> tuple[type[_WeakHook], tuple[None]]:
+        return _WeakHook, (None,)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _WeakHook:
+        return _WeakHook(None)
 
 
 def _wide(tensor: Tensor) -> Tensor:
@@ -390,17 +403,21 @@ class CAMHook:
                 f"classifier must be an nn.Linear applied to the pooled features, got "
                 f"{type(head_classifier).__name__}; pass classifier= to name it"
             )
-        if isinstance(head_features, nn.Linear):
+        # Known families and named modules are the head; otherwise the first forward decides
+        # among every pooling and every linear layer (those named stand alone), and a wrong
+        # guess must not be an error.
+        resolved = known or (named_features is not None and named_classifier is not None)
+        if isinstance(named_features, nn.Linear):
             raise TypeError(
                 "features must be the pooling module or the module whose output is the 4-D feature map, "
                 "got an nn.Linear"
             )
-        if any(m is head_classifier for m in head_features.modules()):
+        if (resolved or named_features is not None) and any(m is head_classifier for m in head_features.modules()):
             raise ValueError(
                 f"features must run before the classifier, got a {type(head_features).__name__} that holds it; "
                 "name the pooling module or the module whose output is pooled"
             )
-        if nn.parameter.is_lazy(head_classifier.weight):
+        if resolved and nn.parameter.is_lazy(head_classifier.weight):
             raise ValueError(
                 f"the classifier {type(head_classifier).__name__} is not initialized yet; run one forward "
                 "of the model before attaching the CAMHook"
@@ -419,9 +436,7 @@ class CAMHook:
         self._warned_outside = False
         self._features_named = named_features is not None
         self._classifier_named = named_classifier is not None
-        # Known families and named modules are the head; otherwise the first forward decides
-        # among every pooling and every linear layer (those named stand alone).
-        self._resolved = known or (self._features_named and self._classifier_named)
+        self._resolved = resolved
         self._pool_candidates = (
             [named_features]
             if named_features is not None
@@ -448,8 +463,8 @@ class CAMHook:
         if self._resolved:
             self._attach_features()
         self._hooks["model"] += [
-            module.register_forward_pre_hook(_weak_hook(self, "_on_model_call")),
-            module.register_forward_hook(_weak_hook(self, "_on_model_output")),
+            module.register_forward_pre_hook(_WeakHook(self, "_on_model_call")),
+            module.register_forward_hook(_WeakHook(self, "_on_model_output")),
         ]
 
     def _set_head(self, features: nn.Module, classifier: nn.Linear) -> None:
@@ -472,9 +487,9 @@ class CAMHook:
 
     def _attach_features(self) -> None:
         if _is_pool(self.features):
-            handle = self.features.register_forward_pre_hook(_weak_hook(self, "_on_pool_input"))
+            handle = self.features.register_forward_pre_hook(_WeakHook(self, "_on_pool_input"))
         else:
-            handle = self.features.register_forward_hook(_weak_hook(self, "_on_features_output"))
+            handle = self.features.register_forward_hook(_WeakHook(self, "_on_features_output"))
         self._hooks["features"].append(handle)
 
     def _remove_hooks(self, kind: str) -> None:
@@ -484,7 +499,7 @@ class CAMHook:
 
     @staticmethod
     def _fail(message: str, error: type[Exception] = ValueError) -> NoReturn:
-        # raised inside a hook, whose wrapper (_weak_hook) removes every hook first
+        # raised inside a hook, whose wrapper (_WeakHook) removes every hook first
         raise error(message)
 
     # --- recording -------------------------------------------------------------------
@@ -531,7 +546,7 @@ class CAMHook:
             self._fail(f"{self._model_name}: the features of '{self._features_name}' must be floating point, "
                        f"got {features.dtype}", TypeError)
         if self.activation is not None:
-            activated = self.activation(features)  # an error here also removes the hooks (_weak_hook)
+            activated = self.activation(features)  # an error here also removes the hooks (_WeakHook)
             if not isinstance(activated, Tensor) or activated.shape != features.shape:
                 got = tuple(activated.shape) if isinstance(activated, Tensor) else type(activated).__name__
                 self._fail(
@@ -581,9 +596,9 @@ class CAMHook:
             pools, linears = self._pool_candidates, self._linear_candidates
         handles = self._hooks["forward"]
         for index, pool in enumerate(pools):
-            handles.append(pool.register_forward_hook(_weak_hook(self, "_on_candidate_features", index)))
+            handles.append(pool.register_forward_hook(_WeakHook(self, "_on_candidate_features", index)))
         for index, linear in enumerate(linears):
-            handles.append(linear.register_forward_hook(_weak_hook(self, "_on_candidate_linear", index)))
+            handles.append(linear.register_forward_hook(_WeakHook(self, "_on_candidate_linear", index)))
 
     def _on_candidate_features(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         forward = self._forward

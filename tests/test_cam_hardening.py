@@ -6,7 +6,9 @@ model's forward really uses, the hooks left on every module, and error messages.
 
 from __future__ import annotations
 
+import copy
 import gc
+import io
 import warnings
 
 import pytest
@@ -564,6 +566,23 @@ def test_a_new_hook_every_step_warns_and_does_not_leak() -> None:
     assert hook_count(model) == 0
 
 
+def test_copies_of_the_model_do_not_record_into_the_hook() -> None:
+    model = model_of(PoolNet)
+    x = images(2, 3, 8, 8)
+    with CAMHook(model) as cam:
+        teacher = copy.deepcopy(model)  # an EMA teacher, copied after the hook was attached
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        teacher(x)
+        loaded(x)
+        assert len(cam) == 0
+        logits = model(x)
+        (heatmaps,) = cam.pop()
+    assert_cam_invariant(heatmaps, model.fc, logits)
+
+
 def test_second_live_hook_warns_until_the_first_is_removed() -> None:
     model = model_of(PoolNet)
     first = CAMHook(model)
@@ -615,6 +634,39 @@ class Headed(nn.Module):
         features = self.body(x)
         self.aux(features.mean((2, 3)))  # runs, but the model does not return it
         return self.head(features)
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling (as CLIP's): its name says pool, and it holds the last linear layer."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(channels, 1)
+        self.proj = nn.Linear(channels, LABELS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        weights = torch.softmax(self.query(tokens), dim=1)
+        return self.proj((weights * tokens).sum(1))
+
+
+class AttentionPoolNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Body()
+        self.attnpool = AttentionPool(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attnpool(self.body(x))
+
+
+def test_a_guess_that_holds_the_classifier_is_no_error_until_the_forward_decides() -> None:
+    model = model_of(AttentionPoolNet)
+    cam = CAMHook(model)  # the guess (attnpool, attnpool.proj) is only a guess
+    message = r"AttentionPoolNet is not GAP-FC: the input of its classifier 'attnpool\.proj' is not the output of an"
+    with pytest.raises(ValueError, match=message):
+        model(images(1, 3, 8, 8))
+    assert hook_count(model) == 0 and len(cam) == 0
 
 
 def test_features_holding_the_classifier_are_refused() -> None:
