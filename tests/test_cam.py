@@ -340,15 +340,6 @@ def test_clear_forgets_recorded_heatmaps() -> None:
         assert len(cam) == 0 and cam.pop() == []
 
 
-@pytest.fixture
-def one_thread():
-    # A tiny model's many small ops slow down badly when threads compete with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_many_steps_leave_hooks_and_storage_unchanged(one_thread) -> None:
     model = tiny_net()
     x = images(2, 3, 8, 8)
