@@ -267,7 +267,9 @@ def _wide(tensor: Tensor) -> Tensor:
 class _Forward:
     """What the one-off hooks saw during one call of the model."""
 
-    def __init__(self) -> None:
+    def __init__(self, pools: list[nn.Module], linears: list[nn.Module]) -> None:
+        self.pool_candidates = pools
+        self.linear_candidates = linears
         # (candidate index, features, pooled output or None when the candidate is not a pooling)
         self.pools: list[tuple[int, Tensor, Tensor | None]] = []
         # (candidate index, input, output) of every call of a candidate classifier
@@ -437,16 +439,6 @@ class CAMHook:
         self._features_named = named_features is not None
         self._classifier_named = named_classifier is not None
         self._resolved = resolved
-        self._pool_candidates = (
-            [named_features]
-            if named_features is not None
-            else [m for m in module.modules() if _is_pool(m) and m is not module]
-        )
-        self._linear_candidates = (
-            [named_classifier]
-            if named_classifier is not None
-            else [m for m in module.modules() if isinstance(m, nn.Linear)]
-        )
         self._pending = True  # the first-forward verification
         self._forward: _Forward | None = None
         self._hooks: dict[str, list[RemovableHandle]] = {"features": [], "model": [], "forward": []}
@@ -589,11 +581,15 @@ class CAMHook:
 
     def _on_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._remove_hooks("forward")  # left by a forward that raised before its end
-        self._forward = _Forward()
         if self._resolved:
             pools, linears = [], [self.classifier]
         else:
-            pools, linears = self._pool_candidates, self._linear_candidates
+            # the modules of this forward: the user may have replaced some since the hook was attached
+            model = self._module
+            modules = [m for m in model.modules() if m is not model]
+            pools = [self.features] if self._features_named else [m for m in modules if _is_pool(m)]
+            linears = [self.classifier] if self._classifier_named else [m for m in modules if isinstance(m, nn.Linear)]
+        self._forward = _Forward(pools, linears)
         handles = self._hooks["forward"]
         for index, pool in enumerate(pools):
             handles.append(pool.register_forward_hook(_WeakHook(self, "_on_candidate_features", index)))
@@ -604,7 +600,7 @@ class CAMHook:
         forward = self._forward
         if forward is None:
             return
-        if _is_pool(self._pool_candidates[index]):
+        if _is_pool(forward.pool_candidates[index]):
             if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
                 forward.pools.append((index, args[0], output))
         else:
@@ -661,7 +657,7 @@ class CAMHook:
             found = [call for call, same in relations if same]
             indices = sorted({call[0] for call in found})
             if len(indices) > 1:
-                names = ", ".join(self._name(self._linear_candidates[i]) for i in indices)
+                names = ", ".join(f"'{self._name(forward.linear_candidates[i])}'" for i in indices)
                 self._fail(f"the output of {model} is that of several linear layers ({names}); pass classifier=")
             if not found:
                 if any(same is None for _, same in relations):
@@ -672,7 +668,7 @@ class CAMHook:
                     "one linear layer whose output the model returns. Pass features= and classifier= to name them"
                 )
             event = found[-1]
-        classifier = self._linear_candidates[event[0]]
+        classifier = forward.linear_candidates[event[0]]
         if self._features_named:
             calls = forward.pools
             if not calls:
@@ -689,7 +685,7 @@ class CAMHook:
             relations = [(call, _feeds(call[2], x)) for call in forward.pools if isinstance(x, Tensor)]
             found = {call[0] for call, feeds in relations if feeds}
             # a pooling nested in another one that feeds the classifier has the same input: keep the outer one
-            candidates = self._pool_candidates
+            candidates = forward.pool_candidates
             outer = sorted(
                 i for i in found if not any(j != i and _contains(candidates[j], candidates[i]) for j in found)
             )

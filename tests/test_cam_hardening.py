@@ -306,6 +306,16 @@ def test_modules_the_forward_does_not_use_are_not_the_head() -> None:
     assert_cam_invariant(heatmaps, model.fc, logits)
 
 
+def test_a_classifier_replaced_after_attaching_is_found() -> None:
+    model = model_of(PoolNet).eval()
+    with CAMHook(model) as cam:
+        model.fc = nn.Linear(16, 3)  # a new head for another label set, before the first forward
+        logits = model(images(2, 3, 8, 8))
+        (heatmaps,) = cam.pop()
+    assert cam.classifier is model.fc and heatmaps.shape == (2, 3, 4, 4)
+    assert_cam_invariant(heatmaps, model.fc, logits)
+
+
 def test_squeeze_excitation_is_not_the_head_under_torch_compile() -> None:
     model = model_of(SEAfterHead).eval()
     x = images(2, 3, 8, 8)
