@@ -56,3 +56,14 @@ def test_consistency_snippet_runs_the_authors_four_views():
 def test_one_transform_snippet_pairs_two_views():
     namespace = run("setup", "one-transform")
     assert namespace["heatmaps"].shape == namespace["heatmaps_t"].shape == (4, 14, 7, 7)
+
+
+def test_consistency_snippet_uses_the_recommended_setting():
+    from examples.train import RECOMMENDED
+
+    namespace = run("setup", "consistency-loop")
+    consistency = namespace["consistency"]
+    assert consistency.distance == RECOMMENDED["distance"]
+    assert consistency.weights == RECOMMENDED.get("weights", {})
+    assert consistency.schedule.steps == round(RECOMMENDED["warmup"] * namespace["steps"])
+    assert consistency.steps == namespace["steps"]  # views() counted every step
