@@ -380,6 +380,8 @@ class CAMHook:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(_unwrap(model), torch.jit.ScriptModule):
+            raise TypeError("model must be an eager nn.Module, got a TorchScript module, whose forward runs no hooks")
         if activation is not None and not callable(activation):
             raise TypeError(f"activation must be a function of the features or None, got {type(activation).__name__}")
         for name, flag in (("detach_classifier", detach_classifier), ("check", check)):

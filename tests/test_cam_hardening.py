@@ -316,13 +316,18 @@ def test_a_classifier_replaced_after_attaching_is_found() -> None:
     assert_cam_invariant(heatmaps, model.fc, logits)
 
 
-def test_squeeze_excitation_is_not_the_head_under_torch_compile() -> None:
+@pytest.mark.parametrize("attach", ["before", "after"])
+def test_squeeze_excitation_is_not_the_head_under_torch_compile(attach: str) -> None:
     model = model_of(SEAfterHead).eval()
     x = images(2, 3, 8, 8)
     expected_logits = model(x)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    cam = CAMHook(compiled)
+    if attach == "before":
+        cam = CAMHook(model)
+        compiled = torch.compile(model, backend="aot_eager")
+    else:
+        compiled = torch.compile(model, backend="aot_eager")
+        cam = CAMHook(compiled)
     for _ in range(2):  # the first forward detects and checks, the second only records
         logits = compiled(x)
         (heatmaps,) = cam.pop()
@@ -631,6 +636,14 @@ def test_bad_arguments_name_themselves(kwargs: dict, error: type[Exception], mes
     with pytest.raises(error, match=message):
         CAMHook(model, **kwargs)
     assert hook_count(model) == 0
+
+
+def test_torchscript_model_is_a_type_error() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model_of(PoolNet))
+    with pytest.raises(TypeError, match="model must be an eager nn.Module, got a TorchScript module"):
+        CAMHook(scripted)
 
 
 class Headed(nn.Module):
