@@ -118,6 +118,22 @@ def _tensors(output: object) -> list[Tensor]:
     return []
 
 
+def _device_type(output: Any) -> str:
+    tensors = _tensors(output)
+    return tensors[0].device.type if tensors else "cpu"
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _no_evidence(tensor: Any) -> str:
+    """Why values cannot tell which modules are the head."""
+    if isinstance(tensor, Tensor) and tensor.numel() == 0:
+        return "the batch is empty (N=0)"
+    return "its values are non-finite (nan or inf)"
+
+
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether ``b`` is ``a`` or a view of it in the same order (flatten, view, identity)."""
     try:
@@ -537,8 +553,11 @@ class CAMHook:
                 "module whose output is pooled"
             )
         if not features.is_floating_point():
-            self._fail(f"{self._model_name}: the features of '{self._features_name}' must be floating point, "
-                       f"got {features.dtype}", TypeError)
+            self._fail(
+                f"{self._model_name}: the features of '{self._features_name}' must be floating point, "
+                f"got {features.dtype}",
+                TypeError,
+            )
         if self.activation is not None:
             activated = self.activation(features)  # an error here also removes the hooks (_WeakHook)
             if not isinstance(activated, Tensor) or activated.shape != features.shape:
@@ -883,18 +902,3 @@ class CAMHook:
             f"CAMHook({self._model_name}, features='{self._features_name}', "
             f"classifier='{self._classifier_name}', detach_classifier={self.detach_classifier})"
         )
-
-
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
-
-
-def _no_evidence(tensor: Any) -> str:
-    if isinstance(tensor, Tensor) and tensor.numel() == 0:
-        return "the batch is empty (N=0)"
-    return "its values are non-finite (nan or inf)"
-
-
-def _device_type(output: Any) -> str:
-    tensors = _tensors(output)
-    return tensors[0].device.type if tensors else "cpu"
