@@ -258,8 +258,7 @@ class AttentionConsistencyLoss(nn.Module):
         """The schedule's value at the current step (1 without a schedule)."""
         if self.schedule is None:
             return 1.0
-        value = check_weight(f"schedule({self.steps})", self.schedule(self.steps))
-        return value
+        return check_weight(f"schedule({self.steps})", self.schedule(self.steps))
 
     def get_extra_state(self) -> dict[str, Any]:
         diagnostics = self.diagnostics.state_dict() if self.diagnostics is not None else None

@@ -71,6 +71,7 @@ class TrainConfig:
     # the run's steps (epochs x steps per epoch: a resumed run with more epochs stretches it).
     distance: str = "mse"
     warmup: float = 0.0
+    warmup_delay: float = 0.0  # fraction of the run's steps at weight 0 before the warm-up starts
     warmup_shape: str = "linear"
     stop_gradient: str | None = None  # None (both views trained, the paper) | original | transformed
     diagnostics: bool = True  # warn once when the heatmaps collapse or the term dwarfs classification
@@ -347,6 +348,13 @@ def _random_view(images: Tensor, resized: list[Tensor], transforms: list, genera
     return images
 
 
+def _schedule(config: TrainConfig, steps: int) -> Ramp | None:
+    """The warm-up of the consistency weights: ``warmup_delay`` of the run at 0, then a ramp over ``warmup``."""
+    if not config.warmup and not config.warmup_delay:
+        return None
+    return Ramp(round(config.warmup * steps), config.warmup_shape, delay=round(config.warmup_delay * steps))
+
+
 def scale_factor(config: TrainConfig) -> float:
     """Scaled-view size over image size: ``scale_size``, or the paper's 192/224 ratio without one."""
     return (config.scale_size or round(config.image_size * 6 / 7)) / config.image_size
@@ -515,7 +523,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     consistency = AttentionConsistencyLoss(
         weights=weights,
         distance=config.distance,
-        schedule=Ramp(round(config.warmup * config.epochs * steps_per_epoch), config.warmup_shape) if config.warmup else None,
+        schedule=_schedule(config, config.epochs * steps_per_epoch),
         stop_gradient=config.stop_gradient,
         diagnostics=config.diagnostics and ddp.main,
     )

@@ -294,3 +294,41 @@ def test_no_host_synchronisation_on_cuda():
             out.loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+class TupleOutput(TinyGapFc):
+    """Returns (logits, features): views() needs the logits alone."""
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.fc(self.pool(features).flatten(1)), features
+
+
+class SlicedOutput(TinyGapFc):
+    """Returns 3 of the classifier's 5 outputs: its heatmaps are not those of these logits."""
+
+    def forward(self, x):
+        return super().forward(x)[:, :3]
+
+
+def test_views_refuses_a_model_that_does_not_return_one_logits_tensor():
+    images = torch.randn(2, 3, 28, 28)
+    model = TupleOutput()
+    with CAMHook(model, features="pool", classifier="fc") as cam:
+        with pytest.raises(TypeError, match="views\\(\\) needs a model that returns its logits as one tensor, got a tuple"):
+            AttentionConsistencyLoss().views(model, cam, images, ["flip"])
+    model = SlicedOutput()  # caught by the hook on its first forward, or by views() after it
+    with CAMHook(model, features="pool", classifier="fc", check=False) as cam:
+        with pytest.raises(ValueError, match=r"logits of shape \(4, 3\).*5"):
+            AttentionConsistencyLoss().views(model, cam, images, ["flip"])
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7, 7), (3, 0, 7, 7)])
+def test_an_empty_batch_adds_nothing_to_the_loss(shape):
+    m = torch.randn(*shape, requires_grad=True)
+    for name in ("flip", "scale"):
+        m_t = torch.randn(*shape[:2], 6, 6) if name == "scale" else torch.randn(*shape)
+        for distance in ("mse", "relative"):
+            loss = attention_consistency(m, m_t, name, distance=distance)
+            assert loss.shape == () and float(loss) == 0.0 and loss.requires_grad
+            loss.backward()
