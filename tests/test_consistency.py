@@ -330,5 +330,5 @@ def test_an_empty_batch_adds_nothing_to_the_loss(shape):
         m_t = torch.randn(*shape[:2], 6, 6) if name == "scale" else torch.randn(*shape)
         for distance in ("mse", "relative"):
             loss = attention_consistency(m, m_t, name, distance=distance)
-            assert loss.shape == () and float(loss) == 0.0 and loss.requires_grad
+            assert loss.shape == () and float(loss.detach()) == 0.0 and loss.requires_grad
             loss.backward()
