@@ -46,17 +46,19 @@ def _check_distance(distance: str) -> str:
 
 
 def heatmap_variance(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
-    r"""The normaliser of ``distance="relative"``: the heatmaps' own variance.
+    r"""The normaliser of ``distance="relative"``: the heatmaps' own spatial variance.
 
     .. math:: s = \tfrac12 \big(\overline{\mathrm{Var}}(M) + \overline{\mathrm{Var}}(M')\big)
 
-    where :math:`\overline{\mathrm{Var}}` is the variance of a label's maps over samples and
-    cells (each label centred on its own mean, so the large constant of an absent label's
-    logit does not count), averaged over labels. Multiplying both batches by :math:`c`
-    multiplies :math:`s` by :math:`c^2`. It is 1 where every map is flat and equal (no scale
-    to take); elsewhere it stays in the graph (see :func:`attention_consistency`).
+    where :math:`\overline{\mathrm{Var}}` is the variance of each map over its cells,
+    averaged over samples and labels. Each map is centred on its own mean, so neither the
+    large constant of an absent label's logit nor the spread of the logits across the batch
+    counts: only the spatial structure that the consistency term compares. Multiplying both
+    batches by :math:`c` multiplies :math:`s` by :math:`c^2`. It is 1 where every map is
+    flat (no scale to take); elsewhere it stays in the graph (see
+    :func:`attention_consistency`).
     """
-    variance = 0.5 * (heatmaps.var((0, 2, 3), unbiased=False).mean() + heatmaps_t.var((0, 2, 3), unbiased=False).mean())
+    variance = 0.5 * (heatmaps.var((2, 3), unbiased=False).mean() + heatmaps_t.var((2, 3), unbiased=False).mean())
     return torch.where(variance > 0, variance, torch.ones_like(variance))
 
 

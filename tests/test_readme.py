@@ -66,4 +66,5 @@ def test_consistency_snippet_uses_the_recommended_setting():
     assert consistency.distance == RECOMMENDED["distance"]
     assert consistency.weights == RECOMMENDED.get("weights", {})
     assert consistency.schedule.steps == round(RECOMMENDED["warmup"] * namespace["steps"])
+    assert consistency.schedule.delay == round(RECOMMENDED["warmup_delay"] * namespace["steps"])
     assert consistency.steps == namespace["steps"]  # views() counted every step

@@ -115,7 +115,7 @@ def relative_oracle(m, m_t, transform, params=None):
     """Hand-written: Eq. 5 of the materialised transform over the per-label variance of both batches."""
     warped, _ = transform.apply_heatmaps(m, params)
     mse = ((warped - m_t) ** 2).mean()
-    var = lambda x: torch.stack([x[:, l].flatten().var(unbiased=False) for l in range(x.shape[1])]).mean()  # noqa: E731
+    var = lambda x: torch.stack([x[n, l].flatten().var(unbiased=False) for n in range(x.shape[0]) for l in range(x.shape[1])]).mean()  # noqa: E731
     return mse / (0.5 * (var(m) + var(m_t)))
 
 
@@ -139,7 +139,7 @@ def test_relative_distance_of_the_scale_term_equals_the_materialised_oracle():
     m = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64)
     m_t = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64)
     big, big_t = (torch.nn.functional.interpolate(x, size=42, mode="nearest") for x in (m, m_t))
-    var = lambda x: x.var((0, 2, 3), unbiased=False).mean()  # noqa: E731
+    var = lambda x: x.var((2, 3), unbiased=False).mean()  # noqa: E731
     expected = ((big - big_t) ** 2).mean() / (0.5 * (var(m) + var(m_t)))
     torch.testing.assert_close(attention_consistency(m, m_t, "scale", distance="relative"), expected, rtol=1e-12, atol=0)
 
@@ -157,6 +157,25 @@ def test_relative_distance_is_unchanged_when_both_batches_are_scaled(name, param
     torch.testing.assert_close(
         attention_consistency(3.0 * m, 3.0 * m_t, transform, params), 9.0 * attention_consistency(m, m_t, transform, params)
     )
+
+
+@pytest.mark.parametrize("name", ["flip", "scale"])
+def test_relative_distance_ignores_a_constant_added_to_each_map(name):
+    # a per-(sample, label) constant (the logit's level) changes neither Eq. 5's spatial
+    # comparison under flip nor the normaliser: spreading the logits cannot lower the term
+    generator = torch.Generator().manual_seed(9)
+    m = torch.randn(8, 3, 7, 7, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(8, 3, 6 if name == "scale" else 7, 6 if name == "scale" else 7, generator=generator, dtype=torch.float64)
+    offsets = 10.0 * torch.randn(8, 3, 1, 1, generator=generator, dtype=torch.float64)
+    base = attention_consistency(m, m_t, name, distance="relative")
+    shifted = attention_consistency(m + offsets, m_t + offsets, name, distance="relative")
+    torch.testing.assert_close(shifted, base, rtol=1e-9, atol=0)
+
+
+def test_relative_distance_of_unrelated_maps_is_about_two():
+    generator = torch.Generator().manual_seed(10)
+    m, m_t = torch.randn(64, 10, 7, 7, generator=generator), torch.randn(64, 10, 7, 7, generator=generator)
+    assert float(attention_consistency(m, m_t, "flip", distance="relative")) == pytest.approx(2.0, rel=0.03)
 
 
 def test_relative_distance_is_zero_for_exactly_equivariant_maps():
