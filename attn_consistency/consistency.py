@@ -181,7 +181,8 @@ class AttentionConsistencyLoss(nn.Module):
     Args:
         weights: a weight per transform name (default 1 each); the COCO setting of the
             authors is ``{"flip": 0.6, "scale": 0.8}``. Names must be registered transforms;
-            weights finite and ``>= 0``.
+            weights finite and ``>= 0``. A key must name a registered transform or one
+            given to the call (checked at each call: a typo is an error, not weight 1).
         reduction: ``'mean'`` (Eq. 5), ``'sum'`` or ``'none'``, see
             :func:`attention_consistency`.
         check_finite_values: see :func:`attention_consistency`.
@@ -229,11 +230,8 @@ class AttentionConsistencyLoss(nn.Module):
             raise TypeError(f"weights must be a mapping from transform name to weight, got {type(weights).__name__}")
         self.weights = {}
         for key, value in (weights or {}).items():
-            if not isinstance(key, str) or key not in available_transforms():
-                raise ValueError(
-                    f"weights key {key!r} names no registered transform (available: {', '.join(available_transforms())}); "
-                    "register your transform before creating the loss"
-                )
+            if not isinstance(key, str):
+                raise TypeError(f"weights keys must be transform names (str), got {type(key).__name__} {key!r}")
             self.weights[key] = check_weight(f"weights[{key!r}]", value)
         self.check_finite_values = check_bool("check_finite_values", check_finite_values, optional=True)
         self.distance = _check_distance(distance)
@@ -274,6 +272,20 @@ class AttentionConsistencyLoss(nn.Module):
     def _weight(self, transform: Transform) -> float:
         return self.weights.get(transform.name, 1.0)
 
+    def _check_keys(self, transforms: Sequence[Transform]) -> None:
+        """Refuse a weight whose key names no transform: a typo would leave that term at weight 1.
+
+        A key may name a registered transform (used in another call) or one of this call's
+        transforms (an unregistered instance).
+        """
+        known = set(available_transforms()) | {t.name for t in transforms}
+        unknown = sorted(set(self.weights) - known)
+        if unknown:
+            raise ValueError(
+                f"weights key {unknown[0]!r} names no transform (registered: {', '.join(available_transforms())}; "
+                f"this call: {', '.join(t.name for t in transforms)})"
+            )
+
     def _pair(self, heatmaps: Tensor, heatmaps_t: Tensor) -> tuple[Tensor, Tensor]:
         if self.stop_gradient == "original":
             return heatmaps.detach(), heatmaps_t
@@ -284,6 +296,7 @@ class AttentionConsistencyLoss(nn.Module):
     def forward(self, heatmaps: Tensor, heatmaps_t: Tensor, transform: str | Transform, params: Any = None) -> Tensor:
         """The weighted consistency of ``heatmaps_t`` with ``transform(heatmaps)``, times the schedule."""
         transform = get_transform(transform)
+        self._check_keys([transform])
         value = attention_consistency(
             *self._pair(heatmaps, heatmaps_t), transform, params, self.reduction, self.check_finite_values, self.distance
         )
@@ -361,6 +374,7 @@ class AttentionConsistencyLoss(nn.Module):
             if targets.shape[0] != images.shape[0]:
                 raise ValueError(f"targets must hold one row per image ({images.shape[0]}), got shape {tuple(targets.shape)}")
         chosen = self._transforms(transforms, mode)
+        self._check_keys(chosen)
         params = {t.name: t.sample(generator) for t in chosen}
         if mode == "independent":
             views = [()] + [(t.name,) for t in chosen]

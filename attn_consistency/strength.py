@@ -4,8 +4,8 @@ The distance of Eq. 5 is in the heatmaps' own units, so the paper's weight of 1 
 different strength on another model, another label count or another stage of training.
 Three levers control it (see :class:`~attn_consistency.AttentionConsistencyLoss`):
 
-- ``distance="relative"`` divides Eq. 5 by the heatmaps' own variance (kept out of the
-  gradient), so that one weight means the same on any model;
+- ``distance="relative"`` divides Eq. 5 by the heatmaps' own spatial variance (in the
+  gradient: the loss is scale-free), so that one weight means the same on any model;
 - a weight schedule such as :class:`Ramp` (a warm-up from 0), here;
 - the weights themselves.
 
@@ -172,7 +172,7 @@ class ConsistencyDiagnostics:
     @property
     def due(self) -> bool:
         """Whether the next :meth:`update` closes a window (and so reads its gradient ratio)."""
-        return len(self._window) + 1 >= self.every
+        return (self.updates + 1) % self.every == 0
 
     def update(
         self, heatmaps: Tensor, consistency: Tensor, classification: Tensor | None = None, gradients: Tensor | None = None
@@ -183,7 +183,8 @@ class ConsistencyDiagnostics:
         grad = nan if gradients is None else gradients.float()
         self._window.append(torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device), grad.to(nan.device)]))
         self.updates += 1
-        if len(self._window) >= self.every:
+        # windows end at multiples of `every` updates, so that a resumed run checks at the same steps
+        if self.updates % self.every == 0:
             self._check(torch.stack(self._window).cpu())
             self._window = []
 
@@ -216,13 +217,32 @@ class ConsistencyDiagnostics:
     def _warn(self, cause: str, message: str) -> None:
         if cause not in self.warned:
             self.warned.add(cause)
-            warnings.warn(f"attention consistency: {message} (diagnostics=False silences this)", ConsistencyWarning, stacklevel=4)
+            warnings.warn(
+                f"attention consistency: {message} (diagnostics=False silences this)", ConsistencyWarning, stacklevel=_caller()
+            )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "start_spread": self.start_spread, "warned": sorted(self.warned)}
+        """Everything a resumed run needs to check the same windows as an uninterrupted one."""
+        window = [entry.tolist() for entry in self._window]  # read once, at checkpoint time
+        return {
+            "updates": self.updates, "start_spread": self.start_spread, "warned": sorted(self.warned),
+            "last": dict(self.last), "window": window,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = int(state["updates"])
         self.start_spread = state["start_spread"]
         self.warned = set(state["warned"])
-        self._window = []
+        self.last = dict(state.get("last", {}))
+        self._window = [torch.tensor(entry) for entry in state.get("window", [])]
+
+
+def _caller() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch's module calls."""
+    import sys
+
+    package = __name__.rpartition(".")[0].replace(".", "/")
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (f"/{package}/" in frame.f_code.co_filename or "/torch/nn/modules/" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level

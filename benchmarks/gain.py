@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from examples._files import write_text_atomic
 from examples.gain import REGIMES, ROWS, VIEWS, pretrained, run_row, table
 from examples.train import TrainConfig
 
@@ -88,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str
     print(text)
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps({"command": sys.argv, "regimes": REGIMES, "runs": runs}, indent=2, default=list))
-    path.with_suffix(".md").write_text(text + "\n")
+    write_text_atomic(json.dumps({"command": sys.argv, "regimes": REGIMES, "runs": runs}, indent=2, default=list), path.with_suffix(".json"), "results file")
+    write_text_atomic(text + "\n", path.with_suffix(".md"), "results table")
     return results
 
 

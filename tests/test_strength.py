@@ -9,6 +9,7 @@ from torch.autograd import gradcheck
 
 from attn_consistency import (
     AttentionConsistencyLoss,
+    Flip,
     CAMHook,
     ConsistencyDiagnostics,
     ConsistencyWarning,
@@ -349,6 +350,24 @@ def test_gradient_ratio_equals_the_oracle_on_maps_that_make_the_logits():
     assert m.grad is None and m_t.grad is None
 
 
+def test_diagnostics_resume_checks_the_same_windows():
+    values = [float(v) for v in torch.linspace(0.5, 3.0, 10)]
+
+    def feed(diagnostics, ratios):
+        for ratio in ratios:
+            diagnostics.update(spread_batch(ratio), torch.tensor(ratio), torch.tensor(1.0), torch.tensor(2 * ratio))
+
+    straight = ConsistencyDiagnostics(every=3, dominance=100.0)
+    feed(straight, values)
+    first = ConsistencyDiagnostics(every=3, dominance=100.0)
+    feed(first, values[:4])
+    resumed = ConsistencyDiagnostics(every=3, dominance=100.0)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, values[4:])
+    assert resumed.last == pytest.approx(straight.last) and resumed.updates == straight.updates == 10
+    assert straight.last["gradient_ratio"] == pytest.approx(2 * sum(values[6:9]) / 3)
+
+
 def test_diagnostics_arguments_are_checked():
     with pytest.raises(ValueError, match=r"collapse must lie in \(0, 1\)"):
         ConsistencyDiagnostics(collapse=1.5)
@@ -377,9 +396,21 @@ def test_views_warn_when_the_term_dwarfs_the_classification_loss(model):
                 quiet.views(model, cam, images, ["flip"], targets=targets, criterion=criterion)
 
 
-def test_weights_are_validated():
-    with pytest.raises(ValueError, match="weights key 'flp' names no registered transform"):
-        AttentionConsistencyLoss(weights={"flp": 0.0})
+def test_weights_are_validated(model):
+    typo = AttentionConsistencyLoss(weights={"flp": 0.0})
+    with pytest.raises(ValueError, match="weights key 'flp' names no transform"):
+        typo(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), "flip")
+    with CAMHook(model) as cam, pytest.raises(ValueError, match="weights key 'flp' names no transform"):
+        typo.views(model, cam, torch.randn(2, 3, 28, 28), ["flip"])
+    with pytest.raises(TypeError, match="weights keys must be transform names"):
+        AttentionConsistencyLoss(weights={1: 0.5})
+
+    class Unregistered(Flip):
+        name = "mirror"
+
+    # an unregistered transform instance is weighted by its own name
+    m = torch.randn(2, 3, 4, 4)
+    assert float(AttentionConsistencyLoss(weights={"mirror": 0.0})(m, torch.randn(2, 3, 4, 4), Unregistered())) == 0.0
     for bad, match in ((-1.0, ">= 0"), (math.nan, "finite"), (math.inf, "finite")):
         with pytest.raises(ValueError, match=match):
             AttentionConsistencyLoss(weights={"flip": bad})

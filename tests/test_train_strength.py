@@ -42,6 +42,12 @@ def test_the_warm_up_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytes
     assert resumed == straight
 
 
+def test_a_warm_up_run_cannot_be_resumed_with_other_epochs(tmp_path: Path) -> None:
+    train(dataclasses.replace(ramped(tmp_path), epochs=1), device="cpu")
+    with pytest.raises(ValueError, match="epochs: 1 there, 2 here"):
+        train(dataclasses.replace(ramped(tmp_path), epochs=2), device="cpu", resume=True)
+
+
 def test_each_term_and_the_ratio_are_logged(tmp_path: Path) -> None:
     (row,) = train(dataclasses.replace(ramped(tmp_path), warmup=0.0, epochs=1), device="cpu")
     assert {"term-flip@32", "term-flip@24", "term-scale"} <= set(row)
