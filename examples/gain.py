@@ -38,7 +38,7 @@ __all__ = ["REGIMES", "ROWS", "VIEWS", "pretrained", "run_row", "table"]
 # The harder task: the demo presets' net, images and optimizer, with 6 shapes from scratch or 8
 # (4 of them new) when fine-tuning, objects of 13-22 px (scratch) or 10-19 px (fine-tune) on 64 px
 # images, up to 4 of them. The baselines' mAP at these settings: README, "Does it pay?".
-_SYNTHETIC = PRESETS["synthetic"] | dict(synthetic_objects=4, progress=False)
+_SYNTHETIC = PRESETS["synthetic"] | dict(synthetic_objects=4, synthetic_test=400, progress=False)
 REGIMES: dict[str, dict[str, Any]] = {
     "scratch": _SYNTHETIC | dict(synthetic_classes=6, synthetic_sizes=(0.2, 0.35), synthetic_train=800, epochs=30, lr=2e-3, lr_step=24),
     "finetune": _SYNTHETIC | dict(synthetic_classes=8, synthetic_sizes=(0.15, 0.3), synthetic_train=500, epochs=10, lr=1e-3, lr_step=8),
