@@ -262,12 +262,15 @@ class AttentionConsistencyLoss(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         diagnostics = self.diagnostics.state_dict() if self.diagnostics is not None else None
-        return {"steps": self.steps, "diagnostics": diagnostics}
+        schedule = self.schedule.state_dict() if callable(getattr(self.schedule, "state_dict", None)) else None
+        return {"steps": self.steps, "diagnostics": diagnostics, "schedule": schedule}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         if self.diagnostics is not None and state.get("diagnostics") is not None:
             self.diagnostics.load_state_dict(state["diagnostics"])
+        if state.get("schedule") is not None and callable(getattr(self.schedule, "load_state_dict", None)):
+            self.schedule.load_state_dict(state["schedule"])
 
     def _weight(self, transform: Transform) -> float:
         return self.weights.get(transform.name, 1.0)
@@ -421,6 +424,13 @@ class AttentionConsistencyLoss(nn.Module):
         if criterion is not None:
             classification = sum(criterion(x, targets) for x in view_logits) / len(view_logits)
         if torch.is_grad_enabled():
+            if getattr(self.schedule, "trigger", None) is not None:
+                if classification is None:
+                    raise ValueError(
+                        "the schedule starts when the classification loss has fallen (Ramp(trigger=...)): give views() "
+                        "targets= and criterion=, or call schedule.observe(loss) at each step yourself"
+                    )
+                self.schedule.observe(classification)
             if self.diagnostics is not None and not torch.compiler.is_compiling():
                 gradients = None
                 if self.diagnostics.due and classification is not None:

@@ -42,21 +42,33 @@ def _check_steps(name: str, value: object) -> int:
 class Ramp:
     r"""A warm-up of the consistency weight: a multiplier that rises from 0 to 1.
 
-    With :math:`t = \min(1, \max(0, s - \text{delay}) / \text{steps})` at step :math:`s`:
+    With :math:`t = \min(1, \max(0, s - s_0) / \text{steps})` at step :math:`s`:
 
     - ``'linear'``: :math:`t`;
     - ``'cosine'``: :math:`(1 - \cos \pi t) / 2`, flat at both ends;
     - ``'gaussian'``: :math:`\exp(-5 (1 - t)^2)` for :math:`t > 0` (the ramp-up of temporal
       ensembling, Laine and Aila 2017), 0 before the ramp starts.
 
+    The ramp starts at :math:`s_0 =` ``delay``, or, with ``trigger``, at the first step after
+    ``delay`` that ends a window of ``window`` steps whose mean classification loss is below
+    ``trigger`` times the first window's. The term then waits until the classifier has found
+    the labels, however long that takes: a net trained from scratch can sit at chance level
+    for a long, unpredictable time, and a consistency term switched on then keeps it there.
+    The loss is fed by :meth:`observe`, which
+    :meth:`~attn_consistency.AttentionConsistencyLoss.views` calls when it is given
+    ``targets`` and ``criterion``; it is read once per window (one device sync).
+
     Call it with a step number in a plain loop (``cls + ramp(step) * consistency(...)``),
     or give it to :class:`~attn_consistency.AttentionConsistencyLoss` (``schedule=``), which
-    counts the steps itself.
+    counts the steps itself and saves the ramp's state with its own.
 
     Args:
-        steps: length of the ramp in optimizer steps; 0 means no warm-up (always 1).
+        steps: length of the ramp in steps; 0 means a step from 0 to 1 at :math:`s_0`.
         shape: ``'linear'``, ``'cosine'`` or ``'gaussian'``.
-        delay: steps at 0 before the ramp starts.
+        delay: steps at 0 before the ramp may start.
+        trigger: start the ramp once the classification loss has fallen below this
+            fraction (in ``(0, 1)``) of its first window's mean; ``None`` starts at ``delay``.
+        window: steps per window of the trigger.
 
     Example:
         >>> ramp = Ramp(100)
@@ -66,28 +78,65 @@ class Ramp:
         0.1464
     """
 
-    def __init__(self, steps: int, shape: str = "linear", delay: int = 0) -> None:
+    def __init__(
+        self, steps: int, shape: str = "linear", delay: int = 0, trigger: float | None = None, window: int = 25
+    ) -> None:
         self.steps = _check_steps("steps", steps)
         self.delay = _check_steps("delay", delay)
         if shape not in _SHAPES:
             raise ValueError(f"shape must be one of {', '.join(map(repr, _SHAPES))}, got {shape!r}")
         self.shape = shape
+        if trigger is not None:
+            trigger = check_finite_number("trigger", trigger)
+            if not 0.0 < trigger < 1.0:
+                raise ValueError(f"trigger must lie in (0, 1) (a fraction of the starting loss), got {trigger!r}")
+        self.trigger = trigger
+        self.window = _check_steps("window", window)
+        if self.window == 0:
+            raise ValueError("window must be >= 1")
+        self.start: int | None = None if trigger is not None else self.delay
+        self.reference: float | None = None
+        self._observed = 0
+        self._sum: Tensor | float = 0.0
+
+    def observe(self, loss: Tensor | float) -> None:
+        """Feed one step's classification loss (a tensor is read once per window)."""
+        if self.start is not None:
+            return
+        value = loss.detach().float() if isinstance(loss, Tensor) else float(loss)
+        self._sum = self._sum + value
+        self._observed += 1
+        if self._observed % self.window:
+            return
+        mean, self._sum = float(self._sum) / self.window, 0.0
+        if self.reference is None:
+            self.reference = mean
+        elif self._observed > self.delay and mean < self.trigger * self.reference:
+            self.start = self._observed
 
     def __call__(self, step: int) -> float:
         step = _check_steps("step", step)
-        if step < self.delay:
+        if self.start is None or step < self.start:
             return 0.0
         if self.steps == 0:
             return 1.0
-        t = min(1.0, (step - self.delay) / self.steps)
+        t = min(1.0, (step - self.start) / self.steps)
         if self.shape == "linear":
             return t
         if self.shape == "cosine":
             return 0.5 * (1.0 - math.cos(math.pi * t))
         return math.exp(-5.0 * (1.0 - t) ** 2) if t > 0 else 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "reference": self.reference, "observed": self._observed, "sum": float(self._sum)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.reference = state["start"], state["reference"]
+        self._observed, self._sum = int(state["observed"]), float(state["sum"])
+
     def __repr__(self) -> str:
-        return f"Ramp(steps={self.steps}, shape={self.shape!r}, delay={self.delay})"
+        trigger = f", trigger={self.trigger}, window={self.window}" if self.trigger is not None else ""
+        return f"Ramp(steps={self.steps}, shape={self.shape!r}, delay={self.delay}{trigger})"
 
 
 class ConsistencyWarning(UserWarning):

@@ -72,6 +72,9 @@ class TrainConfig:
     distance: str = "mse"
     warmup: float = 0.0
     warmup_delay: float = 0.0  # fraction of the run's steps at weight 0 before the warm-up starts
+    # >0: the warm-up starts only once the classification loss has fallen below this fraction of
+    # its first 25 steps' mean (the classifier has found the labels), at the earliest after the delay
+    warmup_trigger: float = 0.0
     warmup_shape: str = "linear"
     stop_gradient: str | None = None  # None (both views trained, the paper) | original | transformed
     diagnostics: bool = True  # warn once when the heatmaps collapse or the term dwarfs classification
@@ -350,10 +353,12 @@ def _random_view(images: Tensor, resized: list[Tensor], transforms: list, genera
 
 
 def _schedule(config: TrainConfig, steps: int) -> Ramp | None:
-    """The warm-up of the consistency weights: ``warmup_delay`` of the run at 0, then a ramp over ``warmup``."""
-    if not config.warmup and not config.warmup_delay:
+    """The warm-up of the consistency weights: at 0 for ``warmup_delay`` of the run (and until the
+    classification loss has fallen, with ``warmup_trigger``), then a ramp over ``warmup``."""
+    if not config.warmup and not config.warmup_delay and not config.warmup_trigger:
         return None
-    return Ramp(round(config.warmup * steps), config.warmup_shape, delay=round(config.warmup_delay * steps))
+    trigger = config.warmup_trigger or None
+    return Ramp(round(config.warmup * steps), config.warmup_shape, delay=round(config.warmup_delay * steps), trigger=trigger)
 
 
 def scale_factor(config: TrainConfig) -> float:
@@ -443,7 +448,7 @@ def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_diges
     saved = json.loads(state["config"])
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     # the warm-up is a fraction of the run's steps: more epochs would move it under a running run
-    resumable = _RESUMABLE_CHANGES - ({"epochs"} if config.warmup or config.warmup_delay else set())
+    resumable = _RESUMABLE_CHANGES - ({"epochs"} if config.warmup or config.warmup_delay or config.warmup_trigger else set())
     changed = [
         f"{key}: {saved.get(key, _older_default(key))!r} there, {value!r} here"
         for key, value in current.items()

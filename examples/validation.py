@@ -158,6 +158,7 @@ _RULES: dict[str, Rule] = {
     "translate_fraction": _interval(-1, 1, low_open=True, high_open=True, why=" (a fraction of the width)"),
     "warmup": _interval(0, 1, why=" (a fraction of the run's steps)"),
     "warmup_delay": _interval(0, 1, why=" (a fraction of the run's steps)"),
+    "warmup_trigger": _interval(0, 1, high_open=True, why=" (a fraction of the starting classification loss; 0: off)"),
     "distance": _choice("mse", "relative"),
     "warmup_shape": _choice("linear", "cosine", "gaussian"),
     "stop_gradient": _choice("original", "transformed"),

@@ -62,6 +62,43 @@ def test_ramp_refuses_bad_arguments(kwargs, error, match):
         Ramp(**kwargs)
 
 
+def test_triggered_ramp_starts_once_the_loss_has_fallen():
+    ramp = Ramp(4, trigger=0.5, window=2)
+    losses = [10.0, 10.0, 9.0, 8.0, 6.0, 4.0, 4.0, 4.0, 3.0]  # windows: 10 (reference), 8.5, 5, 4 < 5
+    for loss in losses:
+        ramp.observe(torch.tensor(loss))
+    assert (ramp.reference, ramp.start) == (10.0, 8)
+    assert [ramp(step) for step in (0, 7, 8, 9, 10, 12, 50)] == [0.0, 0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    # a delay holds the start back even when the loss has fallen earlier
+    late = Ramp(0, trigger=0.5, window=2, delay=9)
+    for loss in losses + [3.0]:
+        late.observe(loss)
+    assert late.start == 10
+    never = Ramp(4, trigger=0.5, window=2)
+    for loss in [10.0] * 20:
+        never.observe(loss)
+    assert never.start is None and never(1000) == 0.0
+    with pytest.raises(ValueError, match=r"trigger must lie in \(0, 1\)"):
+        Ramp(4, trigger=1.0)
+
+
+def test_triggered_ramp_in_views_needs_the_classification_and_resumes(model):
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1.0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0]])
+    criterion = WeightedBCEWithLogitsLoss(torch.full((5,), 0.5))
+    loss = AttentionConsistencyLoss(schedule=Ramp(2, trigger=0.9, window=2), diagnostics=False)
+    with CAMHook(model) as cam:
+        with pytest.raises(ValueError, match=r"give views\(\) targets= and criterion="):
+            loss.views(model, cam, images, ["flip"])
+        for _ in range(3):
+            loss.views(model, cam, images, ["flip"], targets=targets, criterion=criterion)
+    assert loss.schedule.reference is not None and loss.schedule._observed == 3
+    restored = AttentionConsistencyLoss(schedule=Ramp(2, trigger=0.9, window=2), diagnostics=False)
+    restored.load_state_dict(loss.state_dict())
+    assert restored.schedule.state_dict() == loss.schedule.state_dict()
+    assert restored.steps == loss.steps == 3
+
+
 def test_views_apply_the_schedule_and_count_steps(model):
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     plain = AttentionConsistencyLoss(diagnostics=False)
