@@ -259,6 +259,8 @@ class _WeakHook:
     def __call__(self, *args: Any) -> None:
         owner = self._ref() if self._ref is not None else None
         if owner is None:
+            if self._ref is None and args and isinstance(args[0], nn.Module):
+                _forget(args[0], self)  # a copy's hook: no handle can remove it, so it removes itself
             return
         try:
             getattr(owner, self._method)(*self._bound, *args)
@@ -273,6 +275,13 @@ class _WeakHook:
 
     def __deepcopy__(self, memo: dict[int, object]) -> _WeakHook:
         return _WeakHook(None)
+
+
+def _forget(module: nn.Module, hook: _WeakHook) -> None:
+    """Take ``hook`` off ``module`` (torch iterates over a copy of the hooks: safe inside a call)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [key for key, value in hooks.items() if value is hook]:
+            del hooks[key]
 
 
 def _wide(tensor: Tensor) -> Tensor:

@@ -596,6 +596,9 @@ def test_copies_of_the_model_do_not_record_into_the_hook() -> None:
         logits = model(x)
         (heatmaps,) = cam.pop()
     assert_cam_invariant(heatmaps, model.fc, logits)
+    # the copies' inert hooks took themselves off at their first call: none is left on them
+    for copy_ in (teacher, loaded):
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in copy_.modules())
 
 
 def test_second_live_hook_warns_until_the_first_is_removed() -> None:
