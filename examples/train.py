@@ -132,7 +132,7 @@ PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scal
 
 # The recommended strength of the term for a model and data other than the paper's (measured:
 # benchmarks/gain.py, README "Does it pay?"): the paper's presets above keep the paper's loss.
-RECOMMENDED: dict[str, Any] = dict(distance="relative", warmup=0.2, warmup_delay=0.5)
+RECOMMENDED: dict[str, Any] = dict(distance="relative", warmup=0.2, warmup_trigger=0.75)
 # Your own data (an image folder with CSV label files): ResNet-50 at the paper's 224/192.
 PRESETS["csv-r50"] = dict(_WIDER, dataset="csv")
 PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale")) | RECOMMENDED
