@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ._validation import check_finite_number
@@ -56,7 +57,8 @@ class Ramp:
     for a long, unpredictable time, and a consistency term switched on then keeps it there.
     The loss is fed by :meth:`observe`, which
     :meth:`~attn_consistency.AttentionConsistencyLoss.views` calls when it is given
-    ``targets`` and ``criterion``; it is read once per window (one device sync).
+    ``targets`` and ``criterion``; it is read once per window (one device sync), averaged over
+    the replicas under ``torch.distributed`` so that every replica starts at the same step.
 
     Call it with a step number in a plain loop (``cls + ramp(step) * consistency(...)``),
     or give it to :class:`~attn_consistency.AttentionConsistencyLoss` (``schedule=``), which
@@ -108,7 +110,13 @@ class Ramp:
         self._observed += 1
         if self._observed % self.window:
             return
-        mean, self._sum = float(self._sum) / self.window, 0.0
+        total, self._sum = self._sum, 0.0
+        if isinstance(total, Tensor) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every replica must start at the same step: decide on the loss over all of them
+            total = total.clone()
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
+        mean = float(total) / self.window
         if self.reference is None:
             self.reference = mean
         elif self._observed > self.delay and mean < self.trigger * self.reference:

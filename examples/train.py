@@ -68,7 +68,7 @@ class TrainConfig:
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     # The strength of the term (attn_consistency.strength): 'mse' is the paper's Eq. 5, 'relative'
     # divides it by the heatmaps' variance; a warm-up ramps the weights from 0 over that fraction of
-    # the run's steps (epochs x steps per epoch: a resumed run with more epochs stretches it).
+    # the run's steps (epochs x steps per epoch, so a run with a warm-up resumes with its epochs only).
     distance: str = "mse"
     warmup: float = 0.0
     warmup_delay: float = 0.0  # fraction of the run's steps at weight 0 before the warm-up starts

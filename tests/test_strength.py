@@ -451,3 +451,33 @@ def test_weights_are_validated(model):
     for bad, match in ((-1.0, ">= 0"), (math.nan, "finite"), (math.inf, "finite")):
         with pytest.raises(ValueError, match=match):
             AttentionConsistencyLoss(weights={"flip": bad})
+
+
+def _observe_on_replica(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ramp = Ramp(4, trigger=0.5, window=2)
+        # replica 0 alone falls below half of its start at its third window, replica 1 never:
+        # their mean (5 -> 3.5 -> 3.0 -> 2.25) crosses 0.5 * 5 only at the fourth window
+        losses = [[6.0, 6.0, 3.0, 3.0, 2.0, 2.0, 0.5, 0.5], [4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]][rank]
+        for loss in losses:
+            ramp.observe(torch.tensor(loss))
+        results[rank] = (ramp.reference, ramp.start)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_triggered_ramp_starts_at_the_same_step_on_every_replica():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_observe_on_replica, args=(port, results), nprocs=2, join=True)
+    assert results[0] == results[1] == (5.0, 8)
