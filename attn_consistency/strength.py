@@ -17,6 +17,7 @@ classification loss early on.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -32,12 +33,12 @@ __all__ = ["ConsistencyDiagnostics", "ConsistencyWarning", "Ramp", "gradient_rat
 _SHAPES = ("linear", "cosine", "gaussian")
 
 
-def _check_steps(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_steps(name: str, value: object, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int (a number of steps), got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 class Ramp:
@@ -93,9 +94,7 @@ class Ramp:
             if not 0.0 < trigger < 1.0:
                 raise ValueError(f"trigger must lie in (0, 1) (a fraction of the starting loss), got {trigger!r}")
         self.trigger = trigger
-        self.window = _check_steps("window", window)
-        if self.window == 0:
-            raise ValueError("window must be >= 1")
+        self.window = _check_steps("window", window, low=1)
         self.start: int | None = None if trigger is not None else self.delay
         self.reference: float | None = None
         self._observed = 0
@@ -105,7 +104,12 @@ class Ramp:
         """Feed one step's classification loss (a tensor is read once per window)."""
         if self.start is not None:
             return
-        value = loss.detach().float() if isinstance(loss, Tensor) else float(loss)
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"observe() takes the step's loss as one number, got a tensor of shape {tuple(loss.shape)}")
+            value: Tensor | float = loss.detach().float().reshape(())
+        else:
+            value = check_finite_number("loss", loss)
         self._sum = self._sum + value
         self._observed += 1
         if self._observed % self.window:
@@ -210,9 +214,7 @@ class ConsistencyDiagnostics:
     """
 
     def __init__(self, every: int = 25, collapse: float = 0.2, dominance: float = 1.0, early_steps: int = 500) -> None:
-        self.every = _check_steps("every", every)
-        if self.every == 0:
-            raise ValueError("every must be >= 1")
+        self.every = _check_steps("every", every, low=1)
         self.collapse = check_finite_number("collapse", collapse)
         self.dominance = check_finite_number("dominance", dominance)
         if not 0.0 < self.collapse < 1.0:

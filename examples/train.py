@@ -496,7 +496,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    start_epoch, history = 0, []
+    start_epoch, history, state = 0, [], None
     checkpoint_path = out / "last.pt"
     if resume and checkpoint_path.exists():
         state = load_train_checkpoint(checkpoint_path)
@@ -535,7 +535,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         stop_gradient=config.stop_gradient,
         diagnostics=config.diagnostics and ddp.main,
     )
-    if resume and checkpoint_path.exists() and "consistency" in state:
+    if state is not None and "consistency" in state:  # the schedule and diagnostics of the resumed run
         consistency.load_state_dict(state["consistency"])
     amp = _use(config.amp, device)
     memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
