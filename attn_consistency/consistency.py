@@ -58,6 +58,8 @@ def heatmap_variance(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
     flat (no scale to take); elsewhere it stays in the graph (see
     :func:`attention_consistency`).
     """
+    check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+    check_tensor("heatmaps_t", heatmaps_t, 4, "(N, L, h', w')", floating=True)
     variance = 0.5 * (heatmaps.var((2, 3), unbiased=False).mean() + heatmaps_t.var((2, 3), unbiased=False).mean())
     return torch.where(variance > 0, variance, torch.ones_like(variance))
 
@@ -235,7 +237,7 @@ class AttentionConsistencyLoss(nn.Module):
             self.weights[key] = check_weight(f"weights[{key!r}]", value)
         self.check_finite_values = check_bool("check_finite_values", check_finite_values, optional=True)
         self.distance = _check_distance(distance)
-        if schedule is not None and not callable(schedule):
+        if isinstance(schedule, type) or (schedule is not None and not callable(schedule)):
             raise TypeError(f"schedule must be callable (step -> multiplier), e.g. Ramp(1000), got {type(schedule).__name__}")
         self.schedule = schedule
         if stop_gradient not in _STOP_GRADIENT:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validation import check_finite_number
+from ._validation import check_finite_number, check_tensor
 
 __all__ = ["ConsistencyDiagnostics", "ConsistencyWarning", "Ramp", "gradient_ratio", "heatmap_spread"]
 
@@ -157,7 +157,7 @@ class ConsistencyWarning(UserWarning):
 
 def heatmap_spread(heatmaps: Tensor) -> Tensor:
     """The spatial spread of a heatmap batch: the std over cells, averaged over maps (detached)."""
-    maps = heatmaps.detach().float().flatten(2)
+    maps = check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True).detach().float().flatten(2)
     if maps.shape[-1] < 2 or maps.shape[0] * maps.shape[1] == 0:
         return maps.new_zeros(())
     return maps.std(-1, unbiased=False).mean()
@@ -168,7 +168,7 @@ def gradient_ratio(consistency: Tensor, classification: Tensor, heatmaps: Sequen
 
     .. math:: r = \lVert \partial \ell_a / \partial M \rVert \,/\, \lVert \partial \ell_c / \partial M \rVert
 
-    over the heatmaps of every view. For a GAP-FC head the logits are
+    over the heatmaps of every view (NaN when neither loss has a gradient). For a GAP-FC head the logits are
     ``heatmaps.mean((2, 3)) + bias``, so the classification loss's gradient on each cell is
     its gradient on the logit over :math:`hw`: both are read from the small graphs between
     the heatmaps and the losses (the backbone is not traversed). Unlike the ratio of the
@@ -237,6 +237,9 @@ class ConsistencyDiagnostics:
         self, heatmaps: Tensor, consistency: Tensor, classification: Tensor | None = None, gradients: Tensor | None = None
     ) -> None:
         """Record one step (``gradients``: its :func:`gradient_ratio`, if measured); check a full window."""
+        check_tensor("consistency", consistency)
+        if classification is not None:
+            check_tensor("classification", classification)
         nan = consistency.new_full((), math.nan, dtype=torch.float32)
         ratio = nan if classification is None else consistency.detach().float() / classification.detach().float()
         grad = nan if gradients is None else gradients.float()

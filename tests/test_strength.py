@@ -481,3 +481,22 @@ def test_triggered_ramp_starts_at_the_same_step_on_every_replica():
     results = mp.Manager().dict()
     mp.spawn(_observe_on_replica, args=(port, results), nprocs=2, join=True)
     assert results[0] == results[1] == (5.0, 8)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: ConsistencyDiagnostics().update([1], torch.tensor(1.0)), TypeError, "heatmaps must be a torch.Tensor"),
+        (lambda: ConsistencyDiagnostics().update(torch.randn(2, 3, 4), torch.tensor(1.0)), ValueError, "heatmaps must be 4-D"),
+        (lambda: ConsistencyDiagnostics().update(torch.randn(2, 3, 4, 4), 1.0), TypeError, "consistency must be a torch.Tensor"),
+        (lambda: AttentionConsistencyLoss(schedule=Ramp), TypeError, "schedule must be callable .*, e.g. Ramp\\(1000\\), got type"),
+        (lambda: heatmap_variance([1], torch.randn(1, 1, 2, 2)), TypeError, "heatmaps must be a torch.Tensor"),
+        (lambda: Ramp(10)(2.5), TypeError, "step must be an int"),
+        (lambda: Ramp(10, trigger=0.5).observe(torch.tensor([1.0, 2.0])), ValueError, "observe\\(\\) takes the step's loss as one number"),
+        (lambda: Ramp(10, trigger=0.5).observe(float("nan")), ValueError, "loss must be a finite number"),
+        (lambda: ConsistencyDiagnostics(every=-1), ValueError, "every must be >= 1, got -1"),
+    ],
+)
+def test_bad_arguments_of_the_strength_api_name_themselves(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
