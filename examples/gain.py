@@ -71,7 +71,7 @@ def pretrained(out: Path, **overrides: Any) -> tuple[str, dict[str, float]]:
 
 
 def run_row(
-    regime: str, row: dict[str, Any], seed: int, out: Path, pretrained: str | None, **overrides: Any
+    regime: str, row: dict[str, Any], seed: int, out: Path, pretrained_path: str | None, **overrides: Any
 ) -> dict[str, float]:
     """Train (or reuse) one run; its last epoch's metrics and its training time in seconds.
 
@@ -79,7 +79,7 @@ def run_row(
     """
     settings = REGIMES[regime] | row | overrides | dict(seed=seed, out=str(out))
     if regime == "finetune":
-        settings["pretrained"] = pretrained
+        settings["pretrained"] = pretrained_path
     config = TrainConfig(**settings)
     # written once the run has finished: a run that was only reloaded keeps the time it took
     timing = out / "timing.json"
