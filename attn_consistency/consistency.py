@@ -302,6 +302,14 @@ class AttentionConsistencyLoss(nn.Module):
         """The weighted consistency of ``heatmaps_t`` with ``transform(heatmaps)``, times the schedule."""
         transform = get_transform(transform)
         self._check_keys([transform])
+        trigger = getattr(self.schedule, "trigger", None)
+        if trigger is not None and self.steps >= self.schedule.window and self.schedule.observed == 0:
+            # without the losses the ramp never starts: the term would stay at weight 0 unnoticed
+            raise ValueError(
+                f"the schedule starts when the classification loss has fallen (Ramp(trigger={trigger})), but after "
+                f"{self.steps} steps it has seen no loss: call schedule.observe(loss) at each step, or use views() "
+                "with targets= and criterion="
+            )
         value = attention_consistency(
             *self._pair(heatmaps, heatmaps_t), transform, params, self.reduction, self.check_finite_values, self.distance
         )

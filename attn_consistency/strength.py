@@ -100,6 +100,11 @@ class Ramp:
         self._observed = 0
         self._sum: Tensor | float = 0.0
 
+    @property
+    def observed(self) -> int:
+        """Steps whose loss :meth:`observe` has taken (it stops counting once the ramp started)."""
+        return self._observed
+
     def observe(self, loss: Tensor | float) -> None:
         """Feed one step's classification loss (a tensor is read once per window)."""
         if self.start is not None:

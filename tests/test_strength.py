@@ -99,6 +99,23 @@ def test_triggered_ramp_in_views_needs_the_classification_and_resumes(model):
     assert restored.steps == loss.steps == 3
 
 
+def test_triggered_ramp_in_a_plain_loop_needs_the_losses():
+    ramp = Ramp(2, trigger=0.5, window=2)
+    criterion = AttentionConsistencyLoss(schedule=ramp, diagnostics=False)
+    m, m_t = torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3)
+    for _ in range(2):
+        criterion(m, m_t, "flip")
+        criterion.step()
+    with pytest.raises(ValueError, match="after 2 steps it has seen no loss: call schedule.observe"):
+        criterion(m, m_t, "flip")
+    fed = AttentionConsistencyLoss(schedule=Ramp(2, trigger=0.5, window=2), diagnostics=False)
+    for loss in (4.0, 4.0, 1.0, 1.0, 1.0):
+        fed(m, m_t, "flip")
+        fed.schedule.observe(loss)
+        fed.step()
+    assert fed.schedule.start == 4 and fed.multiplier == 0.5
+
+
 def test_views_apply_the_schedule_and_count_steps(model):
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     plain = AttentionConsistencyLoss(diagnostics=False)
