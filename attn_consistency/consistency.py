@@ -20,19 +20,9 @@ from torch import Tensor, nn
 from ._validation import check_bool, check_finite, check_reduction, check_tensor, check_weight, data_checks_enabled
 from .cam import CAMHook
 from .strength import ConsistencyDiagnostics, gradient_ratio
-from .transforms import Scale, Transform, available_transforms, get_transform
+from .transforms import Scale, Transform, _check_pair, available_transforms, get_transform
 
 __all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency", "attention_inconsistency"]
-
-
-def _pair_checked(heatmaps: Tensor, heatmaps_t: Tensor) -> None:
-    check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
-    check_tensor("heatmaps_t", heatmaps_t, 4, "(N, L, h', w')", floating=True)
-    if heatmaps.shape[:2] != heatmaps_t.shape[:2]:
-        raise ValueError(
-            "heatmaps and heatmaps_t must have the same batch size and number of labels, got "
-            f"(N, L) = {tuple(heatmaps.shape[:2])} and {tuple(heatmaps_t.shape[:2])}"
-        )
 
 
 _DISTANCES = ("mse", "relative")
@@ -120,7 +110,7 @@ def attention_consistency(
     _check_distance(distance)
     check_bool("check_finite_values", check_finite_values, optional=True)
     transform = get_transform(transform)
-    _pair_checked(heatmaps, heatmaps_t)
+    _check_pair(heatmaps, heatmaps_t)  # the one pair check, shared with Transform.consistency
     if data_checks_enabled(check_finite_values, heatmaps, heatmaps_t):
         check_finite("heatmaps", heatmaps)
         check_finite("heatmaps_t", heatmaps_t)

@@ -70,12 +70,17 @@ TRAIN_PARSE_ERRORS = [
 ]
 
 
+def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What an argparse refusal printed; it must exit with argparse's usage code 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "message"), TRAIN_PARSE_ERRORS, ids=[" ".join(a) for a, _ in TRAIN_PARSE_ERRORS])
 def test_train_flags_are_refused_at_parse_time(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        parse_args(argv)
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(parse_args, argv, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
@@ -292,10 +297,7 @@ BENCHMARK_ERRORS = [
 
 @pytest.mark.parametrize(("argv", "message"), BENCHMARK_ERRORS, ids=[" ".join(a) for a, _ in BENCHMARK_ERRORS])
 def test_benchmark_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        benchmark.main(["--preset", "smoke", "--dry-run", *argv])
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(benchmark.main, ["--preset", "smoke", "--dry-run", *argv], capsys)
 
 
 @pytest.mark.parametrize("output", ["result.md", "folder", "file/result.json"])
