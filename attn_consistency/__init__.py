@@ -6,10 +6,13 @@ the transform registry (:func:`get_transform`) moves images and heatmaps alike,
 ``distance``, a weight ``schedule`` such as :class:`Ramp`, and watched by
 :class:`ConsistencyDiagnostics`), and
 :class:`WeightedBCEWithLogitsLoss` is the paper's classification loss.
+:class:`AAMN` (:mod:`attn_consistency.aamn`) is a GAP-FC multi-label head with a categorical
+memory and channel and spatial relation modules, to which all of the above applies.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .aamn import AAMN, AAMNHead, CategoricalMemory, ChannelRelation, SpatialRelation
 from .cam import CAMHook
 from .classification import WeightedBCEWithLogitsLoss, positive_ratio
 from .consistency import AttentionConsistencyLoss, ConsistencyOutput, attention_consistency
@@ -31,8 +34,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0"
 
 __all__ = [
+    "AAMN",
+    "AAMNHead",
     "AttentionConsistencyLoss",
     "CAMHook",
+    "CategoricalMemory",
+    "ChannelRelation",
     "ConsistencyDiagnostics",
     "ConsistencyOutput",
     "ConsistencyWarning",
@@ -40,6 +47,7 @@ __all__ = [
     "Ramp",
     "Rotate",
     "Scale",
+    "SpatialRelation",
     "Transform",
     "Translate",
     "WeightedBCEWithLogitsLoss",

@@ -92,6 +92,9 @@ def check_arch(arch: str) -> str:
     """``arch`` if :func:`build_model` knows it, else a ValueError naming it."""
     if arch == "small_resnet":
         return arch
+    if arch.startswith("aamn_"):  # an AAMN head on that backbone (examples.aamn)
+        check_arch(arch.removeprefix("aamn_"))
+        return arch
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
@@ -103,7 +106,8 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
     """A classifier with ``num_labels`` outputs.
 
     Args:
-        arch: ``"small_resnet"`` or a torchvision classification model name (``"resnet50"``...).
+        arch: ``"small_resnet"``, a torchvision classification model name (``"resnet50"``...), or
+            ``"aamn_<one of those>"`` for an AAMN head on that backbone (:mod:`examples.aamn`).
         num_labels: outputs of the new linear head.
         pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's weights, downloaded
             or from the torch hub cache), or the path of a local file with weights of
@@ -114,7 +118,11 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
     """
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
-    if check_arch(arch) == "small_resnet":
+    if check_arch(arch).startswith("aamn_"):
+        from examples.aamn import build_aamn
+
+        return build_aamn(arch, num_labels, pretrained)
+    if arch == "small_resnet":
         if pretrained == "imagenet":
             raise ValueError("small_resnet has no ImageNet weights: give the path of a checkpoint of it, or None")
         model: nn.Module = SmallResNet(num_labels)
