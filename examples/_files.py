@@ -25,6 +25,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+from xml.etree import ElementTree
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "open_image",
     "read_csv_rows",
     "read_json",
+    "read_lines",
+    "read_xml",
     "remove_stale_temporaries",
     "save_torch_atomic",
     "write_atomic",
@@ -98,6 +101,28 @@ def read_csv_rows(path: StrPath, what: str = "label file") -> Iterator[tuple[int
         except csv.Error as error:
             raise malformed(path, f"line {lines.line_num + 1}: {error}") from None
         yield lines.line_num, fields
+
+
+def read_lines(path: StrPath, what: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of every line of a UTF-8 text file, without its line ending."""
+    path = Path(path)
+    data = _read_bytes(path, what)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise malformed(path, f"line {line}: not UTF-8 text ({error.reason})") from None
+    yield from enumerate(text.splitlines(), 1)
+
+
+def read_xml(path: StrPath, what: str) -> ElementTree.Element:
+    """The root element of the XML document in ``path``."""
+    path = Path(path)
+    data = _read_bytes(path, what)
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError as error:
+        raise malformed(path, f"not valid XML ({error})") from None
 
 
 # 16-bit greyscale files open in these modes; PIL's convert("RGB") clips their values at 255

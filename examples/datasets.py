@@ -55,9 +55,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from examples._files import malformed, open_image, read_csv_rows, read_json
+from examples._files import malformed, open_image, read_csv_rows, read_json, read_lines, read_xml
 
-__all__ = ["COCO2014", "ImageFolderCSV", "PA100K", "WiderAttribute"]
+__all__ = ["COCO2014", "ImageFolderCSV", "PA100K", "VG500", "VOC2007", "VOC_CLASSES", "WiderAttribute"]
 
 StrPath = str | os.PathLike[str]
 ImageTransform = Callable[[Image.Image], Any]
@@ -557,3 +557,185 @@ class ImageFolderCSV(_MultiLabelImages):
         targets = torch.tensor(labels, dtype=torch.float32).reshape(len(labels), len(label_names))
         encoding = "signed" if bool((targets == -1).any()) else "binary"
         super().__init__(samples, targets, label_names, encoding, transform)
+
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+"""The 20 PASCAL VOC classes in the devkit's order (the target columns of :class:`VOC2007`)."""
+
+
+class VOC2007(_MultiLabelImages):
+    """PASCAL VOC 2007 classification, as the devkit distributes it (``VOCdevkit/VOC2007``).
+
+    Samples are the image ids of ``ImageSets/Main/<split>.txt`` in that order; images are
+    ``JPEGImages/<id>.jpg``. Labels come from one of the two sources of the devkit:
+
+    - ``source="imagesets"`` (default): ``ImageSets/Main/<class>_<split>.txt`` for each of the 20
+      classes, lines ``<id> <value>`` with 1 (present), -1 (absent) or 0 (present only as
+      *difficult* objects). Each file must list exactly the ids of ``<split>.txt``.
+    - ``source="annotations"``: ``Annotations/<id>.xml``; a class is 1 when the image has an
+      ``<object>`` of it whose ``<difficult>`` is not 1, 0 when all its objects are difficult,
+      -1 otherwise: the rule by which the devkit wrote the class files.
+
+    Targets keep the three values (``encoding == "signed"``): a difficult entry is
+    *unspecified*, like WIDER's 0. The multi-label literature (ML-GCN, SSGRL and their
+    successors) ignores difficult entries in the test AP; with ``encoding="signed"`` the metrics
+    of :mod:`attn_consistency.metrics` drop them from AP, and ``--ignore-unspecified`` leaves
+    them out of the loss. An id repeated in ``<split>.txt`` is skipped.
+
+    Args:
+        root: the folder holding ``VOCdevkit/VOC2007`` (or that folder itself).
+        split: ``"trainval"`` (5,011 images, the literature's training set), ``"test"`` (4,952),
+            ``"train"`` or ``"val"``.
+        transform: applied to the PIL RGB image.
+        source: ``"imagesets"`` or ``"annotations"`` (see above).
+        strict: raise on the first entry that would be skipped.
+    """
+
+    splits = ("trainval", "test", "train", "val")
+
+    def __init__(
+        self,
+        root: StrPath,
+        split: str = "trainval",
+        transform: ImageTransform | None = None,
+        *,
+        source: str = "imagesets",
+        strict: bool = False,
+    ) -> None:
+        _check_split(split, self.splits)
+        if source not in ("imagesets", "annotations"):
+            raise ValueError(f"source must be 'imagesets' or 'annotations', got {source!r}")
+        root = Path(root)
+        base = root / "VOCdevkit" / "VOC2007" if (root / "VOCdevkit" / "VOC2007").is_dir() else root
+        main = base / "ImageSets" / "Main"
+        path = main / f"{split}.txt"
+        samples = _Samples(path, strict)
+        ids: list[str] = []  # the samples; `listed`: every id of the set file, skipped ones too
+        listed: set[str] = set()
+        for line, text in read_lines(path, "image set file"):
+            fields = text.split()
+            if not fields:
+                continue
+            if len(fields) != 1:
+                raise malformed(path, f"line {line} is {text!r}, expected one image id")
+            listed.add(fields[0])
+            if samples.first(fields[0], f"line {line}", f"the id {fields[0]!r}"):
+                image_path = samples.image(f"line {line}", base / "JPEGImages", f"{fields[0]}.jpg")
+                if image_path is not None:
+                    ids.append(fields[0])
+                    samples.add(f"line {line}", image_path, None)
+        if source == "imagesets":
+            columns = [self._class_file(main / f"{name}_{split}.txt", ids, listed) for name in VOC_CLASSES]
+        else:
+            columns = self._annotations(base / "Annotations", ids)
+        targets = torch.tensor(columns, dtype=torch.float32).reshape(len(VOC_CLASSES), len(ids)).t().contiguous()
+        super().__init__(samples, targets, list(VOC_CLASSES), "signed", transform)
+
+    @staticmethod
+    def _class_file(path: Path, ids: list[str], listed: set[str]) -> list[int]:
+        """The column of one class: its value for every id, in the order of ``ids``."""
+        values: dict[str, int] = {}
+        for line, text in read_lines(path, "class file"):
+            fields = text.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or fields[1] not in ("1", "-1", "0"):
+                raise malformed(path, f"line {line} is {text!r}, expected '<image id> <1, -1 or 0>'")
+            if fields[0] in values:
+                raise malformed(path, f"line {line} repeats the id {fields[0]!r}")
+            values[fields[0]] = int(fields[1])
+        missing = [i for i in ids if i not in values]
+        if missing:
+            raise malformed(path, f"has no line for the image id {missing[0]!r} of the image set ({len(missing)} missing)")
+        extra = next((i for i in values if i not in listed), None)
+        if extra is not None:
+            raise malformed(path, f"lists the id {extra!r}, which is not in the image set")
+        return [values[i] for i in ids]
+
+    @staticmethod
+    def _annotations(folder: Path, ids: list[str]) -> list[list[int]]:
+        columns = [[-1] * len(ids) for _ in VOC_CLASSES]
+        index = {name: k for k, name in enumerate(VOC_CLASSES)}
+        for row, image_id in enumerate(ids):
+            path = folder / f"{image_id}.xml"
+            for k, obj in enumerate(read_xml(path, "annotation file").iter("object")):
+                name = (obj.findtext("name") or "").strip()
+                if name not in index:
+                    raise malformed(path, f"object[{k}] has the name {name!r}, expected one of the 20 VOC classes")
+                difficult = (obj.findtext("difficult") or "0").strip()
+                if difficult not in ("0", "1"):
+                    raise malformed(path, f"object[{k}].difficult is {difficult!r}, expected 0 or 1")
+                column = columns[index[name]]
+                column[row] = 1 if difficult == "0" else max(column[row], 0)
+        return columns
+
+
+class VG500(_MultiLabelImages):
+    """Visual Genome's 500 most frequent object categories, in the split that SSGRL introduced.
+
+    SSGRL (Chen et al., ICCV 2019; github.com/HCPLab-SYSU/SSGRL, ``data/VG/`` and
+    ``datasets/vgdataset.py``), reused by C-Tran, ML-Decoder and their successors, distributes
+    the split as three files, read here from ``root``:
+
+    - ``train_list_500.txt`` and ``test_list_500.txt``: one image file name per line
+      (``2328403.jpg``); about 98k training and 10k test images;
+    - ``vg_category_500_labels_index.json``: one object mapping every file name to the list of its
+      label indices in 0..499.
+
+    Images are Visual Genome's ``VG_100K/<name>`` (``VG_100K_2/<name>`` for those found only
+    there: the two parts of the distributed images). The files carry no category names: the label
+    names are the indices (``"0"`` ... ``"499"``). ``encoding == "binary"``. A repeated file name
+    in a list is skipped.
+
+    Args:
+        root: the folder holding the three files and the image folders.
+        split: ``"train"`` or ``"test"``.
+        transform: applied to the PIL RGB image.
+        strict: raise on the first entry that would be skipped.
+        num_labels: the number of categories (500).
+    """
+
+    splits = ("train", "test")
+
+    def __init__(
+        self,
+        root: StrPath,
+        split: str = "train",
+        transform: ImageTransform | None = None,
+        *,
+        strict: bool = False,
+        num_labels: int = 500,
+    ) -> None:
+        _check_split(split, self.splits)
+        root = Path(root)
+        path = root / f"{split}_list_500.txt"
+        labels_path = root / "vg_category_500_labels_index.json"
+        samples = _Samples(path, strict)
+        labels = _read_json(labels_path)
+        rows, columns = [], []
+        for line, text in read_lines(path, "image list"):
+            name = text.strip()
+            entry = f"line {line}"
+            if not name:
+                continue
+            image_path = samples.image(entry, root / "VG_100K", name)
+            if image_path is None or not samples.first(PurePath(name), entry, f"the image {name!r}"):
+                continue
+            if name not in labels:
+                raise malformed(labels_path, f"has no entry for {name!r} ({path}: {entry})")
+            indices = labels[name]
+            if not isinstance(indices, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_labels for i in indices
+            ):
+                raise malformed(labels_path, f"{name!r} is {indices!r}, expected a list of label indices in 0..{num_labels - 1}")
+            if not image_path.exists() and (root / "VG_100K_2" / name).exists():
+                image_path = root / "VG_100K_2" / name
+            rows += [len(samples.entries)] * len(indices)
+            columns += indices
+            samples.add(entry, image_path, None)
+        targets = torch.zeros(len(samples.entries), num_labels)
+        targets[rows, columns] = 1.0
+        super().__init__(samples, targets, [str(i) for i in range(num_labels)], "binary", transform)

@@ -51,3 +51,52 @@ def noise(size: tuple[int, int], seed: int) -> Image.Image:
     """A (width, height) RGB image of uniform random pixels: unlike a solid colour, it gives BatchNorm some variance."""
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+VOC_NAMES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+
+def write_voc(root: Path, labels: dict[str, dict[str, int]], split: str = "trainval", size: tuple[int, int] = (40, 30)) -> Path:
+    """``root/VOCdevkit/VOC2007`` as the devkit ships it, for images ``{id: {class: 1 | 0 | -1}}``
+    (classes not given are -1; 0 = only difficult objects): the image set, the 20 class files
+    (``"%s %2d"`` lines, as the devkit writes them), one XML annotation and one JPEG per image."""
+    base = root / "VOCdevkit" / "VOC2007"
+    main = base / "ImageSets" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in labels))
+    for name in VOC_NAMES:
+        (main / f"{name}_{split}.txt").write_text("".join(f"{i} {values.get(name, -1):2d}\n" for i, values in labels.items()))
+    (base / "Annotations").mkdir(parents=True, exist_ok=True)
+    for k, (image_id, values) in enumerate(labels.items()):
+        objects = []
+        for name, value in values.items():
+            if value == 1:  # a visible object, and a difficult one beside it
+                objects += [(name, 0), (name, 1)]
+            elif value == 0:
+                objects.append((name, 1))
+        xml = "".join(
+            f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>{d}</difficult>"
+            f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+            for name, d in objects
+        )
+        (base / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename>"
+            f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>{xml}</annotation>"
+        )
+        save(base / "JPEGImages" / f"{image_id}.jpg", noise(size, k))
+    return base
+
+
+def write_vg500(root: Path, splits: dict[str, dict[str, list[int]]], size: tuple[int, int] = (40, 30)) -> None:
+    """SSGRL's VG-500 files for ``{split: {file name: [label indices]}}``: ``<split>_list_500.txt``,
+    one ``vg_category_500_labels_index.json`` for all splits, and the images under ``VG_100K/``."""
+    labels: dict[str, list[int]] = {}
+    for split, images in splits.items():
+        (root / f"{split}_list_500.txt").write_text("".join(f"{name}\n" for name in images))
+        labels |= images
+    (root / "vg_category_500_labels_index.json").write_text(json.dumps(labels))
+    for k, name in enumerate(labels):
+        save(root / "VG_100K" / name, noise(size, k))
