@@ -15,7 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 from .aamn import AAMN, AAMNHead, CategoricalMemory, ChannelRelation, SpatialRelation
 from .cam import CAMHook
 from .classification import WeightedBCEWithLogitsLoss, positive_ratio
-from .consistency import AttentionConsistencyLoss, ConsistencyOutput, attention_consistency
+from .consistency import AttentionConsistencyLoss, ConsistencyOutput, StageRecorder, attention_consistency
+from .multiscale import AttentionModule, MultiScaleHeads, SideHead, StageRecord, WithSideHeads, multiscale_consistency
 from .strength import ConsistencyDiagnostics, ConsistencyWarning, Ramp
 from .transforms import (
     Flip,
@@ -37,6 +38,7 @@ __all__ = [
     "AAMN",
     "AAMNHead",
     "AttentionConsistencyLoss",
+    "AttentionModule",
     "CAMHook",
     "CategoricalMemory",
     "ChannelRelation",
@@ -44,16 +46,22 @@ __all__ = [
     "ConsistencyOutput",
     "ConsistencyWarning",
     "Flip",
+    "MultiScaleHeads",
     "Ramp",
     "Rotate",
     "Scale",
+    "SideHead",
     "SpatialRelation",
+    "StageRecord",
+    "StageRecorder",
     "Transform",
     "Translate",
     "WeightedBCEWithLogitsLoss",
+    "WithSideHeads",
     "attention_consistency",
     "available_transforms",
     "get_transform",
+    "multiscale_consistency",
     "positive_ratio",
     "register_transform",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +22,54 @@ from .cam import CAMHook
 from .strength import ConsistencyDiagnostics, gradient_ratio
 from .transforms import Scale, Transform, _check_pair, available_transforms, get_transform
 
-__all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "attention_consistency", "attention_inconsistency"]
+__all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "StageRecorder", "attention_consistency", "attention_inconsistency"]
 
 
 _DISTANCES = ("mse", "relative")
 _STOP_GRADIENT = (None, "original", "transformed")
+
+
+@runtime_checkable
+class StageRecorder(Protocol):
+    """What :meth:`AttentionConsistencyLoss.views` and :func:`attention_inconsistency` need from
+    a recorder of heatmaps at several stages, in place of a :class:`~attn_consistency.CAMHook`
+    (:class:`~attn_consistency.MultiScaleHeads` is one).
+
+    :meth:`pop` returns one record per forward, oldest first, each with ``heatmaps`` and
+    ``logits``: mappings from stage name (in :attr:`stages` order) to ``(N, L, h_s, w_s)`` and
+    ``(N, L)`` tensors.
+    """
+
+    stages: tuple[str, ...]
+
+    def clear(self) -> None: ...
+
+    def pop(self) -> list[Any]: ...
+
+    def stage_weight(self, stage: str) -> float: ...
+
+    def prediction(self, output: Tensor, logits: Mapping[str, Tensor]) -> Tensor: ...
+
+    def classification(
+        self, output: Tensor, logits: Mapping[str, Tensor], targets: Tensor, criterion: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor: ...
+
+
+def _check_recorder(cam: object) -> None:
+    if not isinstance(cam, (CAMHook, StageRecorder)):
+        raise TypeError(
+            f"cam must be a CAMHook attached to the model, or a recorder of heatmaps at several stages "
+            f"(MultiScaleHeads), got {type(cam).__name__}"
+        )
+
+
+def _stacked(maps: list[Tensor]) -> Tensor:
+    return torch.cat(maps) if len(maps) > 1 else maps[0]
+
+
+def _shape_key(maps: Tensor | Mapping[str, Tensor]) -> Any:
+    """What pairs of views are grouped by: the maps' shape, or every stage's."""
+    return maps.shape if isinstance(maps, Tensor) else tuple(m.shape for m in maps.values())
 
 
 def _check_distance(distance: str) -> str:
@@ -133,10 +176,12 @@ class ConsistencyOutput(NamedTuple):
 
     Attributes:
         logits: the logits of every view, in the order of ``views``; the first view is the
-            original image.
+            original image. With a :class:`StageRecorder`, its fused prediction.
         loss: the weighted sum of the consistency terms, times the schedule's multiplier.
         terms: each consistency term before weighting, by name. A transform whose weight is
-            0 still makes its views but has no term (it is not computed).
+            0 still makes its views but has no term (it is not computed). With a
+            :class:`StageRecorder`, one term per transform and stage, ``"<name>/<stage>"``
+            (e.g. ``flip@224/layer2``); a stage of weight 0 has none.
         views: the names of the transforms applied to each view (``()`` for the original).
         classification: with ``targets`` and ``criterion`` given to ``views()``, the
             classification loss averaged over the views; else ``None``.
@@ -311,7 +356,7 @@ class AttentionConsistencyLoss(nn.Module):
     def views(
         self,
         model: nn.Module,
-        cam: CAMHook,
+        cam: CAMHook | StageRecorder,
         images: Tensor,
         transforms: Sequence[str | Transform] | str | Transform,
         *,
@@ -339,7 +384,12 @@ class AttentionConsistencyLoss(nn.Module):
 
         Args:
             model: the classifier (DDP / compiled wrappers are fine).
-            cam: the :class:`CAMHook` attached to ``model``. Its recorded maps are consumed.
+            cam: the :class:`CAMHook` attached to ``model``, or a :class:`StageRecorder` such as
+                :class:`~attn_consistency.MultiScaleHeads` (multi-scale attention
+                consistency): then every term is computed at every stage, weighted by the
+                transform's weight times the stage's (``cam.stage_weight``), the logits are
+                ``cam.prediction`` and the classification loss ``cam.classification`` (deep
+                supervision) of each view. Its recorded maps are consumed.
             images: the batch ``(N, C, H, W)``.
             transforms: transforms or registered names, each used at most once.
             mode: ``'independent'`` or ``'product'``.
@@ -363,8 +413,7 @@ class AttentionConsistencyLoss(nn.Module):
         """
         if self.reduction == "none":
             raise ValueError("views() adds up its terms: use reduction='mean' or 'sum'")
-        if not isinstance(cam, CAMHook):
-            raise TypeError(f"cam must be a CAMHook attached to the model, got {type(cam).__name__}")
+        _check_recorder(cam)
         check_tensor("images", images, 4, "(N, C, H, W)", floating=True)
         if mode not in ("independent", "product"):
             raise ValueError(f"mode must be 'independent' or 'product', got {mode!r}")
@@ -391,7 +440,8 @@ class AttentionConsistencyLoss(nn.Module):
         if set(sources) - used:
             scaled = sorted({tuple(view_images[v].shape[-2:]) for v in views if any(isinstance(by_name[n], Scale) for n in v)})
             raise ValueError(f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})")
-        logits, heatmaps = self._forward_by_size(model, cam, view_images)
+        logits, heatmaps, stage_logits = self._forward_by_size(model, cam, view_images)
+        stages = () if isinstance(cam, CAMHook) else cam.stages
 
         terms: dict[str, Tensor] = {}
         loss = images.new_zeros((), dtype=torch.promote_types(images.dtype, torch.float32))
@@ -404,24 +454,42 @@ class AttentionConsistencyLoss(nn.Module):
             pairs = [(v, w) for v, w in pairs if v != w and w in heatmaps]
             groups: dict[tuple[torch.Size, torch.Size], list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
             for v, w in pairs:
-                groups.setdefault((heatmaps[v].shape, heatmaps[w].shape), []).append((v, w))
+                groups.setdefault((_shape_key(heatmaps[v]), _shape_key(heatmaps[w])), []).append((v, w))
             for group in groups.values():
                 name = transform.name
                 if len(groups) > 1:
                     height, width = view_images[group[0][0]].shape[-2:]
                     name = f"{name}@{height}" if height == width else f"{name}@{height}x{width}"
-                original = torch.cat([heatmaps[v] for v, _ in group]) if len(group) > 1 else heatmaps[group[0][0]]
-                moved = torch.cat([heatmaps[w] for _, w in group]) if len(group) > 1 else heatmaps[group[0][1]]
-                terms[name] = attention_consistency(
-                    *self._pair(original, moved), transform, params[transform.name], self.reduction,
-                    self.check_finite_values, self.distance,
-                )
-                loss = loss + weight * terms[name]
+                if not stages:
+                    original = _stacked([heatmaps[v] for v, _ in group])
+                    moved = _stacked([heatmaps[w] for _, w in group])
+                    terms[name] = attention_consistency(
+                        *self._pair(original, moved), transform, params[transform.name], self.reduction,
+                        self.check_finite_values, self.distance,
+                    )
+                    loss = loss + weight * terms[name]
+                for stage in stages:
+                    stage_weight = cam.stage_weight(stage)
+                    if stage_weight == 0.0:
+                        continue
+                    original = _stacked([heatmaps[v][stage] for v, _ in group])
+                    moved = _stacked([heatmaps[w][stage] for _, w in group])
+                    term = attention_consistency(
+                        *self._pair(original, moved), transform, params[transform.name], self.reduction,
+                        self.check_finite_values, self.distance,
+                    )
+                    terms[f"{name}/{stage}"] = term
+                    loss = loss + weight * stage_weight * term
         # a schedule at 0 (the start of a warm-up) still reports the terms
         loss = loss * multiplier if multiplier != 1.0 else loss
-        view_logits = [logits[v] for v in views]
+        if stages:
+            view_logits = [cam.prediction(logits[v], stage_logits[v]) for v in views]
+        else:
+            view_logits = [logits[v] for v in views]
         classification = None
-        if criterion is not None:
+        if criterion is not None and stages:  # deep supervision of every head, averaged over the views
+            classification = sum(cam.classification(logits[v], stage_logits[v], targets, criterion) for v in views) / len(views)
+        elif criterion is not None:
             classification = sum(criterion(x, targets) for x in view_logits) / len(view_logits)
         if torch.is_grad_enabled():
             if getattr(self.schedule, "trigger", None) is not None:
@@ -433,9 +501,12 @@ class AttentionConsistencyLoss(nn.Module):
                 self.schedule.observe(classification)
             if self.diagnostics is not None and not torch.compiler.is_compiling():
                 gradients = None
+                # with stages: each stage's maps against its own logits, the deepest stage's spread
+                maps = [heatmaps[v][s] for v in views for s in stages] if stages else [heatmaps[v] for v in views]
+                maps_logits = [stage_logits[v][s] for v in views for s in stages] if stages else view_logits
                 if self.diagnostics.due and classification is not None:
-                    gradients = gradient_ratio(loss, classification, [heatmaps[v] for v in views], view_logits)
-                self.diagnostics.update(heatmaps[views[0]], loss, classification, gradients)
+                    gradients = gradient_ratio(loss, classification, maps, maps_logits)
+                self.diagnostics.update(heatmaps[views[0]][stages[-1]] if stages else heatmaps[views[0]], loss, classification, gradients)
             self.step()
         return ConsistencyOutput(view_logits, loss, terms, views, classification)
 
@@ -504,13 +575,15 @@ class AttentionConsistencyLoss(nn.Module):
 
     @staticmethod
     def _forward_by_size(
-        model: nn.Module, cam: CAMHook, view_images: dict[tuple[str, ...], Tensor]
-    ) -> tuple[dict[tuple[str, ...], Tensor], dict[tuple[str, ...], Tensor]]:
+        model: nn.Module, cam: CAMHook | StageRecorder, view_images: dict[tuple[str, ...], Tensor]
+    ) -> tuple[dict[tuple[str, ...], Tensor], dict[tuple[str, ...], Any], dict[tuple[str, ...], dict[str, Tensor]]]:
+        """Per view: the model's logits, the heatmaps (a tensor, or stage -> tensor) and the stages' logits."""
         by_size: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
         for view, image in view_images.items():
             by_size.setdefault(tuple(image.shape[1:]), []).append(view)
         logits: dict[tuple[str, ...], Tensor] = {}
-        heatmaps: dict[tuple[str, ...], Tensor] = {}
+        heatmaps: dict[tuple[str, ...], Any] = {}
+        stage_logits: dict[tuple[str, ...], dict[str, Tensor]] = {}
         cam.clear()
         for views in by_size.values():
             batch = [view_images[v] for v in views]
@@ -525,6 +598,12 @@ class AttentionConsistencyLoss(nn.Module):
                     "wrap the model in a module that returns the logits"
                 )
             recorded = cam.pop()
+            size = first.shape[0]
+            if not isinstance(cam, CAMHook):
+                split = AttentionConsistencyLoss._split_record(cam, out, recorded, batch.shape[0], size)
+                for view, (view_logits, view_maps, view_stage_logits) in zip(views, split):
+                    logits[view], heatmaps[view], stage_logits[view] = view_logits, view_maps, view_stage_logits
+                continue
             if len(recorded) != 1:
                 raise RuntimeError(
                     f"one forward recorded {len(recorded)} heatmap batches; is the CAMHook attached to this "
@@ -537,16 +616,39 @@ class AttentionConsistencyLoss(nn.Module):
                     f"recorded heatmaps for {recorded[0].shape[1]} labels {tuple(recorded[0].shape)}: the hook is not on "
                     "the head that makes these logits; pass features= and classifier= to CAMHook"
                 )
-            size = first.shape[0]
             for view, view_logits, view_maps in zip(views, out.split(size), recorded[0].split(size)):
                 logits[view], heatmaps[view] = view_logits, view_maps
-        return logits, heatmaps
+        return logits, heatmaps, stage_logits
+
+    @staticmethod
+    def _split_record(
+        cam: StageRecorder, out: Tensor, recorded: list[Any], batch: int, size: int
+    ) -> list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+        """One forward of a :class:`StageRecorder`, split into its views of ``size`` images each."""
+        if len(recorded) != 1:
+            raise RuntimeError(
+                f"one forward recorded {len(recorded)} multi-stage records; are the {type(cam).__name__} attached to "
+                "this model (and not paused)?"
+            )
+        (record,) = recorded
+        maps = next(iter(record.heatmaps.values()))
+        if out.dim() != 2 or out.shape[0] != batch or out.shape[1] != maps.shape[1]:
+            raise ValueError(
+                f"the model returned logits of shape {tuple(out.shape)} for {batch} images, but the side heads recorded "
+                f"heatmaps for {maps.shape[1]} labels {tuple(maps.shape)}: build them with num_labels= the model's labels"
+            )
+        split_maps = {s: m.split(size) for s, m in record.heatmaps.items()}
+        split_logits = {s: x.split(size) for s, x in record.logits.items()}
+        return [
+            (view_logits, {s: m[i] for s, m in split_maps.items()}, {s: x[i] for s, x in split_logits.items()})
+            for i, view_logits in enumerate(out.split(size))
+        ]
 
 
 @torch.no_grad()
 def attention_inconsistency(
     model: nn.Module,
-    cam: CAMHook,
+    cam: CAMHook | StageRecorder,
     batches: Iterable[Tensor],
     transform: str | Transform | Sequence[str | Transform],
     *,
@@ -562,7 +664,8 @@ def attention_inconsistency(
 
     Args:
         model: the classifier, with ``cam`` attached.
-        cam: its :class:`~attn_consistency.CAMHook`; consumed after each batch.
+        cam: its :class:`~attn_consistency.CAMHook`, or a :class:`StageRecorder` (then every
+            stage is measured); consumed after each batch.
         batches: image batches ``(N, C, H, W)`` (e.g. ``(x for x, _ in loader)``).
         transform: a transform or a registered name, or a list of them: then each batch is
             read and its original view run once for all of them.
@@ -572,12 +675,15 @@ def attention_inconsistency(
 
     Returns:
         The mean squared heatmap difference, a float; for a list, a dict of them by name.
+        With a :class:`StageRecorder`, always a dict, by ``"<name>/<stage>"``.
     """
+    _check_recorder(cam)
     several = isinstance(transform, Sequence) and not isinstance(transform, str)
     transforms = [get_transform(t) for t in (transform if several else [transform])]
     if not transforms:
         raise ValueError("transform must name at least one transform")
-    totals: list[Tensor | None] = [None] * len(transforms)
+    stages = (None,) if isinstance(cam, CAMHook) else cam.stages
+    totals: dict[tuple[int, str | None], Tensor] = {}
     count = 0
     for images in batches:
         images = check_tensor("batch", images, 4, "(N, C, H, W)", floating=True)
@@ -595,11 +701,18 @@ def attention_inconsistency(
                 f"{1 + len(transforms)} forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached "
                 "to this model (and, for a compiled model, attached before its first call)?"
             )
+        maps = [{None: r} if stages == (None,) else r.heatmaps for r in recorded]
         for k, (t, p) in enumerate(zip(transforms, params)):
-            per_map = attention_consistency(recorded[0], recorded[1 + k], t, p, reduction="sum")
-            totals[k] = per_map if totals[k] is None else totals[k] + per_map
-        count += recorded[0].shape[0] * recorded[0].shape[1]
+            for stage in stages:
+                per_map = attention_consistency(maps[0][stage], maps[1 + k][stage], t, p, reduction="sum")
+                totals[k, stage] = per_map if (k, stage) not in totals else totals[k, stage] + per_map
+        first = maps[0][stages[0]]
+        count += first.shape[0] * first.shape[1]
     if count == 0:
         raise ValueError("batches is empty")
-    result = {t.name: float(total) / count for t, total in zip(transforms, totals)}
-    return result if several else result[transforms[0].name]
+    result = {
+        t.name if stage is None else f"{t.name}/{stage}": float(totals[k, stage]) / count
+        for k, t in enumerate(transforms)
+        for stage in stages
+    }
+    return result if several or stages != (None,) else result[transforms[0].name]

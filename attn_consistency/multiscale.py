@@ -1,0 +1,632 @@
+r"""Multi-scale attention consistency (Xu et al., ICONIP 2020): class heatmaps at several depths.
+
+MSAC feeds the original and the flipped picture through one ResNet "with additional
+attention-enhanced modules" that give semantically strong attention heatmaps, and adds the
+distance between the two pictures' *multi-scale* heatmaps to the loss. Only the abstract is
+public, so this module is our documented reading of it, built for any backbone:
+
+- at each named stage (``layer2``, ``layer3``, ``layer4`` of a ResNet; a timm model's stage
+  names or ``feature_info`` indices) a :class:`SideHead`: a light attention-enhanced module
+  (:class:`AttentionModule`, channel then spatial attention as CBAM) and a 1x1 class
+  convolution. Its heatmaps :math:`M^s` (paper VAC, Eq. 1, on the enhanced features
+  :math:`F^s`) and its logits obey the CAM invariant of a GAP-FC head,
+
+  .. math:: M^s_l(m, n) = \sum_c W^s(l, c)\, F^s_c(m, n), \qquad
+     \tfrac{1}{h_s w_s} \textstyle\sum_{m,n} M^s_l(m, n) + b^s_l = \text{logit}^s_l ;
+
+- :class:`MultiScaleHeads` records every stage's heatmaps and logits at each forward of the
+  backbone (the backbone itself is never changed), trains each stage's logits by the
+  classification loss (deep supervision) and fuses them into the prediction;
+- :meth:`AttentionConsistencyLoss.views <attn_consistency.AttentionConsistencyLoss.views>`
+  takes it in place of a :class:`~attn_consistency.CAMHook`: every transform of the registry
+  gives one term per stage (``flip@224/layer2``, ``scale/layer3``...), and
+  :func:`multiscale_consistency` is the same per stage for two views' maps.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._validation import check_bool, check_weight
+from .cam import _unwrap
+from .consistency import attention_consistency
+from .transforms import Transform
+
+__all__ = [
+    "AttentionModule",
+    "MultiScaleHeads",
+    "SideHead",
+    "StageRecord",
+    "WithSideHeads",
+    "multiscale_consistency",
+]
+
+OUTPUT = "output"
+"""The name of the backbone's own logits among the heads (supervision weights, fusion)."""
+
+_FUSIONS = ("mean", "last", OUTPUT)
+
+
+class AttentionModule(nn.Module):
+    r"""The attention-enhanced module of a side head: channel attention, then spatial attention.
+
+    Our reading of MSAC's "attention-enhanced modules" is CBAM (Woo et al., ECCV 2018), the
+    lightest block that enhances both *what* (channels) and *where* (cells), which is what a
+    class heatmap at a middle stage needs: the middle stages' features are not yet
+    semantically strong, and a heatmap is a spatial quantity. With :math:`\sigma` the sigmoid,
+
+    .. math:: x' = \sigma\big(\mathrm{MLP}(\mathrm{avg}(x)) + \mathrm{MLP}(\max(x))\big) \odot x,
+       \qquad y = \sigma\big(\mathrm{conv}_{k \times k}[\mathrm{mean}_c\, x'; \max_c x']\big) \odot x'
+
+    The MLP is two 1x1 convolutions (``channels -> channels // reduction -> channels``); the
+    spatial convolution is zero-padded so that the map keeps its size. It costs
+    :math:`O(C^2 / r)` per image plus one :math:`k \times k` convolution of 2 channels.
+
+    Args:
+        channels: channels of the input (and output).
+        reduction: the MLP's channel reduction :math:`r` (CBAM: 16).
+        kernel_size: side of the spatial attention's convolution (CBAM: 7), odd.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        channels = _positive_int("channels", channels)
+        reduction = _positive_int("reduction", reduction)
+        kernel_size = _positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the map keeps its size), got {kernel_size}")
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        channel = torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+        x = x * channel
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+class SideHead(nn.Module):
+    """The head at one stage: a projection, the attention-enhanced module, a 1x1 class convolution.
+
+    ``features (N, C, h, w)`` -> 1x1 convolution to ``width`` channels, BatchNorm, ReLU (a
+    middle stage's features are wide and generic: a learnt projection lets the head pick what
+    its labels need at little cost) -> :class:`AttentionModule` -> the enhanced features
+    :math:`F^s`. The class convolution (weight :math:`W^s`, bias :math:`b^s`) then gives the
+    heatmaps :math:`M^s = W^s * F^s` (no bias) and the logits ``GAP(F^s) @ W^s.T + b^s``: a
+    GAP-FC head, so that ``heatmaps.mean((2, 3)) + bias == logits``.
+
+    Args:
+        channels: channels of the stage's features.
+        num_labels: labels ``L``.
+        width: channels of the enhanced features (default ``min(channels, 256)``).
+        reduction, kernel_size: see :class:`AttentionModule`.
+    """
+
+    def __init__(self, channels: int, num_labels: int, width: int | None = None, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        channels = _positive_int("channels", channels)
+        num_labels = _positive_int("num_labels", num_labels)
+        width = min(channels, 256) if width is None else _positive_int("width", width)
+        self.project = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.attention = AttentionModule(width, reduction, kernel_size)
+        self.classifier = nn.Conv2d(width, num_labels, 1)
+
+    def forward(self, features: Tensor, detach_classifier: bool = True) -> tuple[Tensor, Tensor]:
+        """``(heatmaps (N, L, h, w), logits (N, L))`` of ``features``.
+
+        With ``detach_classifier`` the heatmaps use a detached :math:`W^s` (as
+        :class:`~attn_consistency.CAMHook`): a consistency loss then trains the attention
+        module, the projection and the backbone, and :math:`W^s` learns from the
+        classification loss, which always reaches it through the logits.
+        """
+        enhanced = self.attention(self.project(features))
+        weight = self.classifier.weight
+        heatmaps = F.conv2d(enhanced, weight.detach() if detach_classifier else weight)
+        logits = F.linear(enhanced.mean((2, 3)), weight.flatten(1), self.classifier.bias)
+        return heatmaps, logits
+
+
+class StageRecord(NamedTuple):
+    """What :class:`MultiScaleHeads` recorded in one forward of the backbone.
+
+    Attributes:
+        heatmaps: stage name -> ``(N, L, h_s, w_s)``, with gradients.
+        logits: stage name -> ``(N, L)``, the side head's logits.
+    """
+
+    heatmaps: dict[str, Tensor]
+    logits: dict[str, Tensor]
+
+
+class WithSideHeads(nn.Module):
+    """The backbone and its :class:`MultiScaleHeads` as one module, whose forward is the backbone's.
+
+    For ``DistributedDataParallel`` (which must see the heads' parameters to average their
+    gradients) and for one ``state_dict`` of both. The heads record as usual.
+
+    Args:
+        model: the backbone the heads are attached to.
+        heads: its :class:`MultiScaleHeads`.
+    """
+
+    def __init__(self, model: nn.Module, heads: MultiScaleHeads) -> None:
+        super().__init__()
+        if not isinstance(heads, MultiScaleHeads):
+            raise TypeError(f"heads must be a MultiScaleHeads, got {type(heads).__name__}")
+        if _unwrap(model) is not heads.model:
+            raise ValueError("heads must be attached to model (MultiScaleHeads(model, ...))")
+        self.model = model
+        self.heads = heads
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+class _Hook:
+    """A hook calling ``heads.<method>(*bound, *hook_args)`` without holding ``heads``.
+
+    Heads dropped without :meth:`MultiScaleHeads.remove` then stop recording (their
+    finalizer removes the hooks). A copy of the model (deepcopy, pickle) gets inert hooks:
+    its forwards are not these heads' to record.
+    """
+
+    __slots__ = ("_ref", "_method", "_bound")
+
+    def __init__(self, heads: MultiScaleHeads | None, method: str = "", *bound: object) -> None:
+        self._ref = weakref.ref(heads) if heads is not None else None
+        self._method, self._bound = method, bound
+
+    @torch.compiler.disable  # the records are Python lists: eager, no guard on their length
+    def __call__(self, *args: Any) -> None:
+        heads = self._ref() if self._ref is not None else None
+        if heads is not None:
+            getattr(heads, self._method)(*self._bound, *args)
+
+    def __reduce__(self) -> tuple[type[_Hook], tuple[None]]:
+        return _Hook, (None,)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Hook:
+        return _Hook(None)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _feature_info(model: nn.Module) -> list[dict[str, Any]] | None:
+    """timm's ``feature_info`` as a list of dicts (``module``, ``num_chs``, ...), or None."""
+    info = getattr(model, "feature_info", None)
+    if callable(getattr(info, "get_dicts", None)):
+        info = info.get_dicts()
+    if isinstance(info, list) and info and all(isinstance(entry, dict) and "module" in entry for entry in info):
+        return info
+    return None
+
+
+def _available(model: nn.Module) -> str:
+    """The stage names to suggest: timm's feature_info modules, else the model's children."""
+    info = _feature_info(model)
+    names = [entry["module"] for entry in info] if info else [name for name, _ in model.named_children()]
+    return ", ".join(names) + " (or any dotted name of a submodule)"
+
+
+def _static_channels(stage: nn.Module) -> int | None:
+    """Output channels of a stage from its last convolution or norm layer, or None."""
+    for module in reversed(list(stage.modules())):
+        if isinstance(module, nn.Conv2d):
+            return module.out_channels
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return module.num_features
+        if isinstance(module, nn.GroupNorm):
+            return module.num_channels
+    return None
+
+
+def _num_labels(model: nn.Module) -> int | None:
+    """Labels of the model's own classifier (timm's ``get_classifier()``, else its last Linear)."""
+    classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if isinstance(classifier, nn.Linear):
+        return classifier.out_features
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def _check_weights(name: str, weights: Mapping[str, float] | None, known: Sequence[str]) -> dict[str, float]:
+    """A weight per known name (default 1), checked; a key naming nothing is an error, not weight 1."""
+    if weights is None:
+        return dict.fromkeys(known, 1.0)
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"{name} must be a mapping of name -> weight, got {type(weights).__name__}")
+    unknown = [key for key in weights if key not in known]
+    if unknown:
+        raise ValueError(f"{name} key {unknown[0]!r} names no head (the heads: {', '.join(known)})")
+    return {key: check_weight(f"{name}[{key!r}]", weights.get(key, 1.0)) for key in known}
+
+
+class MultiScaleHeads(nn.Module):
+    r"""Side heads at several stages of a backbone, recording class heatmaps at every forward.
+
+    ``MultiScaleHeads(model, ["layer2", "layer3", "layer4"])`` builds a :class:`SideHead` per
+    stage and hooks the stages: each forward of ``model`` then records, per stage, the
+    heatmaps ``(N, L, h_s, w_s)`` (with gradients) and the logits of its side head, as one
+    :class:`StageRecord` that :meth:`pop` returns. The backbone's computation and output are
+    never changed (the heads read the stages' outputs); :meth:`remove` takes the hooks off.
+    The heads' parameters are this module's: give them to the optimizer and save
+    :meth:`state_dict` with the model's.
+
+    **Deep supervision.** Each stage's logits are trained by the classification loss, and so
+    is the backbone's own output (head ``"output"``), each with its weight in
+    ``supervision`` (default 1 each): :meth:`classification` is
+    :math:`\sum_h w_h\, \ell_c(\text{logits}_h, y)`, a sum as the terms of the consistency
+    loss (Eq. 7), so that each head gets the full signal of a standalone classifier.
+
+    **Fusion.** :meth:`prediction` is what the model predicts with its heads:
+
+    - ``"mean"`` (default): the mean of the logits of every head with a supervision weight
+      above 0 (the stages and the backbone's output): an ensemble of the depths, each of
+      which was trained to classify;
+    - ``"last"``: the deepest stage's side head;
+    - ``"output"``: the backbone's own logits (the heads only shape the features);
+    - a stage name: that stage's side head.
+
+    A fusion that reads a head whose supervision weight is 0 (never trained) is refused.
+
+    **Consistency.** ``consistency_weights`` weighs each stage's consistency terms (default
+    1 each); :meth:`AttentionConsistencyLoss.views
+    <attn_consistency.AttentionConsistencyLoss.views>` multiplies it with the transform's weight.
+
+    Hygiene as :class:`~attn_consistency.CAMHook`: looks through DDP / DataParallel /
+    ``torch.compile`` wrappers (under DDP, wrap :class:`WithSideHeads` so that the heads'
+    gradients are averaged too); never changes the model's mode; keeps no tensor across
+    steps other than the records not yet popped (at most ``max_stored``); :meth:`remove` is
+    idempotent, and it is a context manager. The hooks run eagerly under ``torch.compile``.
+    The heads follow the backbone's device only when moved with it (``heads.to(device)``).
+
+    Args:
+        model: the backbone (any module whose stages give 4-D maps ``(N, C, h, w)``).
+        stages: names of the stage modules (dotted names relative to ``model``, e.g.
+            ``"layer2"`` or timm's ``"stages.1"``) or, for a timm model, indices into its
+            ``feature_info``; shallow to deep, as the model runs them.
+        num_labels: labels ``L`` (default: the outputs of the model's own classifier).
+        channels: stage name -> channels of its output, where they cannot be read from
+            timm's ``feature_info`` or the stage's last convolution or norm layer. Checked at
+            the first forward.
+        width, reduction, kernel_size: of each :class:`SideHead`.
+        supervision: head name (stage or ``"output"``) -> weight of its classification loss.
+        consistency_weights: stage name -> weight of its consistency terms.
+        fusion: ``"mean"``, ``"last"``, ``"output"`` or a stage name (see above).
+        detach_classifier: the heatmaps use a detached class weight :math:`W^s` (see
+            :meth:`SideHead.forward`).
+        max_stored: forwards kept before the oldest unpopped records are dropped (with a
+            warning).
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: a stage that names no submodule (the message lists the model's stages),
+            the model itself or a module holding its classifier, a repeated stage, unknown
+            weight keys, a fusion that names no head or an untrained one; at a forward, a
+            stage whose output is not a 4-D map, or not of the channels its head was built for
+            (named with its shape; the hooks are removed first).
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18(num_classes=5)
+        >>> heads = MultiScaleHeads(model, ["layer2", "layer3", "layer4"])
+        >>> logits = model(torch.randn(2, 3, 64, 64))
+        >>> (record,) = heads.pop()
+        >>> {stage: tuple(maps.shape) for stage, maps in record.heatmaps.items()}
+        {'layer2': (2, 5, 8, 8), 'layer3': (2, 5, 4, 4), 'layer4': (2, 5, 2, 2)}
+        >>> head = heads.head("layer3")
+        >>> torch.allclose(record.heatmaps["layer3"].mean((2, 3)) + head.classifier.bias, record.logits["layer3"], atol=1e-5)
+        True
+        >>> heads.prediction(logits, record.logits).shape
+        torch.Size([2, 5])
+        >>> heads.remove()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Sequence[str | int],
+        num_labels: int | None = None,
+        *,
+        channels: Mapping[str, int] | None = None,
+        width: int | None = None,
+        reduction: int = 16,
+        kernel_size: int = 7,
+        supervision: Mapping[str, float] | None = None,
+        consistency_weights: Mapping[str, float] | None = None,
+        fusion: str = "mean",
+        detach_classifier: bool = True,
+        max_stored: int = 64,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        module = _unwrap(model)
+        names, modules = self._resolve_stages(module, stages)
+        if num_labels is None:
+            num_labels = _num_labels(module)
+            if num_labels is None:
+                raise ValueError(f"cannot tell how many labels {type(module).__name__} has (no nn.Linear): pass num_labels=")
+        num_labels = _positive_int("num_labels", num_labels)
+        if channels is not None and not isinstance(channels, Mapping):
+            raise TypeError(f"channels must be a mapping of stage name -> channels, got {type(channels).__name__}")
+        channels = dict(channels or {})
+        unknown = [key for key in channels if key not in names]
+        if unknown:
+            raise ValueError(f"channels key {unknown[0]!r} names no stage of these heads ({', '.join(names)})")
+        info = {entry["module"]: entry.get("num_chs") for entry in _feature_info(module) or []}
+        built = []
+        for name, stage in zip(names, modules):
+            count = channels.get(name) or info.get(name) or _static_channels(stage)
+            if count is None:
+                raise ValueError(
+                    f"cannot tell how many channels stage {name!r} ({type(stage).__name__}) gives: pass channels={{{name!r}: C}}"
+                )
+            built.append(SideHead(_positive_int(f"channels[{name!r}]", count), num_labels, width, reduction, kernel_size))
+        self.heads = nn.ModuleList(built)
+        self.stages: tuple[str, ...] = tuple(names)
+        self.num_labels = num_labels
+        self.supervision = _check_weights("supervision", supervision, (*names, OUTPUT))
+        if not any(self.supervision.values()):
+            raise ValueError("supervision gives every head weight 0: nothing would be trained to classify")
+        self.consistency_weights = _check_weights("consistency_weights", consistency_weights, names)
+        self.fusion = self._check_fusion(fusion)
+        self.detach_classifier = check_bool("detach_classifier", detach_classifier)
+        self.max_stored = _positive_int("max_stored", max_stored)
+        self.enabled = True
+        # plain attributes, not submodules: the backbone's parameters are not the heads'
+        self.__dict__["_model"] = module
+        self.__dict__["_stage_modules"] = tuple(modules)
+        self._records: list[StageRecord] = []
+        self._current: StageRecord | None = None
+        self._checked = False
+        self._warned_overflow = False
+        self._handles: list[RemovableHandle] = []
+        weakref.finalize(self, _remove_handles, self._handles)
+        self._handles.append(module.register_forward_pre_hook(_Hook(self, "_on_model_call")))
+        for index, stage in enumerate(modules):
+            self._handles.append(stage.register_forward_hook(_Hook(self, "_on_stage_output", index)))
+        self._handles.append(module.register_forward_hook(_Hook(self, "_on_model_output")))
+
+    # --- construction ------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_stages(model: nn.Module, stages: Sequence[str | int]) -> tuple[list[str], list[nn.Module]]:
+        if isinstance(stages, (str, int)) or not isinstance(stages, Sequence) or not stages:
+            raise TypeError(f"stages must be a non-empty sequence of stage names, got {stages!r}")
+        info = _feature_info(model)
+        names: list[str] = []
+        for stage in stages:
+            if isinstance(stage, numbers.Integral) and not isinstance(stage, bool):
+                if info is None or not -len(info) <= stage < len(info):
+                    count = f"has {len(info)} entries" if info else "is missing (not a timm model)"
+                    raise ValueError(f"stage {stage} is a feature_info index, but {type(model).__name__}'s feature_info {count}")
+                stage = info[stage]["module"]
+            if not isinstance(stage, str):
+                raise TypeError(f"stages must be names (str) or feature_info indices (int), got {type(stage).__name__} {stage!r}")
+            names.append(stage)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"stages names {', '.join(map(repr, repeated))} more than once")
+        modules = []
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"stage {name!r} names no submodule of {type(model).__name__}; its stages: {_available(model)}") from None
+            if module is model or (linears and any(m is linears[-1] for m in module.modules())):
+                raise ValueError(f"stage {name!r} holds the model's classifier: name a stage of the backbone, before the head")
+            modules.append(module)
+        return names, modules
+
+    def _check_fusion(self, fusion: str) -> str:
+        if not isinstance(fusion, str):
+            raise TypeError(f"fusion must be a str, got {type(fusion).__name__} {fusion!r}")
+        if fusion not in _FUSIONS and fusion not in self.stages:
+            raise ValueError(f"fusion must be 'mean', 'last', 'output' or a stage name ({', '.join(self.stages)}), got {fusion!r}")
+        read = self._fused_heads(fusion)
+        untrained = [head for head in read if self.supervision[head] == 0.0] if fusion != "mean" else []
+        if untrained:
+            raise ValueError(f"fusion={fusion!r} reads the head {untrained[0]!r}, whose supervision weight is 0 (never trained)")
+        return fusion
+
+    def _fused_heads(self, fusion: str) -> list[str]:
+        if fusion == "mean":
+            return [head for head, weight in self.supervision.items() if weight > 0]
+        if fusion == "last":
+            return [self.stages[-1]]
+        return [fusion]
+
+    # --- the heads as a recorder (what views() and attention_inconsistency use) -----------
+
+    @property
+    def model(self) -> nn.Module:
+        """The backbone the heads are attached to (behind any wrapper)."""
+        return self.__dict__["_model"]
+
+    def head(self, stage: str) -> SideHead:
+        """The :class:`SideHead` of ``stage``."""
+        if stage not in self.stages:
+            raise ValueError(f"stage {stage!r} has no head (the heads: {', '.join(self.stages)})")
+        return self.heads[self.stages.index(stage)]
+
+    def stage_weight(self, stage: str) -> float:
+        """The weight of ``stage``'s consistency terms."""
+        return self.consistency_weights[stage]
+
+    def prediction(self, output: Tensor, logits: Mapping[str, Tensor]) -> Tensor:
+        """The fused logits (see ``fusion``) from the backbone's ``output`` and the stages' ``logits``."""
+        chosen = [output if head == OUTPUT else logits[head] for head in self._fused_heads(self.fusion)]
+        return chosen[0] if len(chosen) == 1 else torch.stack(chosen).mean(0)
+
+    def classification(
+        self, output: Tensor, logits: Mapping[str, Tensor], targets: Tensor, criterion: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
+        """Deep supervision: :math:`\\sum_h w_h\\, \\text{criterion}(\\text{logits}_h, \\text{targets})` over the heads."""
+        total = None
+        for head, weight in self.supervision.items():
+            if weight == 0.0:
+                continue
+            term = criterion(output if head == OUTPUT else logits[head], targets)
+            term = term if weight == 1.0 else weight * term
+            total = term if total is None else total + term
+        return total
+
+    def pop(self) -> list[StageRecord]:
+        """The records of every forward since the last call, oldest first; then forget them."""
+        records, self._records = self._records, []
+        return records
+
+    def clear(self) -> None:
+        """Forget the records so far."""
+        self._records = []
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @contextmanager
+    def paused(self) -> Iterator[MultiScaleHeads]:
+        """Run no side head inside the block (an evaluation loop that needs no heatmaps)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = enabled
+
+    def remove(self) -> None:
+        """Take the hooks off the backbone and drop stored records; safe to call twice."""
+        _remove_handles(self._handles)
+        self._records = []
+        self._current = None
+
+    def __enter__(self) -> MultiScaleHeads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def extra_repr(self) -> str:
+        return f"stages={self.stages}, fusion={self.fusion!r}, detach_classifier={self.detach_classifier}"
+
+    # --- recording ---------------------------------------------------------------------
+
+    def _on_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._current = StageRecord({}, {}) if self.enabled else None
+
+    def _on_stage_output(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        record = self._current
+        if record is None:  # paused, or the stage ran outside a call of the model
+            return
+        name = self.stages[index]
+        try:
+            if not isinstance(output, Tensor) or output.dim() != 4 or not output.is_floating_point():
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"stage {name!r} of {type(self.model).__name__} must give a 4-D floating-point map (N, C, h, w), "
+                    f"got {shape}; name a stage whose output is a feature map"
+                )
+            head = self.heads[index]
+            expected = head.project[0].in_channels
+            if output.shape[1] != expected:
+                raise ValueError(
+                    f"stage {name!r} gives maps of shape {tuple(output.shape)}, with {output.shape[1]} channels, but its "
+                    f"side head was built for {expected}; pass channels={{{name!r}: {output.shape[1]}}}"
+                )
+            if name in record.heatmaps:
+                raise ValueError(f"stage {name!r} ran twice in one forward (a shared module?); name a stage that runs once")
+        except ValueError:
+            self.remove()
+            raise
+        record.heatmaps[name], record.logits[name] = head(output, self.detach_classifier)
+
+    def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        record, self._current = self._current, None
+        if record is None:
+            return
+        missing = [name for name in self.stages if name not in record.heatmaps]
+        if missing:
+            self.remove()
+            raise ValueError(
+                f"stage {missing[0]!r} did not run in the forward of {type(self.model).__name__}; name stages its forward calls"
+            )
+        # in the model's order of stages, whatever order the hooks fired in
+        record = StageRecord({s: record.heatmaps[s] for s in self.stages}, {s: record.logits[s] for s in self.stages})
+        if len(self._records) >= self.max_stored:
+            self._records.pop(0)
+            if not self._warned_overflow:
+                self._warned_overflow = True
+                warnings.warn(
+                    f"MultiScaleHeads: {self.max_stored} forwards were recorded without pop(); the oldest records are "
+                    "dropped. Call pop() after each step, or pause the heads around forwards that need none.",
+                    stacklevel=2,
+                )
+        self._records.append(record)
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def multiscale_consistency(
+    heatmaps: Mapping[str, Tensor],
+    heatmaps_t: Mapping[str, Tensor],
+    transform: str | Transform,
+    params: Any = None,
+    *,
+    weights: Mapping[str, float] | None = None,
+    reduction: str = "mean",
+    distance: str = "mse",
+    check_finite_values: bool | None = None,
+) -> dict[str, Tensor]:
+    r"""The attention consistency of Eq. 5 at every stage: :math:`\ell_{a,T}^s` per stage :math:`s`.
+
+    Each stage's pair is compared by
+    :func:`~attn_consistency.attention_consistency` (so the scale term stays in closed
+    form at any stride: 28x28 against 24x24 for 224/192 inputs at stride 8), and multiplied
+    by its weight.
+
+    Args:
+        heatmaps: stage -> :math:`M^s = g^s(I)`, ``(N, L, h_s, w_s)`` (a :attr:`StageRecord.heatmaps`).
+        heatmaps_t: stage -> :math:`g^s(T(I))`, the same stages.
+        transform, params, reduction, distance, check_finite_values: as
+            :func:`~attn_consistency.attention_consistency`.
+        weights: stage -> weight (default 1 each).
+
+    Returns:
+        stage -> the weighted term (scalar, or ``(N, L)`` for ``reduction='none'``).
+
+    Raises:
+        TypeError, ValueError: the two views hold other stages, a weight key names no stage,
+            or a pair is refused by :func:`~attn_consistency.attention_consistency`.
+    """
+    for name, value in (("heatmaps", heatmaps), ("heatmaps_t", heatmaps_t)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a mapping of stage name -> heatmaps, got {type(value).__name__}")
+    if list(heatmaps) != list(heatmaps_t):
+        raise ValueError(f"heatmaps and heatmaps_t must hold the same stages, got {list(heatmaps)} and {list(heatmaps_t)}")
+    stage_weights = _check_weights("weights", weights, list(heatmaps))
+    terms = {}
+    for stage, maps in heatmaps.items():
+        term = attention_consistency(maps, heatmaps_t[stage], transform, params, reduction, check_finite_values, distance)
+        terms[stage] = term if stage_weights[stage] == 1.0 else stage_weights[stage] * term
+    return terms
