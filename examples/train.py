@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from attn_consistency import AttentionConsistencyLoss, CAMHook, Ramp, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
+from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
 from attn_consistency.strength import heatmap_spread
 from attn_consistency.metrics import attention_inconsistency, example_based_metrics, label_based_metrics
 from examples._files import load_torch, malformed, save_torch_atomic, write_text_atomic
@@ -78,6 +79,13 @@ class TrainConfig:
     warmup_shape: str = "linear"
     stop_gradient: str | None = None  # None (both views trained, the paper) | original | transformed
     diagnostics: bool = True  # warn once when the heatmaps collapse or the term dwarfs classification
+    # Multi-scale attention consistency (MSAC, attn_consistency.multiscale): side heads at these stages
+    # of the backbone, each term computed per stage; the prediction fuses the heads (fusion: mean |
+    # last | output | a stage), each head trained with its supervision weight (stages and 'output').
+    stages: tuple[str, ...] = ()
+    fusion: str = "mean"
+    supervision: dict[str, float] = dataclasses.field(default_factory=dict)
+    stage_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # consistency per stage
     rotate_degrees: float = 90.0
     translate_fraction: float = 32 / 224
     ignore_unspecified: bool = False  # WIDER's 0 labels: the reference trains them as negatives
@@ -118,6 +126,11 @@ PRESETS["pa100k-r50"] = dict(_WIDER, dataset="pa100k")
 PRESETS["pa100k-r50-acfs"] = dict(_WIDER, dataset="pa100k", transforms=("flip", "scale"))
 PRESETS["coco-r101"] = dict(dataset="coco", arch="resnet101", image_size=288, scale_size=256, epochs=14, batch_size=24, lr_step=6, lr_gamma=0.1)
 PRESETS["coco-r101-acfs"] = dict(PRESETS["coco-r101"], transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8})
+# MSAC (Xu et al., ICONIP 2020): side heads at ResNet stages 2-4 (strides 8, 16, 32), the flip of its
+# abstract, and with the scale term too; every weight 1, as the VAC presets (the paper gives none).
+_MSAC_STAGES = ("layer2", "layer3", "layer4")
+PRESETS["wider-r50-msac"] = dict(_WIDER, transforms=("flip",), stages=_MSAC_STAGES)
+PRESETS["wider-r50-msac-fs"] = dict(_WIDER, transforms=("flip", "scale"), stages=_MSAC_STAGES)
 # The CPU demo. From scratch, the small net sits at chance for ~1000 Adam steps before it finds
 # the shapes, and the consistency loss stretches that plateau further (measured: README, demo).
 # So the demo follows the paper's protocol with a stand-in for ImageNet: `synthetic-pretrain`
@@ -128,6 +141,10 @@ _SYNTHETIC = dict(dataset="synthetic", arch="small_resnet", image_size=64, scale
 PRESETS["synthetic-pretrain"] = dict(_SYNTHETIC, synthetic_classes=4, seed=1, epochs=16, lr=2e-3, lr_step=12, lr_gamma=0.1)
 PRESETS["synthetic"] = dict(_SYNTHETIC, synthetic_classes=6, epochs=6, lr=1e-3, lr_step=4, lr_gamma=0.1)
 PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"))
+# the small net's three blocks (strides 4, 8, 8: 16x16, 8x8 and 8x8 maps at 64 px)
+SYNTHETIC_STAGES = ("layers.0", "layers.1", "layers.2")
+PRESETS["synthetic-msac"] = dict(PRESETS["synthetic"], transforms=("flip",), stages=SYNTHETIC_STAGES)
+PRESETS["synthetic-msac-fs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"), stages=SYNTHETIC_STAGES)
 
 
 # The recommended strength of the term for a model and data other than the paper's (measured:
@@ -361,6 +378,28 @@ def _schedule(config: TrainConfig, steps: int) -> Ramp | None:
     return Ramp(round(config.warmup * steps), config.warmup_shape, delay=round(config.warmup_delay * steps), trigger=trigger)
 
 
+def build_heads(config: TrainConfig, model: nn.Module, num_labels: int) -> MultiScaleHeads | None:
+    """The side heads of a multi-scale run (``config.stages``) attached to ``model``, or None."""
+    if not config.stages:
+        return None
+    try:
+        return MultiScaleHeads(
+            model, config.stages, num_labels, supervision=config.supervision or None,
+            consistency_weights=config.stage_weights or None, fusion=config.fusion,
+        )
+    except ValueError as error:  # a stage the model does not have: the flag that named it
+        raise ValueError(f"--stages {' '.join(config.stages)}: {error}") from None
+
+
+def _classify(net: nn.Module, heads: MultiScaleHeads | None, images: Tensor, targets: Tensor, criterion: nn.Module) -> Tensor:
+    """The classification loss of one view: the model's, or every head's (deep supervision)."""
+    if heads is None:
+        return criterion(net(images), targets)
+    output = net(images)
+    (record,) = heads.pop()
+    return heads.classification(output, record.logits, targets, criterion)
+
+
 def scale_factor(config: TrainConfig) -> float:
     """Scaled-view size over image size: ``scale_size``, or the paper's 192/224 ratio without one."""
     return (config.scale_size or round(config.image_size * 6 / 7)) / config.image_size
@@ -371,19 +410,32 @@ def _step_generator(config: TrainConfig, epoch: int, step: int) -> torch.Generat
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Test-set metrics: label-based (and example-based), attention inconsistency (Table 2)."""
+def evaluate(
+    model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConfig, device: torch.device, heads: MultiScaleHeads | None = None
+) -> dict[str, float]:
+    """Test-set metrics: label-based (and example-based), attention inconsistency (Table 2).
+
+    With side ``heads``, the scores are their fused prediction, and the inconsistency (and on
+    the synthetic set the pointing game) is measured for each stage too (``inconsistency-flip/layer2``).
+    """
     loader = DataLoader(dataset, batch_size=config.test_batch_size, shuffle=False, num_workers=config.workers)
     scale = get_transform("scale", factor=scale_factor(config))
     flip = get_transform("flip")
     scores, heatmaps = [], []
+    stage_maps: dict[str, list[Tensor]] = {stage: [] for stage in (heads.stages if heads is not None else ())}
     pointing = config.dataset == "synthetic"  # the only dataset with boxes: keep its heatmaps
     memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
     for images, _ in _progress(loader, config, "test"):
         images = images.to(device, memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use(config.amp, device)):
             with contextlib.nullcontext() if pointing else cam.paused():
-                scores.append(model(images).float().cpu())
+                output = model(images)
+        if heads is not None:
+            (record,) = heads.pop()
+            output = heads.prediction(output, record.logits)
+            for stage in stage_maps if pointing else ():
+                stage_maps[stage].append(record.heatmaps[stage].float().cpu())
+        scores.append(output.float().cpu())
         if pointing:
             (maps,) = cam.pop()
             heatmaps.append(maps.float().cpu())
@@ -393,14 +445,19 @@ def evaluate(model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConf
     if config.dataset == "pa100k":
         result |= example_based_metrics(torch.cat(scores), targets)
     amp = _use(config.amp, device)
-    batches = (images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers))
-    for name, value in attention_inconsistency(model, cam, batches, [flip, scale], device=device, amp=amp).items():
-        result[f"inconsistency-{name}"] = value
+    # the model's own CAMs, then each stage's (the other recorder paused)
+    for recorder, other in ((cam, heads), (heads, cam)) if heads is not None else ((cam, None),):
+        batches = (images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers))
+        with other.paused() if other is not None else contextlib.nullcontext():
+            for name, value in attention_inconsistency(model, recorder, batches, [flip, scale], device=device, amp=amp).items():
+                result[f"inconsistency-{name}"] = value
     if pointing:
         from examples.synthetic import pointing_game
 
         result["pointing-game"] = pointing_game(torch.cat(heatmaps), targets, dataset.boxes, config.image_size)
         result["heatmap-spread"] = float(heatmap_spread(torch.cat(heatmaps)))
+        for stage, maps in stage_maps.items():
+            result[f"pointing-game/{stage}"] = pointing_game(torch.cat(maps), targets, dataset.boxes, config.image_size)
     return result
 
 
@@ -482,8 +539,13 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
 
     model = build_model(config.arch, train_set.targets.shape[1], config.pretrained).to(device)
     pretrained_digest = _file_digest(config.pretrained)
+    heads = build_heads(config, model, train_set.targets.shape[1])
+    if heads is not None:
+        heads = heads.to(device)
     if _use(config.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
+        heads = heads.to(memory_format=torch.channels_last) if heads is not None else None
+    parameters = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
     encoding = getattr(train_set, "encoding", "binary")
     ratio = positive_ratio(train_set.targets, encoding, config.ignore_unspecified)
     classification = WeightedBCEWithLogitsLoss(ratio, encoding, config.ignore_unspecified).to(device)
@@ -492,9 +554,9 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     # the authors' flip + scale step runs all four combinations of the two
     mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
     start_epoch, history, state = 0, [], None
     checkpoint_path = out / "last.pt"
@@ -503,6 +565,8 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         _check_same_run(state, config, pretrained_digest, checkpoint_path)
         try:
             model.load_state_dict(state["model"])
+            if heads is not None:
+                heads.load_state_dict(state["heads"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:  # same settings, other tensors: an edited file
             raise malformed(checkpoint_path, f"its weights or optimizer state do not fit this run ({error})") from None
@@ -513,7 +577,9 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         print(f"no checkpoint at {checkpoint_path}: starting afresh", file=sys.stderr)
 
     cam = CAMHook(model)
-    net: nn.Module = model
+    # the side heads in one module with the model, so that DDP averages their gradients too
+    net: nn.Module = model if heads is None else WithSideHeads(model, heads)
+    recorder = cam if heads is None else heads
     if ddp.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
@@ -546,6 +612,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * config.lr_gamma ** (epoch // config.lr_step)
         net.train()
+        cam.enabled = heads is None  # with side heads, training needs none of the model's own CAMs
         running = torch.zeros(3, device=device)
         term_sums: dict[str, Tensor] = {}
         steps = 0
@@ -558,7 +625,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if transforms and not random_augmentation:
                     views = consistency.views(
-                        net, cam, images, transforms, mode=mode, generator=_step_generator(config, epoch, step),
+                        net, recorder, images, transforms, mode=mode, generator=_step_generator(config, epoch, step),
                         resized=resized, targets=targets, criterion=classification,
                     )
                     cls_loss, ac_loss = views.classification, views.loss
@@ -568,7 +635,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
                     if random_augmentation:
                         images = _random_view(images, resized, transforms, _step_generator(config, epoch, step))
                     with cam.paused():
-                        cls_loss = classification(net(images), targets)
+                        cls_loss = _classify(net, heads, images, targets, classification)
                     ac_loss = no_consistency
                 loss = cls_loss + ac_loss
             optimizer.zero_grad(set_to_none=True)
@@ -592,9 +659,12 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             row["ac_grad_ratio"] = consistency.diagnostics.last["gradient_ratio"]
         if terms is not None:
             row |= {f"term-{name}": value / max(steps, 1) for name, value in zip(sorted(term_sums), terms.tolist())}
+        cam.enabled = True
         if ddp.main:
             model.eval()
-            row |= evaluate(model, cam, test_set, config, device)
+            if heads is not None:
+                heads.eval()
+            row |= evaluate(model, cam, test_set, config, device, heads)
             history.append(row)
             _write_metrics(history, out)
             save_atomic(
@@ -607,6 +677,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
                     "label_names": list(getattr(train_set, "label_names", [])),
                     "pretrained_sha256": pretrained_digest,
                     "consistency": consistency.state_dict(),
+                    **({"heads": heads.state_dict()} if heads is not None else {}),
                 },
                 checkpoint_path,
             )
@@ -614,6 +685,8 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         if ddp.world > 1:
             dist.barrier()
     cam.remove()
+    if heads is not None:
+        heads.remove()
     if ddp.world > 1:
         dist.destroy_process_group()
     return history
@@ -641,9 +714,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         value = getattr(defaults, field.name)
         if field.name == "transforms":
             parser.add_argument(flag, nargs="*", type=argument_type(field.name, str), default=None, help="views: flip scale rotate translate")
+        elif field.name == "stages":
+            parser.add_argument(flag, nargs="*", type=argument_type(field.name, str), default=None, help="side heads (MSAC), e.g. layer2 layer3 layer4")
         elif field.name == "synthetic_sizes":
             parser.add_argument(flag, nargs=2, type=argument_type(field.name, float), default=None, metavar=("MIN", "MAX"))
-        elif field.name == "weights":
+        elif field.name in ("weights", "supervision", "stage_weights"):
             parser.add_argument(flag, type=argument_type(field.name, json_value), default=None, help='JSON, e.g. {"flip": 0.6, "scale": 0.8}')
         elif isinstance(value, bool) or field.type in ("bool | None", "bool"):
             parser.add_argument(flag, type=argument_type(field.name, _parse_bool), default=None, metavar="BOOL")
@@ -658,7 +733,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name)
         if given is not None:
-            settings[field.name] = tuple(given) if field.name in ("transforms", "synthetic_sizes") else given
+            settings[field.name] = tuple(given) if field.name in ("transforms", "stages", "synthetic_sizes") else given
     return TrainConfig(**settings), args
 
 

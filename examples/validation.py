@@ -128,6 +128,23 @@ def _weights(value: Any) -> None:
         check_weight(f"weights[{name!r}]", weight)
 
 
+def _stages(value: Any) -> None:
+    if isinstance(value, str) or not isinstance(value, tuple | list):
+        raise TypeError(f"must be a sequence of stage (module) names, got {type(value).__name__} {value!r}")
+    for name in value:
+        _text(name)
+    repeated = sorted({name for name in value if list(value).count(name) > 1})
+    if repeated:
+        raise ValueError(f"names {', '.join(map(repr, repeated))} more than once, got {tuple(value)}")
+
+
+def _head_weights(value: Any) -> None:
+    if not isinstance(value, dict):
+        raise TypeError(f'must be a JSON object of name -> weight, e.g. {{"layer2": 0.5}}, got {value!r}')
+    for name, weight in value.items():
+        check_weight(f"the weight of {name!r}", weight)
+
+
 def _sizes(value: Any) -> None:
     if isinstance(value, str) or not isinstance(value, tuple | list) or len(value) != 2:
         raise TypeError(f"must be a (MIN, MAX) pair, got {value!r}")
@@ -155,6 +172,9 @@ _RULES: dict[str, Rule] = {
     "augmentation": _choice("views", "random"),
     "mode": _choice("product", "independent"),
     "weights": _weights,
+    "stages": _stages,
+    "supervision": _head_weights,
+    "stage_weights": _head_weights,
     "translate_fraction": _interval(-1, 1, low_open=True, high_open=True, why=" (a fraction of the width)"),
     "warmup": _interval(0, 1, why=" (a fraction of the run's steps)"),
     "warmup_delay": _interval(0, 1, why=" (a fraction of the run's steps)"),
@@ -223,12 +243,28 @@ def validate_config(config: Any) -> None:
         )
     if "scale" in config.transforms and config.scale_size is None:
         raise ValueError("the scale transform needs --scale-size")
+    _check_stage_settings(config)
     if config.pretrained not in (None, "imagenet") and not Path(config.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained names no file: {config.pretrained}")
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise ValueError(f"--out {config.out} is a file, not a folder")
     if config.data_root is not None and not Path(config.data_root).is_dir():
         raise FileNotFoundError(f"--data-root {config.data_root} is not a folder")
+
+
+def _check_stage_settings(config: Any) -> None:
+    """The multi-scale settings name the run's stages (``output``: the model's own logits)."""
+    heads = (*config.stages, "output")
+    unused = [flag(name) for name in ("supervision", "stage_weights") if getattr(config, name)]
+    unused += ["--fusion"] if config.fusion != "mean" else []
+    if unused and not config.stages:
+        raise ValueError(f"{unused[0]} sets the side heads, but --stages names none")
+    for name, known in (("supervision", heads), ("stage_weights", config.stages)):
+        unknown = [key for key in getattr(config, name) if key not in known]
+        if unknown:
+            raise ValueError(f"{flag(name)} names {unknown[0]!r}, which is not one of {', '.join(known)}")
+    if config.stages and config.fusion not in ("mean", "last", *heads):
+        raise ValueError(f"--fusion must be 'mean', 'last', 'output' or a stage of --stages, got {config.fusion!r}")
 
 
 def check_training_set(config: Any, size: int, world: int = 1) -> None:
@@ -264,7 +300,7 @@ def _converter(parse: Callable[[str], Any], rule: Rule | None) -> Callable[[str]
 
 _KINDS: dict[Callable[[str], Any], str] = {int: "an integer", float: "a number"}
 # Settings given as several values (nargs): the type sees one value at a time.
-_ONE_OF_SEVERAL: dict[str, Rule] = {"transforms": _transform_name, "synthetic_sizes": _real}
+_ONE_OF_SEVERAL: dict[str, Rule] = {"transforms": _transform_name, "synthetic_sizes": _real, "stages": _text}
 # Checked by validate_config only: an unknown name is a ValueError of train(), as it always was.
 _NOT_AT_PARSE = {"dataset", "arch"}
 

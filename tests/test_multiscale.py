@@ -8,6 +8,7 @@ four-view step of MSAC's abstract re-implemented here with torch only.
 import copy
 import gc
 import math
+import re
 import socket
 import warnings
 from datetime import timedelta
@@ -491,3 +492,83 @@ def test_views_takes_the_protocol_and_refuses_anything_else():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CAMHook(model).remove()  # a CAMHook on the same backbone is independent of the heads
+
+
+# --------------------------------------------------------------------------- the training script
+
+
+def msac_config(out, epochs=1, **settings):
+    from examples.train import PRESETS, TrainConfig
+
+    tiny = dict(image_size=32, scale_size=24, epochs=epochs, batch_size=4, test_batch_size=4, workers=0, progress=False,
+                synthetic_train=8, synthetic_test=8, lr_step=1, out=str(out))  # fmt: skip
+    return TrainConfig(**(PRESETS["synthetic-msac-fs"] | tiny | settings))
+
+
+def test_msac_presets():
+    from examples.train import PRESETS
+
+    for name, transforms in (("wider-r50-msac", ("flip",)), ("wider-r50-msac-fs", ("flip", "scale"))):
+        preset = PRESETS[name]
+        assert (preset["arch"], preset["image_size"], preset["scale_size"]) == ("resnet50", 224, 192)
+        assert preset["transforms"] == transforms and preset["stages"] == ("layer2", "layer3", "layer4")
+        assert not preset.get("weights") and preset.get("distance", "mse") == "mse"  # every weight 1, Eq. 5
+    assert PRESETS["synthetic-msac"]["stages"] == PRESETS["synthetic-msac-fs"]["stages"] == ("layers.0", "layers.1", "layers.2")
+
+
+def test_resumed_msac_run_equals_the_uninterrupted_one(tmp_path, one_thread):
+    from examples.train import load_checkpoint, train
+
+    straight = train(msac_config(tmp_path / "straight", 2), device="cpu")
+    train(msac_config(tmp_path / "resumed", 1), device="cpu")
+    resumed = train(msac_config(tmp_path / "resumed", 2), device="cpu", resume=True)
+    assert resumed == straight
+    assert {"term-flip@32/layers.0", "term-scale/layers.2", "inconsistency-flip/layers.1", "pointing-game/layers.0"} <= set(straight[-1])
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["heads"].keys() == b["heads"].keys() and any(k.startswith("heads.2.attention") for k in a["heads"])
+    for key in a["heads"]:
+        assert torch.equal(a["heads"][key], b["heads"][key]), key
+
+
+def test_deep_supervision_and_fusion_reach_the_training_script(tmp_path, one_thread, monkeypatch):
+    from examples import train as script
+
+    seen = {}
+    original = script.build_heads
+
+    def spy(config, model, labels):
+        seen["heads"] = original(config, model, labels)
+        return seen["heads"]
+
+    monkeypatch.setattr(script, "build_heads", spy)
+    settings = dict(fusion="last", supervision={"output": 0.0, "layers.0": 0.5}, stage_weights={"layers.1": 0.0}, max_steps=1)
+    history = script.train(msac_config(tmp_path, **settings), device="cpu")
+    heads = seen["heads"]
+    assert heads.fusion == "last" and heads.supervision == {"layers.0": 0.5, "layers.1": 1.0, "layers.2": 1.0, "output": 0.0}
+    assert not any("layers.1" in key for key in history[-1] if key.startswith("term-"))  # weight 0: no term
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--stages", "layers.0", "layers.9"], r"--stages layers.0 layers.9: stage 'layers.9' names no submodule of SmallResNet; its stages: stem, layers, avgpool, fc"),
+        (["--stages", "layers.0", "layers.0"], "--stages names 'layers.0' more than once"),
+        (["--fusion", "last"], "--fusion sets the side heads, but --stages names none"),
+        (["--stages", "layers.0", "--supervision", '{"layers.2": 1}'], "--supervision names 'layers.2', which is not one of layers.0, output"),
+        (["--stages", "layers.0", "--stage-weights", '{"layers.0": -1}'], "--stage-weights: the weight of 'layers.0' must be >= 0"),
+        (["--stages", "layers.0", "--fusion", "max"], "--fusion must be 'mean', 'last', 'output' or a stage of --stages"),
+    ],
+)
+def test_bad_msac_flags_name_the_flag(argv, match, tmp_path, capsys):
+    from examples.train import main
+
+    argv = ["--preset", "synthetic", "--device", "cpu", "--out", str(tmp_path), "--synthetic-train", "8", "--batch-size", "4", *argv]
+    try:
+        main(argv)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+    except SystemExit:
+        message = capsys.readouterr().err
+    else:
+        pytest.fail("the run was not refused")
+    assert re.search(match, message), message
