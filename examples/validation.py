@@ -35,7 +35,7 @@ __all__ = [
     "validate_config",
 ]
 
-DATASETS = ("wider", "pa100k", "coco", "csv", "synthetic")
+DATASETS = ("wider", "pa100k", "coco", "voc", "vg500", "csv", "synthetic")
 
 Rule = Callable[[Any], None]
 """Raises ValueError (TypeError for a wrong type) with a message that reads after the flag."""

@@ -119,7 +119,7 @@ CONFIG_ERRORS = [
     ({"weights": {"flip": math.inf}}, ValueError, "--weights weights['flip'] must be a finite number, got inf"),
     ({"synthetic_sizes": (0.45, 0.25)}, ValueError, "--synthetic-sizes must be MIN MAX with 0 < MIN <= MAX < 1"),
     ({"scale_size": None}, ValueError, "the scale transform needs --scale-size"),
-    ({"dataset": "imagenet"}, ValueError, "--dataset unknown dataset 'imagenet': use wider, pa100k, coco, csv or synthetic"),
+    ({"dataset": "imagenet"}, ValueError, "--dataset unknown dataset 'imagenet': use wider, pa100k, coco, voc, vg500, csv or synthetic"),
     ({"arch": "resnet5000"}, ValueError, "--arch unknown arch 'resnet5000'"),
     ({"optimizer": "rmsprop"}, ValueError, "--optimizer must be 'sgd' or 'adam', got 'rmsprop'"),
     ({"seed": 2**40}, ValueError, "--seed must be in [0, 4294967295], got 1099511627776"),
