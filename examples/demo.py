@@ -5,8 +5,10 @@ small GAP-FC network is first pretrained on 4 shapes drawn on other images (a st
 the ImageNet weights the paper starts from), then fine-tuned from those weights on a harder
 task (8 shapes, 4 of them new, small objects, 500 training images: the ``finetune`` regime of
 ``benchmarks/gain.py``, seed 0) four times: the baseline, the authors' four views (flip x
-scale) as augmentation only, the paper's loss on those views, and the recommended setting.
-It prints a table like the paper's Tables 1-2 and draws Figure 5::
+scale) as augmentation only, the paper's loss on those views, and the recommended setting;
+then once more with side heads at the net's three blocks (multi-scale attention consistency,
+MSAC) and the recommended strength. It prints a table like the paper's Tables 1-2, the MSAC
+row per stage, and draws Figure 5 (and the MSAC run's, a row per stage)::
 
     python -m examples.demo --out runs/demo
 
@@ -25,9 +27,9 @@ from pathlib import Path
 import torch
 
 from examples._files import write_text_atomic
-from examples.figure5 import figure5, load_trained
+from examples.figure5 import figure5, load_heads, load_trained
 from examples.gain import REGIMES, ROWS, pretrained, run_row
-from examples.train import PRESETS, TrainConfig, build_datasets, scale_factor
+from examples.train import PRESETS, SYNTHETIC_STAGES, TrainConfig, build_datasets, scale_factor
 from examples.validation import count_type
 
 __all__ = ["main"]
@@ -40,8 +42,14 @@ NAMES = {
     "augmentation": "flip + scale views, no consistency",
     "paper": "attention consistency, paper (Eq. 5, weight 1)",
     "recommended": "attention consistency, recommended",
+    "msac": "multi-scale attention consistency (MSAC), recommended",
 }
-"""The rows of :data:`examples.gain.ROWS`, as the table names them."""
+"""The rows of :data:`DEMO_ROWS`, as the table names them."""
+
+DEMO_ROWS = ROWS | {"msac": ROWS["recommended"] | dict(stages=SYNTHETIC_STAGES)}
+""":data:`examples.gain.ROWS` and MSAC: the recommended row with side heads at the three blocks, every
+stage's terms at the recommended strength (the relative distance makes the stages' terms comparable,
+so each gets weight 1), each head supervised with weight 1 and the prediction their mean."""
 
 COLUMNS = (
     ("mAP", "mAP"),
@@ -52,6 +60,17 @@ COLUMNS = (
     ("pointing-game", "pointing game"),
     ("seconds", "time (s)"),
 )
+
+
+def stage_table(row: dict[str, float]) -> str:
+    """Markdown table of a multi-scale run: each stage's attention inconsistency and pointing game."""
+    stages = [key.partition("/")[2] for key in row if key.startswith("inconsistency-flip/")]
+    lines = ["| stage | incons. flip | incons. scale | pointing game |", "|---|---|---|---|"]
+    lines.append(f"| model's own CAM | {row['inconsistency-flip']:.2f} | {row['inconsistency-scale']:.2f} | {row['pointing-game'] * 100:.1f} |")
+    for stage in stages:
+        cells = (row[f"inconsistency-flip/{stage}"], row[f"inconsistency-scale/{stage}"], row[f"pointing-game/{stage}"] * 100)
+        lines.append(f"| side head at {stage} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.1f} |")
+    return "\n".join(lines)
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
@@ -115,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     results, configs = {}, {}
     for key, name in NAMES.items():
         print(f"== {name}: {args.epochs} epochs on {args.train_images} images", flush=True)
-        results[name] = run_row("finetune", ROWS[key], 0, out / key, weights, **fine_tune)
+        results[name] = run_row("finetune", DEMO_ROWS[key], 0, out / key, weights, **fine_tune)
         configs[name] = load_trained(out / key / "last.pt")[1]
 
     text = table(results)
@@ -124,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         "metrics in %; attention inconsistency: paper Eq. 5 on the test set (Table 2); pointing game: share of "
         "heatmap peaks inside a box of their label; time: seconds of training and evaluation"
     )
+    stages = stage_table(results[NAMES["msac"]])
+    print(f"\nMSAC per stage (its mAP is that of the fused prediction):\n{stages}")
 
     config = configs[NAMES["baseline"]]
     test_set = build_datasets(config)[1]
@@ -133,14 +154,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     indices = [i for i in range(len(test_set)) if test_set.targets[i, label] == 1][:2]
     drawn = {"baseline": "baseline", "paper": "AC paper", "recommended": "AC recommended"}
     models = {title: load_trained(out / key / "last.pt")[0] for key, title in drawn.items()}
-    picture = figure5(
-        models, test_set.images[indices], label, out / "figure5.png",
-        label_name=test_set.label_names[label], scale_factor=scale_factor(config),
-        denormalize=test_set.denormalize,
-    )
-    summary = {"results": results, "configs": {k: dataclasses.asdict(c) for k, c in configs.items()}, "table": text}
+    drawing = dict(label_name=test_set.label_names[label], scale_factor=scale_factor(config), denormalize=test_set.denormalize)
+    picture = figure5(models, test_set.images[indices], label, out / "figure5.png", **drawing)
+    msac_model, msac_config, msac_labels = load_trained(out / "msac" / "last.pt")
+    heads = load_heads(out / "msac" / "last.pt", msac_model, msac_config, len(msac_labels))
+    stage_picture = figure5({"MSAC": (msac_model, heads)}, test_set.images[indices[:1]], label, out / "figure5_msac.png", **drawing)
+    heads.remove()
+    summary = {"results": results, "configs": {k: dataclasses.asdict(c) for k, c in configs.items()}, "table": text, "stages": stages}
     write_text_atomic(json.dumps(summary, indent=2), out / "results.json", "demo results")
-    print(f"wrote {out / 'results.json'} and {picture}")
+    print(f"wrote {out / 'results.json'}, {picture} and {stage_picture}")
     return results
 
 

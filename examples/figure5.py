@@ -3,7 +3,8 @@
 One row per (model, image), three columns: the original view, the flipped view, the
 scaled view, each with its own heatmap of the chosen label overlaid. Two checkpoints
 side by side (baseline vs attention consistency) show whether the attention follows the
-transform::
+transform. A checkpoint with side heads (multi-scale attention consistency, ``--stages``)
+gets a row per stage as well, under the row of the model's own CAM::
 
     python -m examples.figure5 runs/baseline/last.pt runs/acfs/last.pt --names R50 R50+ACfs \\
         --label tshirt --indices 0 7 --out figure5.png
@@ -21,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attn_consistency import CAMHook, get_transform
-from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, load_train_checkpoint, scale_factor
+from attn_consistency import CAMHook, MultiScaleHeads, get_transform
+from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, build_heads, load_train_checkpoint, scale_factor
 from examples.validation import count_type
 
-__all__ = ["figure5", "load_trained"]
+__all__ = ["figure5", "load_heads", "load_trained"]
 
 def _imagenet_denormalize(images: Tensor) -> Tensor:
     """Undo the normalisation of :func:`examples.train.build_datasets` for files."""
@@ -35,24 +36,31 @@ def _imagenet_denormalize(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _views_and_maps(model: nn.Module, images: Tensor, label: int, scale_factor: float) -> list[tuple[Tensor, Tensor]]:
-    """(image, heatmap upsampled to the image) for the original, flipped and scaled views."""
+def _views_and_maps(
+    model: nn.Module, images: Tensor, label: int, scale_factor: float, heads: MultiScaleHeads | None = None
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Per heatmap source (``""`` for the model's CAM, then each stage of ``heads``): (image,
+    heatmap upsampled to the image) for the original, flipped and scaled views."""
     flip, scale = get_transform("flip"), get_transform("scale", factor=scale_factor)
     views = [images, flip.apply_image(images, True), scale.apply_image(images, scale_factor)]
-    result = []
+    result: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    if heads is not None:
+        heads.clear()  # records of forwards before these
     with CAMHook(model) as cam:
         for view in views:
             model(view)
             (maps,) = cam.pop()
+            by_source = {"": maps} | (heads.pop()[0].heatmaps if heads is not None else {})
             if not 0 <= label < maps.shape[1]:
                 raise ValueError(f"label must be in [0, {maps.shape[1] - 1}] (the model's labels), got {label}")
-            heat = F.interpolate(maps[:, label : label + 1].float(), size=view.shape[-2:], mode="bilinear", align_corners=False)
-            result.append((view, heat[:, 0]))
+            for source, source_maps in by_source.items():
+                heat = F.interpolate(source_maps[:, label : label + 1].float(), size=view.shape[-2:], mode="bilinear", align_corners=False)
+                result.setdefault(source, []).append((view, heat[:, 0]))
     return result
 
 
 def figure5(
-    models: dict[str, nn.Module],
+    models: dict[str, nn.Module | tuple[nn.Module, MultiScaleHeads]],
     images: Tensor,
     label: int,
     out: str | Path,
@@ -67,7 +75,8 @@ def figure5(
     so that a change of strength between views stays visible.
 
     Args:
-        models: name -> classifier (GAP-FC, evaluated in ``eval()`` mode).
+        models: name -> classifier (GAP-FC, evaluated in ``eval()`` mode), or name ->
+            ``(classifier, its MultiScaleHeads)``: then a row per stage follows the CAM's.
         images: normalised images ``(K, 3, H, W)``.
         label: index of the label whose heatmaps are drawn.
         out: PNG path.
@@ -92,14 +101,21 @@ def figure5(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = len(models) * images.shape[0]
+    per_model = {}
+    for name, entry in models.items():
+        model, heads = entry if isinstance(entry, tuple) else (entry, None)
+        modules = [model] if heads is None else [model, heads]
+        training = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        sources = _views_and_maps(model, images, label, scale_factor, heads)
+        for module, mode in zip(modules, training):
+            module.train(mode)
+        per_model |= {f"{name} {source}".strip(): per_view for source, per_view in sources.items()}
+    rows = len(per_model) * images.shape[0]
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
     row = 0
-    for name, model in models.items():
-        training = model.training
-        model.eval()
-        per_view = _views_and_maps(model, images, label, scale_factor)
-        model.train(training)
+    for name, per_view in per_model.items():
         for k in range(images.shape[0]):
             heats = [heat[k] for _, heat in per_view]
             low, high = min(float(h.min()) for h in heats), max(float(h.max()) for h in heats)
@@ -145,6 +161,25 @@ def load_trained(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig, list[s
     except RuntimeError as error:
         raise ValueError(f"{checkpoint}: its weights do not fit {config.arch} with {len(names)} labels: {error}") from None
     return model.eval(), config, names
+
+
+def load_heads(checkpoint: str | Path, model: nn.Module, config: TrainConfig, labels: int) -> MultiScaleHeads | None:
+    """The side heads of a checkpoint of a multi-scale run, attached to its ``model`` (or None).
+
+    ``model``, ``config`` and the number of ``labels`` are what :func:`load_trained` returned.
+
+    Raises:
+        ValueError: naming the file, when its heads do not fit ``config.stages``.
+    """
+    heads = build_heads(config, model, labels)
+    if heads is None:
+        return None
+    try:
+        heads.load_state_dict(load_train_checkpoint(checkpoint)["heads"])
+    except (KeyError, RuntimeError) as error:
+        heads.remove()
+        raise ValueError(f"{checkpoint}: its side heads do not fit --stages {' '.join(config.stages)}: {error}") from None
+    return heads.eval()
 
 
 def _image_format(text: str) -> str:
@@ -194,8 +229,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error(f"--indices {beyond} beyond the test set of {len(test_set)} images (0 to {len(test_set) - 1})")
     images = torch.stack([test_set[i][0] for i in args.indices])
     denormalize = getattr(test_set, "denormalize", _imagenet_denormalize)
+    models = {}
+    for name, path, (model, config_k, labels_k) in zip(names, args.checkpoints, loaded):
+        heads = load_heads(path, model, config_k, len(labels_k))
+        models[name] = model if heads is None else (model, heads)
     return figure5(
-        {name: model for name, (model, _, _) in zip(names, loaded)},
+        models,
         images, label, args.out, label_name=label_names[label], scale_factor=scale_factor(config), denormalize=denormalize,
     )
 

@@ -42,7 +42,14 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
     assert "term-scale" in results[names["paper"]] and "term-scale" not in results[names["augmentation"]]
     table = demo.table(results)
     assert table in printed
-    assert table.count("\n") == 5  # header, rule, four rows
+    assert table.count("\n") == 6  # header, rule, five rows
+    # MSAC: the recommended row with a side head at each block, every term per stage
+    msac = results[names["msac"]]
+    assert msac["ac_loss"] == 0.0 and msac["ac_multiplier"] == 0.0  # the same warm-up as the recommended row
+    stages = ("layers.0", "layers.1", "layers.2")
+    assert {k for k in msac if k.startswith("term-")} == {f"term-{t}/{s}" for t in ("flip@64", "flip@56", "scale") for s in stages}
+    assert all(math.isfinite(msac[f"{m}/{s}"]) for m in ("inconsistency-flip", "inconsistency-scale", "pointing-game") for s in stages)
+    assert demo.stage_table(msac) in printed and demo.stage_table(msac).count("\n") == 5  # own CAM + 3 stages
 
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["table"] == table
@@ -53,6 +60,8 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
         assert (config["synthetic_classes"], config["scale_size"]) == (8, 56)
     with Image.open(tmp_path / "figure5.png") as picture:
         assert picture.width > 200 and picture.height > 200
+    with Image.open(tmp_path / "figure5_msac.png") as picture:  # one image: the CAM's row and a row per stage
+        assert picture.height > picture.width > 0  # 4 rows of 2.5 in. against 7.5 in. of 3 columns
 
     # both fine-tuning runs start from the pretrained backbone: one step of Adam at lr 1e-3 moves
     # every weight by about 1e-3 at most, far less than the distance between two random inits
@@ -69,7 +78,7 @@ def test_demo_resumes_finished_runs_without_training(tmp_path: Path, capsys: pyt
     stamps = {run: (tmp_path / run / "last.pt").stat().st_mtime_ns for run in ("pretrain", *demo.NAMES)}
     capsys.readouterr()
     assert run_demo(tmp_path) == first
-    assert capsys.readouterr().err.count("resuming") == 5
+    assert capsys.readouterr().err.count("resuming") == 6
     assert {run: (tmp_path / run / "last.pt").stat().st_mtime_ns for run in stamps} == stamps
 
 

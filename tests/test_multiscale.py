@@ -572,3 +572,18 @@ def test_bad_msac_flags_name_the_flag(argv, match, tmp_path, capsys):
     else:
         pytest.fail("the run was not refused")
     assert re.search(match, message), message
+
+
+def test_figure5_of_a_multiscale_checkpoint_has_a_row_per_stage(tmp_path, one_thread):
+    from PIL import Image
+
+    from examples import figure5
+    from examples.train import train
+
+    train(msac_config(tmp_path / "run", max_steps=1), device="cpu")
+    out = figure5.main([str(tmp_path / "run" / "last.pt"), "--label", "0", "--out", str(tmp_path / "f.png")])
+    with Image.open(out) as picture:  # the model's CAM and 3 stages: 4 rows of 2.5 in. under 3 columns of 2.5 in.
+        assert picture.height == pytest.approx(4 / 3 * picture.width, rel=0.02)
+    model, config, labels = figure5.load_trained(tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match="side heads do not fit --stages layers.0 layers.1"):
+        figure5.load_heads(tmp_path / "run" / "last.pt", model, config.__class__(**{**vars(config), "stages": ("layers.0", "layers.1")}), len(labels))
