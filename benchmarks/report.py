@@ -10,6 +10,7 @@ _STEP_COLUMNS = {
     "a_plain": "(a) plain",
     "b_multiview": "(b) views, cls only",
     "c_consistency": "(c) views + consistency",
+    "d_multiscale": "(d) + side heads (MSAC)",
 }
 
 
@@ -82,8 +83,11 @@ def _step_tables(steps: list[dict[str, Any]]) -> list[str]:
         ),
         "",
     ]
-    header = ["case", *_STEP_COLUMNS.values(), "(c)/(b)", "(b)/(a)", "pixels (b)/(a)"]
-    lines += _table(header, [_step_row(step, "ratios", "paired_ratios", None) for step in steps])
+    names = [name for name in _STEP_COLUMNS if all(name in step["variants"] for step in steps)]
+    multiscale = "d_multiscale" in names
+    header = ["case", *(_STEP_COLUMNS[name] for name in names), "(c)/(b)", "(b)/(a)", "pixels (b)/(a)"]
+    header += ["(d)/(c)"] if multiscale else []
+    lines += _table(header, [_step_row(step, names, "ratios", "paired_ratios", None) for step in steps])
     if with_process:
         lines += [
             (
@@ -92,15 +96,15 @@ def _step_tables(steps: list[dict[str, Any]]) -> list[str]:
             ),
             "",
         ]
-        lines += _table(header, [_step_row(step, "process_ratios", "process_paired_ratios", "process") for step in steps])
-    methods = sorted({step["variants"][name]["memory"]["method"] for step in steps for name in _STEP_COLUMNS})
+        lines += _table(header, [_step_row(step, names, "process_ratios", "process_paired_ratios", "process") for step in steps])
+    methods = sorted({step["variants"][name]["memory"]["method"] for step in steps for name in names})
     lines += [
         "Peak memory of one step, MiB above what was allocated when the step started "
         "(absolute peak in parentheses where known); measured with " + ", ".join(methods) + ".",
         "",
     ]
-    rows = [[step["label"], *(_mib(step["variants"][name]["memory"]) for name in _STEP_COLUMNS)] for step in steps]
-    lines += _table(["case", *_STEP_COLUMNS.values()], rows)
+    rows = [[step["label"], *(_mib(step["variants"][name]["memory"]) for name in names)] for step in steps]
+    lines += _table(["case", *(_STEP_COLUMNS[name] for name in names)], rows)
     return lines
 
 
@@ -176,14 +180,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _step_row(step: dict, ratios_key: str, paired_key: str, clock: str | None) -> list[str]:
-    """One table row: the three variants' times, then the ratios (wall clock or process time)."""
+def _step_row(step: dict, names: list[str], ratios_key: str, paired_key: str, clock: str | None) -> list[str]:
+    """One table row: the variants' times, then the ratios (wall clock or process time)."""
     ratios, paired = step[ratios_key], step[paired_key]
-    timings = (step["variants"][name] if clock is None else step["variants"][name][clock] for name in _STEP_COLUMNS)
+    timings = (step["variants"][name] if clock is None else step["variants"][name][clock] for name in names)
     return [
         step["label"],
         *(_time(t) for t in timings),
         f"{ratios['c/b']:.3f}; {_ratio(paired['c/b'])}",
         f"{ratios['b/a']:.2f}; {_ratio(paired['b/a'])}",
         f"{step['pixel_ratio']:.2f}",
+        *([f"{ratios['d/c']:.2f}; {_ratio(paired['d/c'])}"] if "d/c" in ratios else []),
     ]

@@ -43,7 +43,7 @@ from .harness import (
 )
 from .loss_alone import NAMED_SHAPES, parse_shape, time_consistency, time_scale_term
 from .report import markdown
-from .training_step import VARIANTS, StepCase, build_steps, build_transforms, check_arch
+from .training_step import MULTISCALE, StepCase, build_steps, build_transforms, check_arch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +58,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
         "steps": 10, "warmup": 2, "threads": 1,
+        "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
+    },
+    # The same with (d): multi-scale attention consistency, side heads at ResNet stages 2-4.
+    "cpu-msac": {
+        "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
+        "steps": 10, "warmup": 2, "threads": 1, "stages": ["layer2", "layer3", "layer4"], "parts": ["step"],
         "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
     },
     # WIDER Attribute setting: ResNet-50 at 224/192, 14 labels.
@@ -84,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "loss_shapes": list(NAMED_SHAPES),
     "parts": ["step", "loss"],
     "seed": 0,
+    "stages": [],
 }
 
 
@@ -117,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--loss-warmup", type=int, help="untimed rounds of each loss benchmark")
     add("--reference-memory-gb", type=float, help="cap on the reference loss's broadcast tensors")
     add("--parts", nargs="+", choices=["step", "loss"], help="what to run")
+    add("--stages", nargs="+", help="also time (d): MultiScaleHeads at these stages (e.g. layer2 layer3 layer4)")
     add("--seed", type=int)
     add("--output", type=Path, help="JSON result path (default benchmarks/results/<preset>.json); .md beside it")
     add("--dry-run", action="store_true", help="print the resolved cases and exit")
@@ -149,6 +157,7 @@ def step_cases(settings: dict[str, Any]) -> list[StepCase]:
             channels_last=memory_format == "channels_last",
             compile=runner == "compile",
             seed=settings["seed"],
+            stages=tuple(settings["stages"]),
         )
         for batch, precision, memory_format, runner in grid
     ]
@@ -169,7 +178,7 @@ def _check_settings(parser: argparse.ArgumentParser, settings: dict[str, Any]) -
         parser.error(f"--threads must be >= 1, got {settings['threads']}")
     if not 0 < settings["reference_memory_gb"] < math.inf:
         parser.error(f"--reference-memory-gb must be a finite number > 0, got {settings['reference_memory_gb']}")
-    for key in ("transforms", "batch", "loss_shapes", "precision", "memory_format", "runner", "parts"):
+    for key in ("transforms", "batch", "loss_shapes", "precision", "memory_format", "runner", "parts", "stages"):
         repeated = sorted({str(v) for v in settings[key] if list(settings[key]).count(v) > 1})
         if repeated:  # a repeated transform would be one view twice; a repeated case, a wasted run
             parser.error(f"--{key.replace('_', '-')} repeats {', '.join(repeated)}")
@@ -217,8 +226,11 @@ def _require_device(parser: argparse.ArgumentParser, settings: dict[str, Any]) -
 
 
 def _ratios(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, Any]]:
-    """(c)/(b) and (b)/(a): ratio of the medians, and the summary of the round-by-round ratios."""
+    """(c)/(b), (b)/(a) and, with (d), (d)/(c): ratio of the medians, and the summary of the
+    round-by-round ratios."""
     pairs = {"c/b": ("c_consistency", "b_multiview"), "b/a": ("b_multiview", "a_plain")}
+    if MULTISCALE in times:
+        pairs["d/c"] = (MULTISCALE, "c_consistency")
     medians = {name: summarize(values)["median"] for name, values in times.items()}
     of_medians = {key: medians[num] / medians[den] for key, (num, den) in pairs.items()}
     paired = {key: paired_ratio(times[num], times[den]) for key, (num, den) in pairs.items()}
@@ -233,8 +245,8 @@ def run_step_case(case: StepCase, rounds: int, warmup: int) -> dict[str, Any]:
         torch._dynamo.reset()
     steps, facts = build_steps(case)
     samples = alternate(steps, rounds, warmup, Clock(device))
-    variants = {name: timing_summary(samples, name) for name in VARIANTS}
-    for name in VARIANTS:
+    variants = {name: timing_summary(samples, name) for name in steps}
+    for name in steps:
         variants[name]["memory"] = peak_memory(steps[name], device)
     result = {"case": case.as_dict(), "label": case.label(), **facts, "variants": variants}
     result["ratios"], result["paired_ratios"] = _ratios(samples["wall"])

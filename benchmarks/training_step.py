@@ -7,8 +7,12 @@
 (c) ``c_consistency``: the same through ``AttentionConsistencyLoss().views(...)`` and a
     :class:`CAMHook`, classification loss plus the consistency loss.
 
+(d) ``d_multiscale`` (with ``stages``): the step of (c) through :class:`MultiScaleHeads` at those
+    stages instead of the single CAMHook (multi-scale attention consistency): a side head per
+    stage, every term per stage, the classification loss of every head (deep supervision).
+
 (c)/(b) is then what the library adds (hook, heatmaps, consistency terms and their backward);
-(b)/(a) is what the extra views cost. Each variant trains its own copy of one initial model,
+(b)/(a) is what the extra views cost; (d)/(c) what the stages cost against VAC's single one. Each variant trains its own copy of one initial model,
 with its own optimizer, so that no hook, compiled graph or optimizer state is shared.
 """
 
@@ -26,15 +30,18 @@ from torch import Tensor, nn
 from attn_consistency import (
     AttentionConsistencyLoss,
     CAMHook,
+    MultiScaleHeads,
     Transform,
     WeightedBCEWithLogitsLoss,
     get_transform,
     positive_ratio,
 )
 
-__all__ = ["VARIANTS", "StepCase", "build_model", "build_steps", "build_transforms", "check_arch"]
+__all__ = ["MULTISCALE", "VARIANTS", "StepCase", "build_model", "build_steps", "build_transforms", "check_arch"]
 
 VARIANTS = ("a_plain", "b_multiview", "c_consistency")
+MULTISCALE = "d_multiscale"
+"""The fourth variant, timed when a case has ``stages``."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +60,17 @@ class StepCase:
     channels_last: bool
     compile: bool
     seed: int = 0
+    stages: tuple[str, ...] = ()
 
     def label(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
         runner = "compile" if self.compile else "eager"
         sizes = f"{self.size}/{self.scale_size}" if "scale" in self.transforms else f"{self.size}"
         views = "+".join(self.transforms) + ("" if self.mode == "product" else f" ({self.mode})")
+        stages = f" stages={','.join(self.stages)}" if self.stages else ""
         return (
             f"{self.arch} {sizes} N={self.batch} L={self.labels} {views} "
-            f"{self.precision} {layout} {runner} {self.device}"
+            f"{self.precision} {layout} {runner} {self.device}{stages}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -190,6 +199,21 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
             loss = classification_loss(criterion, out.logits, targets) + out.loss
         update(optimizer_c, loss)
 
+    steps = {"a_plain": plain, "b_multiview": multiview, "c_consistency": with_consistency}
+    if case.stages:
+        model_d, optimizer_d = trainable()
+        heads = MultiScaleHeads(model_d, case.stages).to(device=device, memory_format=memory_format)
+        optimizer_d.add_param_group({"params": list(heads.parameters())})  # the optimizer's settings
+        multiscale_loss = AttentionConsistencyLoss()
+
+        def multiscale() -> None:
+            optimizer_d.zero_grad(set_to_none=True)
+            with autocast:
+                out = multiscale_loss.views(model_d, heads, images, transforms, mode=case.mode, targets=targets, criterion=criterion)
+            update(optimizer_d, out.total)
+
+        steps[MULTISCALE] = multiscale
+
     views = multiview_batches(images, transforms, case.mode)
     facts = {
         "views": len(_views(transforms, case.mode)),
@@ -197,4 +221,4 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
         "view_batch_shapes": [list(v.shape) for v in views],
         "pixel_ratio": sum(v.numel() for v in views) / images.numel(),
     }
-    return {"a_plain": plain, "b_multiview": multiview, "c_consistency": with_consistency}, facts
+    return steps, facts

@@ -126,3 +126,18 @@ def test_reference_flip_and_lcm_oracles():
     up = m.repeat_interleave(4, -2).repeat_interleave(6, -1)
     up_t = m_t.repeat_interleave(5, -2).repeat_interleave(7, -1)
     torch.testing.assert_close(lcm_scale_mse(m, m_t), ((up - up_t) ** 2).mean())
+
+
+def test_smoke_with_stages_times_the_multiscale_step_beside_vac(tmp_path):
+    # (d): MultiScaleHeads at three stages of the tiny net in place of the single CAMHook of (c)
+    output = tmp_path / "stages.json"
+    result = run.main(["--preset", "smoke", "--parts", "step", "--stages", "features.1", "features.4", "features.7", "--output", str(output)])
+    (step,) = result["step"]
+    assert set(step["variants"]) == {*VARIANTS, "d_multiscale"}
+    assert step["case"]["stages"] == ["features.1", "features.4", "features.7"]
+    medians = {name: stats["median"] for name, stats in step["variants"].items()}
+    assert step["ratios"]["d/c"] == pytest.approx(medians["d_multiscale"] / medians["c_consistency"])
+    assert len(step["paired_ratios"]["d/c"]) and step["paired_ratios"]["d/c"]["n"] == result["settings"]["steps"]
+    assert "| (d)/(c) |" in output.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "smoke", "--dry-run", "--stages", "features.1", "features.1"])
