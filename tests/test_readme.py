@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -72,3 +73,27 @@ def test_consistency_snippet_uses_the_recommended_setting():
     assert consistency.schedule.trigger == RECOMMENDED["warmup_trigger"]
     assert consistency.schedule.delay == round(RECOMMENDED.get("warmup_delay", 0.0) * namespace["steps"])
     assert consistency.steps == namespace["steps"]  # views() counted every step
+
+
+@pytest.mark.parametrize("backbone", ["torchvision", "timm"])
+def test_msac_snippets_train_the_side_heads_and_predict_with_them(backbone):
+    namespace = run("setup")
+    if backbone == "timm":  # the same lines on a timm ResNet, whose stages have the same names
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(0)
+        namespace["model"] = timm.create_model("resnet18", pretrained=False, num_classes=14)
+    before = namespace["model"].layer2[0].conv1.weight.detach().clone()
+    run("msac-loop", "msac-predict", namespace=namespace)
+    out, heads = namespace["out"], namespace["heads"]
+    stages = ("layer2", "layer3", "layer4")
+    assert heads.stages == stages
+    assert set(out.terms) == {f"{t}/{s}" for t in ("flip@224", "flip@192", "scale") for s in stages}  # 2 x 3 flip, 3 scale
+    assert all(term.item() > 0 for term in out.terms.values())
+    assert out.total.grad_fn is not None and bool(out.total.isfinite())
+    assert not torch.equal(namespace["model"].layer2[0].conv1.weight, before)  # the backbone trained
+    assert all(p.grad is not None for p in heads.parameters())  # and every side head
+    record_logits = namespace["record"].logits
+    expected = torch.stack([record_logits[s] for s in stages] + [namespace["output"]]).mean(0)
+    torch.testing.assert_close(namespace["scores"], expected)
+    assert namespace["scores"].shape == (4, 14) and not namespace["scores"].requires_grad
+    heads.remove()
