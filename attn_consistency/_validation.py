@@ -40,6 +40,15 @@ def check_finite_number(name: str, value: object) -> float:
     return number
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` as an int if it is an integer ``>= 1`` (not a bool), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_weight(name: str, value: object) -> float:
     """Return ``value`` as a float if it is a finite number ``>= 0`` (a loss weight)."""
     number = check_finite_number(name, value)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._validation import check_bool, check_weight
+from ._validation import check_bool, check_positive_int, check_weight
 from .cam import _unwrap
 from .consistency import attention_consistency
 from .transforms import Transform
@@ -80,9 +80,9 @@ class AttentionModule(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
         super().__init__()
-        channels = _positive_int("channels", channels)
-        reduction = _positive_int("reduction", reduction)
-        kernel_size = _positive_int("kernel_size", kernel_size)
+        channels = check_positive_int("channels", channels)
+        reduction = check_positive_int("reduction", reduction)
+        kernel_size = check_positive_int("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the map keeps its size), got {kernel_size}")
         hidden = max(channels // reduction, 1)
@@ -115,9 +115,9 @@ class SideHead(nn.Module):
 
     def __init__(self, channels: int, num_labels: int, width: int | None = None, reduction: int = 16, kernel_size: int = 7) -> None:
         super().__init__()
-        channels = _positive_int("channels", channels)
-        num_labels = _positive_int("num_labels", num_labels)
-        width = min(channels, 256) if width is None else _positive_int("width", width)
+        channels = check_positive_int("channels", channels)
+        num_labels = check_positive_int("num_labels", num_labels)
+        width = min(channels, 256) if width is None else check_positive_int("width", width)
         self.project = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         self.attention = AttentionModule(width, reduction, kernel_size)
         self.classifier = nn.Conv2d(width, num_labels, 1)
@@ -198,14 +198,6 @@ class _Hook:
 
     def __deepcopy__(self, memo: dict[int, object]) -> _Hook:
         return _Hook(None)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _feature_info(model: nn.Module) -> list[dict[str, Any]] | None:
@@ -364,7 +356,7 @@ class MultiScaleHeads(nn.Module):
             num_labels = _num_labels(module)
             if num_labels is None:
                 raise ValueError(f"cannot tell how many labels {type(module).__name__} has (no nn.Linear): pass num_labels=")
-        num_labels = _positive_int("num_labels", num_labels)
+        num_labels = check_positive_int("num_labels", num_labels)
         if channels is not None and not isinstance(channels, Mapping):
             raise TypeError(f"channels must be a mapping of stage name -> channels, got {type(channels).__name__}")
         channels = dict(channels or {})
@@ -379,7 +371,7 @@ class MultiScaleHeads(nn.Module):
                 raise ValueError(
                     f"cannot tell how many channels stage {name!r} ({type(stage).__name__}) gives: pass channels={{{name!r}: C}}"
                 )
-            built.append(SideHead(_positive_int(f"channels[{name!r}]", count), num_labels, width, reduction, kernel_size))
+            built.append(SideHead(check_positive_int(f"channels[{name!r}]", count), num_labels, width, reduction, kernel_size))
         self.heads = nn.ModuleList(built)
         self.stages: tuple[str, ...] = tuple(names)
         self.num_labels = num_labels
@@ -389,7 +381,7 @@ class MultiScaleHeads(nn.Module):
         self.consistency_weights = _check_weights("consistency_weights", consistency_weights, names)
         self.fusion = self._check_fusion(fusion)
         self.detach_classifier = check_bool("detach_classifier", detach_classifier)
-        self.max_stored = _positive_int("max_stored", max_stored)
+        self.max_stored = check_positive_int("max_stored", max_stored)
         self.enabled = True
         # plain attributes, not submodules: the backbone's parameters are not the heads'
         self.__dict__["_model"] = module

@@ -111,14 +111,23 @@ def _transform_name(value: Any) -> None:
         raise ValueError(f"names no transform: {value!r}; available: {', '.join(available_transforms())}")
 
 
-def _transforms(value: Any) -> None:
-    if isinstance(value, str) or not isinstance(value, tuple | list):
-        raise TypeError(f"must be a sequence of transform names, got {type(value).__name__} {value!r}")
-    for name in value:
-        _transform_name(name)
-    repeated = sorted({name for name in value if list(value).count(name) > 1})
-    if repeated:
-        raise ValueError(f"names {', '.join(map(repr, repeated))} more than once, got {tuple(value)}")
+def _names(what: str, item: Rule) -> Rule:
+    """A sequence of names, each checked by ``item``, none repeated."""
+
+    def rule(value: Any) -> None:
+        if isinstance(value, str) or not isinstance(value, tuple | list):
+            raise TypeError(f"must be a sequence of {what}, got {type(value).__name__} {value!r}")
+        for name in value:
+            item(name)
+        repeated = sorted({name for name in value if list(value).count(name) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(map(repr, repeated))} more than once, got {tuple(value)}")
+
+    return rule
+
+
+_transforms = _names("transform names", _transform_name)
+_stages = _names("stage (module) names", _text)
 
 
 def _weights(value: Any) -> None:
@@ -126,16 +135,6 @@ def _weights(value: Any) -> None:
         raise TypeError(f'must be a JSON object of transform name -> weight, e.g. {{"flip": 0.6}}, got {value!r}')
     for name, weight in value.items():
         check_weight(f"weights[{name!r}]", weight)
-
-
-def _stages(value: Any) -> None:
-    if isinstance(value, str) or not isinstance(value, tuple | list):
-        raise TypeError(f"must be a sequence of stage (module) names, got {type(value).__name__} {value!r}")
-    for name in value:
-        _text(name)
-    repeated = sorted({name for name in value if list(value).count(name) > 1})
-    if repeated:
-        raise ValueError(f"names {', '.join(map(repr, repeated))} more than once, got {tuple(value)}")
 
 
 def _head_weights(value: Any) -> None:
