@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.gain                                   # the whole table (both regimes, 3 seeds)
     python -m benchmarks.gain --regimes finetune --seeds 0      # one seed of the fine-tuned regime
+    python -m benchmarks.gain --regimes finetune --rows baseline aamn aamn-recommended  # AAMN (examples.gain)
     python -m benchmarks.gain --rows baseline paper \\
         --row 'mse-0.1={"weights": {"flip": 0.1, "scale": 0.1}}'  # another setting, as a row of its own
 
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from examples._files import write_text_atomic
-from examples.gain import REGIMES, ROWS, VIEWS, pretrained, run_row, table
+from examples.gain import AAMN_ROWS, REGIMES, ROWS, VIEWS, pretrained, run_row, table
 from examples.train import TrainConfig
 
 __all__ = ["main"]
@@ -57,7 +58,8 @@ def _seed(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str, float]]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=list(REGIMES))
-    parser.add_argument("--rows", nargs="*", choices=sorted(ROWS), default=list(ROWS), help="built-in rows")
+    parser.add_argument("--rows", nargs="*", choices=sorted(ROWS | AAMN_ROWS), default=list(ROWS),
+                        help="built-in rows (default: the four of examples.gain.ROWS; the AAMN rows on request)")  # fmt: skip
     parser.add_argument("--row", action="append", type=_row_option, default=[], metavar="NAME=JSON",
                         help="an extra row: the four views with these TrainConfig settings")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    rows = {name: ROWS[name] for name in args.rows} | dict(args.row)
+    rows = {name: (ROWS | AAMN_ROWS)[name] for name in args.rows} | dict(args.row)
     if not rows:
         parser.error("no rows: give --rows and/or --row")
     out = Path(args.out)

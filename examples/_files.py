@@ -83,16 +83,20 @@ def read_json(path: StrPath, what: str = "annotation file") -> Any:
         raise malformed(path, "not valid JSON (nested too deeply)") from None
 
 
-def read_csv_rows(path: StrPath, what: str = "label file") -> Iterator[tuple[int, list[str]]]:
-    """``(line number, fields)`` of every record of a UTF-8 CSV file (a byte-order mark is ignored)."""
-    path = Path(path)
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is ignored); a decoding error names the line."""
     data = _read_bytes(path, what)
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise malformed(path, f"line {line}: not UTF-8 text ({error.reason})") from None
-    lines = csv.reader(io.StringIO(text, newline=""))
+
+
+def read_csv_rows(path: StrPath, what: str = "label file") -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every record of a UTF-8 CSV file (a byte-order mark is ignored)."""
+    path = Path(path)
+    lines = csv.reader(io.StringIO(_read_text(path, what), newline=""))
     while True:
         try:
             fields = next(lines)
@@ -105,14 +109,7 @@ def read_csv_rows(path: StrPath, what: str = "label file") -> Iterator[tuple[int
 
 def read_lines(path: StrPath, what: str) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of every line of a UTF-8 text file, without its line ending."""
-    path = Path(path)
-    data = _read_bytes(path, what)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise malformed(path, f"line {line}: not UTF-8 text ({error.reason})") from None
-    yield from enumerate(text.splitlines(), 1)
+    yield from enumerate(_read_text(Path(path), what).splitlines(), 1)
 
 
 def read_xml(path: StrPath, what: str) -> ElementTree.Element:

@@ -16,6 +16,10 @@ Rows (every row of a regime and seed sees the same data, order and initial weigh
 - ``paper``: the same views with the paper's loss (Eq. 5, every weight 1);
 - ``recommended``: the same views with :data:`examples.train.RECOMMENDED`.
 
+:data:`AAMN_ROWS` (run on request, ``--rows aamn ...``) put an AAMN head on the same net
+(``aamn_small_resnet``: the fine-tuned regime loads the pretrained net into its trunk): ``aamn`` alone,
+``aamn-paper`` and ``aamn-recommended`` with the four views and the loss of ``paper`` / ``recommended``.
+
 :func:`run_row` trains one (regime, row, seed); a finished run is reused. :func:`table` gives
 the mean and the sample standard deviation over seeds of the last epoch's test metrics and of
 each run's training time (wall seconds of the whole run, evaluation included).
@@ -33,7 +37,7 @@ from typing import Any
 from examples._files import write_text_atomic
 from examples.train import PRESETS, RECOMMENDED, TrainConfig, train
 
-__all__ = ["REGIMES", "ROWS", "VIEWS", "pretrained", "run_row", "table"]
+__all__ = ["AAMN_ROWS", "REGIMES", "ROWS", "VIEWS", "pretrained", "run_row", "table"]
 
 # The harder task: the demo presets' net, images and optimizer, with 6 shapes from scratch or 8
 # (4 of them new) when fine-tuning, objects of 13-22 px (scratch) or 10-19 px (fine-tune) on 64 px
@@ -49,6 +53,12 @@ ROWS: dict[str, dict[str, Any]] = {
     "augmentation": VIEWS | dict(consistency=False),
     "paper": dict(VIEWS),
     "recommended": VIEWS | RECOMMENDED,
+}
+_AAMN = dict(arch="aamn_small_resnet")
+AAMN_ROWS: dict[str, dict[str, Any]] = {
+    "aamn": ROWS["baseline"] | _AAMN,
+    "aamn-paper": ROWS["paper"] | _AAMN,
+    "aamn-recommended": ROWS["recommended"] | _AAMN,
 }
 COLUMNS = (
     ("mAP", "mAP", 100.0),

@@ -1,6 +1,9 @@
 """Writers of tiny dataset fixtures in each dataset's real file format, shared by the test modules."""
 
 import json
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +103,25 @@ def write_vg500(root: Path, splits: dict[str, dict[str, list[int]]], size: tuple
     (root / "vg_category_500_labels_index.json").write_text(json.dumps(labels))
     for k, name in enumerate(labels):
         save(root / "VG_100K" / name, noise(size, k))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(worker: Callable[..., None], args: tuple, processes: int = 2, timeout: float = 120) -> None:
+    """``worker(rank, *args)`` in ``processes`` spawned processes; fails the test after ``timeout`` s."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=processes, join=False, start_method="spawn")
+    # Most of the time is each worker importing torch (and torch._dynamo, which DDP loads):
+    # about 10 s on an idle 2-core machine, 30-40 s on a busy one.
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the workers did not finish within {timeout:.0f} s")

@@ -5,15 +5,13 @@ and the CAM invariant and consistency loss through the AAMN head."""
 from __future__ import annotations
 
 import math
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from fixtures import free_port, run_workers
 from torch import nn
 
 from attn_consistency import (
@@ -243,12 +241,6 @@ def test_the_update_is_deterministic():
     assert torch.equal(results[0], results[1])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _tiny_aamn() -> AAMN:
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Conv2d(3, C, 3, 2, 1), nn.GroupNorm(2, C), nn.ReLU())
@@ -284,13 +276,7 @@ def _ddp_memory_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_replicas_hold_identical_slots_equal_to_one_process_on_the_whole_batch(tmp_path):
-    context = mp.start_processes(_ddp_memory_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 120 s")
+    run_workers(_ddp_memory_worker, (free_port(), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["slots"], ranks[1]["slots"])
     assert torch.equal(ranks[0]["updates"], ranks[1]["updates"])

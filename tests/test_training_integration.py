@@ -7,16 +7,14 @@ The oracle is the same step in plain fp32 eager mode on one process.
 from __future__ import annotations
 
 import copy
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from fixtures import free_port, run_workers
 from torch import nn
 
 from attn_consistency import AttentionConsistencyLoss, CAMHook, WeightedBCEWithLogitsLoss, attention_consistency
@@ -204,12 +202,6 @@ def test_compiled_model_with_cam_hook_matches_eager(norm: str) -> None:
                 torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -244,21 +236,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path: Path) -> None:
     # GroupNorm, not BatchNorm: per-replica batch statistics would differ from full-batch ones.
     world_size = 2
-    context = mp.start_processes(
-        _ddp_worker,
-        args=(world_size, _free_port(), str(tmp_path)),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    # Most of the time is each worker importing torch (and torch._dynamo, which DDP loads):
-    # about 10 s on an idle 2-core machine, 30-40 s on a busy one.
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 120 s")
+    run_workers(_ddp_worker, (world_size, free_port(), str(tmp_path)), world_size)
 
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
