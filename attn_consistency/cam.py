@@ -14,6 +14,7 @@ wrong maps.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 import weakref
@@ -37,8 +38,101 @@ _RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3, torch.b
 # a dot product of K terms also accumulates rounding, hence 1e-3 even at "highest".
 _MATMUL_RTOL_FP32 = {"highest": 1e-3, "high": 1e-2, "medium": 3e-2}
 
+# Models whose pooled tokens are patch tokens in raster (row-major) order on the image, after their
+# prefix (class, distillation, register) tokens: what laying tokens out on a grid needs to be right.
+# Other token models are refused unless the user names the features.
+_RASTER_TOKENS = frozenset(
+    {
+        "Beit",
+        "Cait",
+        "ConVit",
+        "EfficientFormer",
+        "Eva",
+        "Hiera",  # its last stage is back in raster order (checked against its own reroll)
+        "Levit",
+        "LevitDistilled",
+        "MlpMixer",
+        "MultiScaleVit",
+        "TNT",
+        "Twins",
+        "VisionTransformer",
+        "VisionTransformerRelPos",
+        "Xcit",
+    }
+)
+
 # The CAMHooks alive on each model, to warn when a second one records the same features.
 _LIVE: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[CAMHook]] = weakref.WeakKeyDictionary()
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation of vectors that :func:`_norm_stats` knows.
+
+    LayerNorm / RMSNorm over one dimension (timm's ``LayerNorm2d`` and ``RmsNorm2d`` normalise
+    the channels of an ``(N, C, 1, 1)`` pooled map), and BatchNorm1d.
+    """
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return len(module.normalized_shape) == 1
+    if type(module).__name__ in ("RmsNorm", "RmsNorm2d"):
+        return len(getattr(module, "normalized_shape", (0,))) == 1
+    return isinstance(module, nn.BatchNorm1d)
+
+
+def _is_classifier(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or an ``nn.Conv2d`` that is one (1x1 kernel, stride 1, no padding, one group)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.groups == 1
+        and module.padding in ((0, 0), "valid")
+    )
+
+
+def _weight(classifier: nn.Module) -> Tensor:
+    """The classifier's weight as a matrix ``(L, C)``."""
+    return classifier.weight.reshape(classifier.weight.shape[0], -1)
+
+
+def _labels(classifier: nn.Module) -> int:
+    return int(classifier.weight.shape[0])
+
+
+def _norm_stats(norm: nn.Module, pooled: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """(mu, 1 / sigma, gamma, beta) of ``norm`` applied to the pooled vectors ``(N, C)``.
+
+    mu and sigma broadcast against ``pooled``: one pair per sample for a LayerNorm (and the
+    root mean square for an RMSNorm, whose mu is ``None``), one per channel for a BatchNorm
+    (the batch's statistics in training, the running ones otherwise).
+    """
+    dtype = pooled.dtype
+    gamma, beta = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if isinstance(norm, nn.BatchNorm1d):
+        if norm.training or norm.running_mean is None:
+            mu, var = pooled.mean(0, keepdim=True), pooled.var(0, unbiased=False, keepdim=True)
+        else:
+            mu, var = norm.running_mean.to(dtype)[None], norm.running_var.to(dtype)[None]
+        return mu, torch.rsqrt(var + norm.eps), gamma, beta
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = torch.finfo(dtype).eps
+    if isinstance(norm, nn.LayerNorm):
+        mu, var = pooled.mean(1, keepdim=True), pooled.var(1, unbiased=False, keepdim=True)
+        return mu, torch.rsqrt(var + eps), gamma, beta
+    return None, torch.rsqrt(pooled.pow(2).mean(1, keepdim=True) + eps), gamma, None  # RMSNorm
+
+
+def _normalise(norm: nn.Module, pooled: Tensor, detach: bool) -> Tensor:
+    """``norm(pooled)`` recomputed from its statistics, for the check."""
+    mu, inv, gamma, beta = _norm_stats(norm, pooled)
+    out = (pooled if mu is None else pooled - mu) * inv
+    if gamma is not None:
+        out = out * (gamma.detach() if detach else gamma).to(out.dtype)
+    if beta is not None:
+        out = out + (beta.detach() if detach else beta).to(out.dtype)
+    return out
 
 
 def _is_pool(module: nn.Module) -> bool:
@@ -84,15 +178,16 @@ def _static_head(
 ) -> tuple[nn.Module | None, nn.Module | None, Callable[[Tensor], Tensor] | None, bool]:
     """A first guess of (features, classifier, activation), and whether the model family fixes it.
 
-    timm (``global_pool`` + ``get_classifier()``) and torchvision's DenseNet say where their
-    head is. For any other model the guess (the last average pooling and the last linear layer
-    registered) only names the head until the first forward shows which modules feed the output.
+    timm (a ``global_pool`` module + ``get_classifier()``) and torchvision's DenseNet say where
+    their head is. For any other model the guess (the last average pooling and the last linear
+    layer registered) only names the head until the first forward shows which modules feed the
+    output; the features may be ``None`` (a model that pools with ``Tensor.mean``).
     """
     if callable(getattr(model, "get_classifier", None)):  # timm
         pools = [m for name, m in model.named_modules() if name.split(".")[-1] == "global_pool"]
         classifier = model.get_classifier()
-        if pools and isinstance(classifier, nn.Linear):
-            return pools[-1], classifier, None, True
+        if isinstance(classifier, nn.Module) and _is_classifier(classifier):
+            return (pools[-1] if pools else None), classifier, None, bool(pools)
     if (
         type(model).__name__ == "DenseNet"
         and isinstance(getattr(model, "features", None), nn.Module)
@@ -104,6 +199,7 @@ def _static_head(
     pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
     pools = pools or [m for m in model.modules() if _is_pool(m) and m is not model]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = linears or [m for m in model.modules() if _is_classifier(m)]
     return (pools[-1] if pools else None), (linears[-1] if linears else None), None, False
 
 
@@ -234,6 +330,10 @@ class _Undecided(ValueError):
     """The first forward cannot tell which modules are the head (no finite value, no sample)."""
 
 
+class _NeedsGrad(RuntimeError):
+    """A Grad-CAM forward ran without gradients: an error of that call, not of the architecture."""
+
+
 class _WeakHook:
     """A hook calling ``cam.<method>(*bound, *hook_args)`` that holds no reference to ``cam``.
 
@@ -264,7 +364,7 @@ class _WeakHook:
             return
         try:
             getattr(owner, self._method)(*self._bound, *args)
-        except _Undecided:
+        except (_Undecided, _NeedsGrad):
             raise
         except Exception:
             owner.remove()
@@ -284,6 +384,14 @@ def _forget(module: nn.Module, hook: _WeakHook) -> None:
             del hooks[key]
 
 
+def _version(tensor: Tensor) -> int:
+    """The tensor's in-place version counter (-1 for an inference tensor, which keeps none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 def _wide(tensor: Tensor) -> Tensor:
     """``tensor`` in float32, or float64 if it is: the precision the check recomputes in."""
     return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
@@ -299,8 +407,17 @@ class _Forward:
         self.pools: list[tuple[int, Tensor, Tensor | None]] = []
         # (candidate index, input, output) of every call of a candidate classifier
         self.linears: list[tuple[int, Any, Any]] = []
+        # (module, input, output) of every call of a normalisation
+        self.norms: list[tuple[nn.Module, Tensor, Tensor]] = []
+        # (module, output, its version counter then) of every module returning a 3-D or 4-D tensor, in
+        # the order they returned: where a model that pools functionally (x.mean(...)) has its features
+        self.outputs: list[tuple[nn.Module, Tensor, int]] = []
         # (float32 copy or None without check, original dtype) of each recorded feature map
         self.features: list[tuple[Tensor | None, torch.dtype]] = []
+        # the feature maps recorded by the features hook, as the model computed them (with the graph)
+        self.live: list[Tensor] = []
+        # a module whose pooled tokens would have fed the classifier, had their order been known
+        self.unordered: nn.Module | None = None
 
 
 class CAMHook:
@@ -402,6 +519,7 @@ class CAMHook:
         detach_classifier: bool = True,
         check: bool = True,
         max_stored: int = 64,
+        method: str = "cam",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -416,32 +534,44 @@ class CAMHook:
             raise TypeError(f"max_stored must be a positive int, got {type(max_stored).__name__} {max_stored!r}")
         if max_stored < 1:
             raise ValueError(f"max_stored must be a positive int, got {max_stored!r}")
+        if method not in ("cam", "gradcam"):
+            raise ValueError(
+                f"method must be 'cam' (the exact maps of Eq. 1) or 'gradcam' (the differentiable Grad-CAM fallback "
+                f"for heads that are not affine), got {method!r}"
+            )
         module = _unwrap(model)
         named_features = _resolve(model, module, "features", features) if features is not None else None
         named_classifier = _resolve(model, module, "classifier", classifier) if classifier is not None else None
         guess_features, guess_classifier, guess_activation, known = _static_head(module)
         head_features = named_features if named_features is not None else guess_features
         head_classifier = named_classifier if named_classifier is not None else guess_classifier
-        if head_features is None or head_classifier is None:
+        if head_classifier is None:
             raise ValueError(
-                f"could not find the average pooling and linear classifier of {type(module).__name__}; "
-                "pass features= (the pooling module, or the module whose output is pooled) and classifier="
+                f"could not find the linear classifier of {type(module).__name__} (it has no nn.Linear and no 1x1 "
+                "nn.Conv2d); pass features= (the pooling module, or the module whose output is pooled) and classifier="
             )
-        if not isinstance(head_classifier, nn.Linear):
+        if not (isinstance(head_classifier, nn.Linear) if method == "gradcam" else _is_classifier(head_classifier)):
             raise TypeError(
-                f"classifier must be an nn.Linear applied to the pooled features, got "
-                f"{type(head_classifier).__name__}; pass classifier= to name it"
+                f"classifier must be an nn.Linear{'' if method == 'gradcam' else ' (or a 1x1 nn.Conv2d)'} giving the "
+                f"logits, got {type(head_classifier).__name__}"
+                f"{' with kernel ' + 'x'.join(map(str, head_classifier.kernel_size)) if isinstance(head_classifier, nn.Conv2d) else ''}"
+                "; pass classifier= to name it"
             )
         # Known families and named modules are the head; otherwise the first forward decides
         # among every pooling and every linear layer (those named stand alone), and a wrong
         # guess must not be an error.
         resolved = known or (named_features is not None and named_classifier is not None)
+        resolved = resolved and method == "cam"  # Grad-CAM finds its pooling at the first forward
         if isinstance(named_features, nn.Linear):
             raise TypeError(
                 "features must be the pooling module or the module whose output is the 4-D feature map, "
                 "got an nn.Linear"
             )
-        if (resolved or named_features is not None) and any(m is head_classifier for m in head_features.modules()):
+        if (
+            (resolved or named_features is not None)
+            and head_features is not None
+            and any(m is head_classifier for m in head_features.modules())
+        ):
             raise ValueError(
                 f"features must run before the classifier, got a {type(head_features).__name__} that holds it; "
                 "name the pooling module or the module whose output is pooled"
@@ -457,6 +587,15 @@ class CAMHook:
         # the activation found with the features applies only when the user named neither
         self.activation = activation if activation is not None or features is not None else guess_activation
         self.detach_classifier = detach_classifier
+        self.method = method
+        self.norm: nn.Module | None = None
+        # (norm, classifier) of heads whose logits the model averages with the classifier's (a
+        # distillation head, as DeiT, LeViT or EfficientFormer have at inference)
+        self.other_heads: list[tuple[nn.Module | None, nn.Module]] = []
+        self.layout: str | None = None
+        self.prefix_tokens = 0
+        self._input_size: tuple[int, ...] | None = None
+        self._live: list[Tensor] = []
         self.check = check
         self.max_stored = int(max_stored)
         self.enabled = True
@@ -471,7 +610,7 @@ class CAMHook:
         self._hooks: dict[str, list[RemovableHandle]] = {"features": [], "model": [], "forward": []}
         weakref.finalize(self, _remove_all, self._hooks)
         live = _LIVE.setdefault(module, weakref.WeakSet())
-        if any(other.features is self.features for other in live):
+        if self.features is not None and any(other.features is self.features for other in live):
             warnings.warn(
                 f"CAMHook: {self._model_name} already has a live CAMHook on '{self._features_name}'; both record "
                 "every forward. Reuse one CAMHook across steps, or call remove() on the old one (or use "
@@ -486,11 +625,13 @@ class CAMHook:
             module.register_forward_hook(_WeakHook(self, "_on_model_output")),
         ]
 
-    def _set_head(self, features: nn.Module, classifier: nn.Linear) -> None:
+    def _set_head(self, features: nn.Module | None, classifier: nn.Module) -> None:
         names = {m: name for name, m in self._module.named_modules()}
         self.features = features
         self.classifier = classifier
-        self._features_name = names.get(features, type(features).__name__)
+        self._features_name = (
+            names.get(features, type(features).__name__) if features is not None else "(not found yet)"
+        )
         self._classifier_name = names.get(classifier, "classifier")
         self._classifier_block = self._enclosing_block(self._module, self._classifier_name)
 
@@ -505,6 +646,8 @@ class CAMHook:
         return f" ('{parent}' also holds {', '.join(others)})" if others else ""
 
     def _attach_features(self) -> None:
+        if self._hooks["features"]:
+            return
         if _is_pool(self.features):
             handle = self.features.register_forward_pre_hook(_WeakHook(self, "_on_pool_input"))
         else:
@@ -550,16 +693,25 @@ class CAMHook:
             if copy is not None and copy.dtype == features.dtype:
                 copy = copy.clone()
             forward.features.append((copy, features.dtype))
-        if self.enabled:
+            if self._pending:
+                # the maps of the first forward wait for its end, where the head (a norm after the
+                # pooling, the layout) is settled; a copy in the graph, for the same reason as above
+                forward.live.append(features.clone())
+                return
+        if not self.enabled:
+            return
+        if self.method == "gradcam":
+            self._live.append(features)  # its maps need the model's output: made at the end of the forward
+        else:
             self._store(self._heatmaps(features))
 
     def _activate(self, features: Any) -> Tensor:
-        if not isinstance(features, Tensor) or features.dim() != 4:
+        if not isinstance(features, Tensor) or features.dim() not in (3, 4):
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             self._fail(
                 f"{self._model_name}: the features of '{self._features_name}' must be a 4-D map "
-                f"(N, C, h, w), got {shape}; pass features= naming the pooling module or the "
-                "module whose output is pooled"
+                f"(N, C, h, w) or (N, h, w, C), or tokens (N, T, C), got {shape}; pass features= naming the "
+                "pooling module or the module whose output is pooled"
             )
         if not features.is_floating_point():
             self._fail(
@@ -579,20 +731,109 @@ class CAMHook:
             features = activated
         return features
 
+    def _shape_layout(self, features: Tensor) -> tuple[str, int]:
+        """The layout the shape suggests, before any value can tell (NCHW first, as PyTorch)."""
+        channels = _weight(self.classifier).shape[1]
+        if features.dim() == 3:
+            return "tokens", int(getattr(self._module, "num_prefix_tokens", 0) or 0)
+        if features.shape[1] != channels and features.shape[-1] == channels:
+            return "nhwc", 0
+        return "nchw", 0
+
     def _check_channels(self, features: Tensor) -> None:
-        channels = self.classifier.weight.shape[1]
-        if features.shape[1] != channels:
+        if self.method == "gradcam":
+            if self.layout is None:
+                self.layout, self.prefix_tokens = ("nchw", 0) if features.dim() == 4 else self._shape_layout(features)
+            return  # the gradients weigh any number of channels
+        if self.layout is None:
+            self.layout, self.prefix_tokens = self._shape_layout(features)
+        channels = _weight(self.classifier).shape[1]
+        dim = 1 if self.layout == "nchw" else -1
+        if features.dim() != (3 if self.layout == "tokens" else 4) or features.shape[dim] != channels:
             self._fail(
                 f"{self._model_name} is not GAP-FC: the classifier '{self._classifier_name}' takes "
                 f"{channels} features but the pooled map '{self._features_name}' has "
-                f"{features.shape[1]} channels{self._classifier_block}"
+                f"{features.shape[dim]} channels{self._classifier_block}. If layers with an activation sit between "
+                "them (an MLP head), no exact map exists: ask for the differentiable Grad-CAM fallback by name, "
+                "CAMHook(model, method='gradcam')"
             )
 
+    def _grid(self, features: Tensor) -> Tensor:
+        """The features as a map ``(N, C, h, w)``: NHWC permuted, tokens laid out on their grid."""
+        if self.layout == "nhwc":
+            return features.permute(0, 3, 1, 2)
+        if self.layout == "tokens":
+            tokens = features[:, self.prefix_tokens :]
+            height, width = self._token_grid(tokens.shape[1])
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+        return features
+
+    def _token_grid(self, count: int) -> tuple[int, int]:
+        """The rows and columns of ``count`` patch tokens in raster order, for this forward's image."""
+        if count < 1:
+            self._fail(
+                f"{self._model_name}: the tokens of '{self._features_name}' hold no patch token after its "
+                f"{self.prefix_tokens} prefix (class/register) tokens"
+            )
+        height, width = self._input_size or (1, 1)
+        ratio = height / width
+        divisors = [d for d in range(1, count + 1) if count % d == 0]
+        rows = min(divisors, key=lambda d: abs(math.log(d * d / (count * ratio))))
+        return rows, count // rows
+
     def _heatmaps(self, features: Tensor) -> Tensor:
-        weight = self.classifier.weight
+        grid = self._grid(features)
+        heads = [(self.norm, self.classifier), *self.other_heads]
+        maps = [self._head_maps(grid, norm, classifier) for norm, classifier in heads]
+        return maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
+
+    def _head_maps(self, grid: Tensor, norm: nn.Module | None, classifier: nn.Module) -> Tensor:
+        weight = _weight(classifier)
         if self.detach_classifier:
             weight = weight.detach()
-        return F.conv2d(features, weight[:, :, None, None].to(device=features.device, dtype=features.dtype))
+        weight = weight.to(device=grid.device, dtype=grid.dtype)
+        if norm is not None:
+            # M_l = sum_c W_lc gamma_c (F_c - mu) / sigma, with mu and sigma those the norm takes from
+            # the pooled vector: in the graph, so that the maps' gradient is the head's
+            mu, inv, gamma, _ = _norm_stats(norm, grid.to(torch.promote_types(grid.dtype, torch.float32)).mean((2, 3)))
+            if gamma is not None:
+                weight = weight * (gamma.detach() if self.detach_classifier else gamma).to(weight)
+            if mu is not None:
+                grid = grid - mu.to(grid.dtype)[:, :, None, None]
+            grid = grid * inv.to(grid.dtype)[:, :, None, None]
+        return F.conv2d(grid, weight[:, :, None, None])
+
+    def _store_gradcam(self, lives: list[Tensor], output: Any) -> None:
+        """Grad-CAM maps ``sum_c alpha_lc F_c``, ``alpha_lc = sum_mn d logit_l / d F_c(m, n)``, per label."""
+        if not lives:
+            return
+        labels = _labels(self.classifier)
+        logits = next((t for t in _tensors(output) if t.dim() >= 1 and t.shape[-1] == labels), None)
+        if logits is None:
+            self._fail(f"{self._model_name} returned no logits with {labels} labels in their last dimension")
+        for live in lives:
+            if not torch.is_grad_enabled() or not live.requires_grad or not logits.requires_grad:
+                raise _NeedsGrad(
+                    "CAMHook(method='gradcam') takes its maps from the gradients of the logits: run the forward "
+                    "with gradients enabled (not under torch.no_grad() or inference_mode), or pause the hook "
+                    "(`with cam.paused():`) around forwards that need no maps"
+                )
+            create_graph = not self.detach_classifier
+            flat = logits.reshape(-1, labels)
+            basis = torch.eye(labels, dtype=flat.dtype, device=flat.device)[:, None, :].expand(labels, *flat.shape)
+            try:
+                (grads,) = torch.autograd.grad(
+                    flat, live, basis, retain_graph=True, create_graph=create_graph, is_grads_batched=True
+                )
+            except RuntimeError:  # an operation without a batching rule: one backward per label
+                grads = torch.stack(
+                    [
+                        torch.autograd.grad(flat, live, basis[label], retain_graph=True, create_graph=create_graph)[0]
+                        for label in range(labels)
+                    ]
+                )
+            alpha = torch.stack([self._grid(g) for g in grads]).sum((3, 4))  # (L, N, C)
+            self._store(torch.einsum("lnc,nchw->nlhw", alpha, self._grid(live)))
 
     def _store(self, heatmaps: Tensor) -> None:
         if len(self._maps) >= self.max_stored:
@@ -611,20 +852,31 @@ class CAMHook:
 
     def _on_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._remove_hooks("forward")  # left by a forward that raised before its end
+        image = args[0] if args else None
+        self._input_size = tuple(image.shape[-2:]) if isinstance(image, Tensor) and image.dim() >= 3 else None
+        self._live = []
+        if not self._pending:
+            return
+        model = self._module
+        modules = [m for m in model.modules() if m is not model]
         if self._resolved:
-            pools, linears = [], [self.classifier]
+            pools, linears = [], [self.classifier, *(classifier for _, classifier in self.other_heads)]
         else:
             # the modules of this forward: the user may have replaced some since the hook was attached
-            model = self._module
-            modules = [m for m in model.modules() if m is not model]
             pools = [self.features] if self._features_named else [m for m in modules if _is_pool(m)]
-            linears = [self.classifier] if self._classifier_named else [m for m in modules if isinstance(m, nn.Linear)]
+            linears = [self.classifier] if self._classifier_named else [m for m in modules if _is_classifier(m)]
         self._forward = _Forward(pools, linears)
         handles = self._hooks["forward"]
         for index, pool in enumerate(pools):
             handles.append(pool.register_forward_hook(_WeakHook(self, "_on_candidate_features", index)))
         for index, linear in enumerate(linears):
             handles.append(linear.register_forward_hook(_WeakHook(self, "_on_candidate_linear", index)))
+        if self.method == "cam":
+            for norm in (m for m in modules if _is_norm(m)):
+                handles.append(norm.register_forward_hook(_WeakHook(self, "_on_candidate_norm")))
+            if not self._resolved and not self._features_named:
+                for other in modules:
+                    handles.append(other.register_forward_hook(_WeakHook(self, "_on_candidate_output")))
 
     def _on_candidate_features(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         forward = self._forward
@@ -642,21 +894,41 @@ class CAMHook:
         if self._forward is not None:
             self._forward.linears.append((index, args[0] if args else None, output))
 
+    def _on_candidate_norm(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._forward is not None and args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            self._forward.norms.append((module, args[0], output))
+
+    def _on_candidate_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        forward = self._forward
+        if forward is not None and isinstance(output, Tensor) and output.dim() in (3, 4) and output.is_floating_point():
+            forward.outputs.append((module, output, _version(output)))
+
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._pending:
+            lives, self._live = self._live, []
+            if self.method == "gradcam" and self.enabled:
+                self._store_gradcam(lives, output)
+            return
         forward, self._forward = self._forward, None
         self._remove_hooks("forward")
-        if forward is None or not self._pending:
+        if forward is None:
             return
         if not self._resolved:
             features = self._detect(forward, output)
             forward.features.append((_wide(features) if self.check else None, features.dtype))
-            if self.enabled:
-                self._store(self._heatmaps(features))
+            forward.live.append(features)
         with torch.no_grad(), torch.autocast(_device_type(output), enabled=False):
             done = self._verdict(forward, output)
+        if self.enabled:
+            if self.method == "gradcam":
+                self._store_gradcam(forward.live, output)
+            else:
+                for features in forward.live:
+                    self._store(self._heatmaps(features))
         if done:
             self._pending = False
-            self._remove_hooks("model")
+            if self.layout != "tokens" and self.method == "cam":  # tokens need each image's size
+                self._remove_hooks("model")
 
     def _undecided(self, reason: str) -> NoReturn:
         # Not a verdict on the architecture: the hooks stay, and the next forward decides.
@@ -664,6 +936,75 @@ class CAMHook:
             f"CAMHook could not find the head of {self._model_name} from this forward: {reason}. It tries again "
             "at the next forward; pass features= and classifier= to name the head"
         )
+
+    def _find_norm(self, forward: _Forward, x: Tensor) -> tuple[nn.Module, Tensor] | None:
+        """The normalisation whose output is the classifier's input ``x`` (up to dropout), and its input."""
+        for module, norm_input, norm_output in reversed(forward.norms):
+            if norm_output.numel() == x.numel() and norm_input.numel() == x.numel() and _feeds(norm_output, x):
+                return module, norm_input
+        return None
+
+    def _layouts(self, tensor: Tensor, target: Tensor) -> Iterator[tuple[str, int]]:
+        """The layouts (with prefix tokens) under which ``tensor`` could pool to ``target`` ``(N, C)``."""
+        channels = target.numel() // max(tensor.shape[0], 1) if tensor.dim() else 0
+        if tensor.dim() == 4 and tensor.shape[1] == channels:
+            yield "nchw", 0
+        if tensor.dim() == 4 and tensor.shape[3] == channels:
+            yield "nhwc", 0
+        if tensor.dim() == 3 and tensor.shape[2] == channels:
+            known = int(getattr(self._module, "num_prefix_tokens", 0) or 0)
+            yield from (("tokens", k) for k in dict.fromkeys([known, *range(min(tensor.shape[1] - 1, 17))]))
+
+    def _pools_to(self, tensor: Tensor, layout: str, prefix: int, target: Tensor, dropout: bool) -> bool:
+        """Whether ``tensor``, laid out so, averages to ``target`` (up to dropout when allowed)."""
+        if tensor.shape[0] == 0 or (layout == "tokens" and tensor.shape[1] <= prefix):
+            return False
+        cells = _wide(tensor)
+        cells = cells.flatten(2) if layout == "nchw" else (cells.flatten(1, 2) if layout == "nhwc" else cells[:, prefix:])
+        dims = 2 if layout == "nchw" else 1
+        pooled = cells.mean(dims)
+        goal = _wide(target).reshape(pooled.shape).to(pooled)
+        finite = pooled.isfinite() & goal.isfinite()
+        if not bool(finite.any()):
+            return False
+        rtol = _rtol(tensor.dtype, target.dtype)
+        tol = (rtol * cells.abs().mean(dims))[finite]
+        if not dropout:
+            return bool(((pooled[finite] - goal[finite]).abs() <= tol).all())
+        return _matches_pooled(pooled[finite], goal[finite], tol, rtol)
+
+    def _set_layout(self, features: Tensor, target: Tensor, dropout: bool) -> bool:
+        """Choose the layout of ``features`` by the values; ``False`` when none averages to ``target``."""
+        for layout, prefix in self._layouts(features, target):
+            if self._pools_to(features, layout, prefix, target, dropout):
+                self.layout, self.prefix_tokens = layout, prefix
+                return True
+        return False
+
+    def _search_outputs(self, forward: _Forward, target: Tensor, dropout: bool) -> tuple[nn.Module, Tensor] | None:
+        """The last module whose output averages to ``target`` (a model that pools with ``Tensor.mean``)."""
+        for module, tensor, version in reversed(forward.outputs):
+            if _version(tensor) != version or _contains(module, self.classifier):
+                continue  # changed in place since (its values are not those pooled), or the head itself
+            for layout, prefix in self._layouts(tensor, target):
+                cells = tensor.shape[1] - prefix if layout == "tokens" else tensor.shape[-2 if layout == "nchw" else 1:]
+                if (cells if layout == "tokens" else math.prod(cells)) <= 1:
+                    continue  # one cell: the pooled vector itself (after the head's pooling), not a map of it
+                if self._pools_to(tensor, layout, prefix, target, dropout):
+                    if layout == "tokens" and self._model_name not in _RASTER_TOKENS:
+                        forward.unordered = forward.unordered or module  # right values, but where on the image?
+                        continue
+                    self.layout, self.prefix_tokens = layout, prefix
+                    return module, tensor
+        return None
+
+    def _class_token(self, forward: _Forward, target: Tensor) -> nn.Module | None:
+        """A module whose first token is ``target``: a head that classifies its class token."""
+        for module, tensor, _ in reversed(forward.outputs):
+            if tensor.dim() == 3 and tensor.numel() > target.numel() and tensor[:, 0].numel() == target.numel():
+                if _same_values(tensor[:, 0].contiguous(), target.reshape(tensor[:, 0].shape)):
+                    return module
+        return None
 
     def _detect(self, forward: _Forward, output: Any) -> Tensor:
         """Pick the classifier and the pooling that feed the model's output; return the features."""
@@ -690,29 +1031,41 @@ class CAMHook:
                 names = ", ".join(f"'{self._name(forward.linear_candidates[i])}'" for i in indices)
                 self._fail(f"the output of {model} is that of several linear layers ({names}); pass classifier=")
             if not found:
+                averaged = self._averaged_heads(forward, output)
+                if averaged is not None:
+                    return self._detect_averaged(forward, output, averaged)
                 if any(same is None for _, same in relations):
                     self._undecided(_no_evidence(output))
                 self._fail(
-                    f"could not find the classifier of {model}: no nn.Linear computes what it returns (a tensor of "
-                    f"shape {tuple(output.shape)}); class activation maps need global average pooling followed by "
-                    "one linear layer whose output the model returns. Pass features= and classifier= to name them"
+                    f"could not find the classifier of {model}: no nn.Linear (or 1x1 nn.Conv2d) computes what it "
+                    f"returns (a tensor of shape {tuple(output.shape)}); class activation maps need average pooling "
+                    "followed by one linear layer whose output the model returns. Pass features= and classifier= "
+                    "to name them"
                 )
             event = found[-1]
         classifier = forward.linear_candidates[event[0]]
+        self._set_head(self.features, classifier)
+        x = event[1]
+        if self.method == "gradcam":
+            return self._detect_gradcam(forward)
+        if not isinstance(x, Tensor):
+            self._fail(f"the classifier '{self._classifier_name}' of {model} must be called with its input as a tensor")
+        norm = self._find_norm(forward, x)
+        target, dropout = (norm[1], False) if norm is not None else (x, True)
+        self.norm = norm[0] if norm is not None else None
         if self._features_named:
             calls = forward.pools
             if not calls:
                 self._fail(f"the features '{self._features_name}' did not run in the forward of {model}")
-            self._set_head(self.features, classifier)
             if len(calls) > 1:
                 self._fail(self._runs_more_than_once(len(calls)))
             _, features, pooled = calls[0]
             if pooled is not None:  # a named pooling: its input, not yet activated
                 features = self._activate(features)
+            if not self._set_layout(features, target, dropout):
+                self.layout, self.prefix_tokens = self._shape_layout(features)  # the check reports it
         else:
-            self._set_head(self.features, classifier)
-            x = event[1]
-            relations = [(call, _feeds(call[2], x)) for call in forward.pools if isinstance(x, Tensor)]
+            relations = [(call, _feeds(call[2], target)) for call in forward.pools]
             found = {call[0] for call, feeds in relations if feeds}
             # a pooling nested in another one that feeds the classifier has the same input: keep the outer one
             candidates = forward.pool_candidates
@@ -725,21 +1078,144 @@ class CAMHook:
                     f"several poolings of {model} feed its classifier '{self._classifier_name}' ({names}); "
                     "pass features="
                 )
-            if not outer:
-                if any(feeds is None for _, feeds in relations):
-                    self._undecided(_no_evidence(x))
-                self._fail(
-                    f"{model} is not GAP-FC: the input of its classifier '{self._classifier_name}' is not the output "
-                    f"of an average pooling{self._classifier_block}. Class activation maps need global average "
-                    "pooling followed by one linear layer; pass features= and classifier= to name them, or use a "
-                    "model with such a head"
+            features = None
+            if outer:
+                calls = [call for call in forward.pools if call[0] == outer[0]]
+                self._set_head(candidates[outer[0]], classifier)
+                if len(calls) > 1:
+                    self._fail(self._runs_more_than_once(len(calls)))
+                features = self._activate(calls[0][1])
+                if not self._set_layout(features, target, dropout):
+                    self.layout, self.prefix_tokens = self._shape_layout(features)  # the check reports it
+            else:
+                searched = self._search_outputs(forward, target, dropout)
+                if searched is not None:
+                    self._set_head(searched[0], classifier)
+                    features = self._activate(searched[1])
+            if features is None:
+                if any(feeds is None for _, feeds in relations) or not bool(_wide(target).isfinite().any()):
+                    self._undecided(_no_evidence(target))
+                self._fail(self._not_pooled(forward, target))
+        self._check_channels(features)
+        self._resolved = True
+        if self.features is not None:
+            live = _LIVE.get(self._module, ())
+            if any(other is not self and other.features is self.features for other in live):
+                warnings.warn(
+                    f"CAMHook: {self._model_name} already has a live CAMHook on '{self._features_name}'; both "
+                    "record every forward. Reuse one CAMHook across steps, or call remove() on the old one (or use "
+                    "`with CAMHook(...)`) before attaching another.",
+                    stacklevel=2,
                 )
-            calls = [call for call in forward.pools if call[0] == outer[0]]
-            self._set_head(candidates[outer[0]], classifier)
+        self._attach_features()
+        return features
+
+    def _averaged_heads(self, forward: _Forward, output: Tensor) -> tuple[tuple[int, Any, Any], ...] | None:
+        """Two classifier calls whose outputs' mean the model returns (a distillation head), if any."""
+        calls = [c for c in forward.linears if isinstance(c[1], Tensor) and isinstance(c[2], Tensor)]
+        calls = [c for c in calls if c[2].numel() == output.numel()]
+        for i, first in enumerate(calls):
+            for second in calls[i + 1 :]:
+                if first[0] != second[0]:
+                    mean = (_wide(first[2]).reshape(output.shape) + _wide(second[2]).reshape(output.shape)) / 2
+                    scale = (_wide(first[2]).abs() + _wide(second[2]).abs()).reshape(output.shape) / 2
+                    if bool(((mean - _wide(output)).abs() <= _rtol(output.dtype) * scale + 1e-30).all()):
+                        return first, second
+        return None
+
+    def _detect_averaged(self, forward: _Forward, output: Tensor, calls: tuple[tuple[int, Any, Any], ...]) -> Tensor:
+        """Detection for a model that averages the logits of heads on the same pooled features."""
+        first, *others = calls
+        classifier = forward.linear_candidates[first[0]]
+        self._set_head(self.features, classifier)
+        heads = []
+        for call in calls:
+            found = self._find_norm(forward, call[1])
+            heads.append((found[0] if found else None, forward.linear_candidates[call[0]], found[1] if found else call[1]))
+        target = heads[0][2]
+        for _, other, other_target in heads[1:]:
+            if _same_values(other_target, target) is not True:
+                self._fail(
+                    f"{self._model_name} averages the logits of '{self._classifier_name}' and '{self._name(other)}', "
+                    "whose inputs differ: not one pooled vector through affine heads; pass classifier= to name one"
+                )
+        self.norm = heads[0][0]
+        self.other_heads = [(norm, other) for norm, other, _ in heads[1:]]
+        searched = None
+        for call in (c for c in forward.pools if _feeds(c[2], target)):
+            self._set_head(forward.pool_candidates[call[0]], classifier)
+            features = self._activate(call[1])
+            if self._set_layout(features, target, dropout=False):
+                searched = (self.features, features)
+                break
+        if searched is None:
+            searched = self._search_outputs(forward, target, dropout=heads[0][0] is None)
+            if searched is None:
+                self._fail(self._not_pooled(forward, target))
+            self._set_head(searched[0], classifier)
+            searched = (searched[0], self._activate(searched[1]))
+        features = searched[1]
+        self._check_channels(features)
+        self._resolved = True
+        self._attach_features()
+        return features
+
+    def _not_pooled(self, forward: _Forward, target: Tensor) -> str:
+        """Why no feature map of the forward averages to the classifier's input, and the way out."""
+        model, classifier = self._model_name, self._classifier_name
+        token = self._class_token(forward, target)
+        if token is not None:
+            return (
+                f"{model} classifies its class token (the first token of '{self._name(token)}'), not an average of "
+                "its patch tokens: that head is not GAP-FC and has no class activation maps. Build the model with "
+                "average pooling of the patch tokens instead (timm: timm.create_model(name, global_pool='avg'), "
+                "which adds fc_norm), or name features= and classifier= of such a head"
+            )
+        if forward.unordered is not None:
+            return (
+                f"{model} pools the tokens of '{self._name(forward.unordered)}', but CAMHook does not know where "
+                "they lie on the image (their order is known for the raster patch grid of "
+                f"{', '.join(sorted(_RASTER_TOKENS))}); name features= (the module whose tokens are pooled, in "
+                "row-major order) and classifier= if they are a raster grid"
+            )
+        advice = (
+            ". Class activation maps need average pooling followed by one linear layer (through at most a "
+            "LayerNorm/BatchNorm/RMSNorm and dropout); pass features= and classifier= to name them"
+        )
+        if forward.pools:
+            advice += (
+                ". For a head with hidden layers (an MLP after the pooling) there is no exact map: ask for the "
+                "differentiable Grad-CAM fallback by name, CAMHook(model, method='gradcam')"
+            )
+        return (
+            f"{model} is not GAP-FC: the input of its classifier '{classifier}' is not the output of an average "
+            f"pooling{self._classifier_block}{advice}"
+        )
+
+    def _detect_gradcam(self, forward: _Forward) -> Tensor:
+        """Grad-CAM's features: the input of the pooling that ran last (or the named features)."""
+        calls = forward.pools
+        if self._features_named:
+            if not calls:
+                self._fail(f"the features '{self._features_name}' did not run in the forward of {self._model_name}")
             if len(calls) > 1:
                 self._fail(self._runs_more_than_once(len(calls)))
-            features = self._activate(calls[0][1])
-        self._check_channels(features)
+            index, features, pooled = calls[0]
+        else:
+            pooling = [call for call in calls if call[2] is not None and call[1].dim() == 4]
+            if not pooling:
+                self._fail(
+                    f"CAMHook(method='gradcam') found no average pooling of a 4-D map in the forward of "
+                    f"{self._model_name}; pass features= (the module whose output is the feature map)"
+                )
+            index, features, pooled = pooling[-1]
+            self._set_head(forward.pool_candidates[index], self.classifier)
+            if sum(call[0] == index for call in calls) > 1:
+                self._fail(self._runs_more_than_once(sum(call[0] == index for call in calls)))
+        features = self._activate(features)
+        channels = pooled.numel() // max(features.shape[0], 1) if pooled is not None else features.shape[1]
+        nhwc = features.dim() == 4 and features.shape[1] != channels and features.shape[-1] == channels
+        self.layout, self.prefix_tokens = ("nhwc", 0) if nhwc else ("nchw", 0)
         self._resolved = True
         self._attach_features()
         return features
@@ -781,11 +1257,13 @@ class CAMHook:
                 "list or dict)",
                 TypeError,
             )
-        labels = self.classifier.out_features
-        if not self.check:
+        labels = _labels(self.classifier)
+        if not self.check or self.method == "gradcam":
             if isinstance(output, Tensor):
                 self._check_labels(output, labels)
             return True
+        if self.other_heads:
+            return self._verdict_averaged(forward, output)
         found = self._classifier_call(forward, output)
         if found is None:
             calls = [call[2] for call in forward.linears if isinstance(call[2], Tensor)]
@@ -807,7 +1285,35 @@ class CAMHook:
         features, dtype = forward.features[0]
         if features.shape[0] == 0 or not all(bool(t.isfinite().all()) for t in (features, x, y)):
             return False
-        self._check_gap_fc(features, dtype, x, y)
+        norm = self._find_norm(forward, x) if self.norm is None else None
+        if norm is not None and self._set_layout(features, norm[1], dropout=False):
+            self.norm = norm[0]  # named modules with a norm between them
+        elif self.norm is None:
+            self._set_layout(features, x, dropout=True)
+        self._check_gap_fc(forward, features, dtype, x, y, self.norm, self.classifier)
+        return True
+
+    def _verdict_averaged(self, forward: _Forward, output: Any) -> bool:
+        """The check of averaged heads: each head on the pooled features, and the model's mean of them."""
+        heads = [(self.norm, self.classifier), *self.other_heads]
+        calls = []
+        for _, classifier in heads:
+            call = next((c for c in forward.linears if forward.linear_candidates[c[0]] is classifier), None)
+            if call is None or not isinstance(call[1], Tensor):
+                self._fail(f"the classifier '{self._name(classifier)}' did not run in the forward of {self._model_name}")
+            calls.append(call)
+        logits = next((t for t in _tensors(output) if t.numel() == calls[0][2].numel()), None)
+        mean = torch.stack([_wide(c[2]).reshape(-1) for c in calls]).mean(0)
+        if logits is None or not bool(
+            ((mean - _wide(logits).reshape(-1)).abs() <= _rtol(logits.dtype) * mean.abs() + 1e-30).all()
+        ):
+            self._fail(f"{self._model_name} does not return the mean of its heads' logits")
+        self._check_labels(logits, _labels(self.classifier))
+        features, dtype = forward.features[0]
+        if features.shape[0] == 0 or not all(bool(t.isfinite().all()) for c in calls for t in (c[1], c[2])):
+            return False
+        for (norm, classifier), call in zip(heads, calls):
+            self._check_gap_fc(forward, features, dtype, call[1], call[2], norm, classifier)
         return True
 
     def _check_labels(self, logits: Tensor, labels: int) -> None:
@@ -818,16 +1324,28 @@ class CAMHook:
                 "match the logits' last dimension"
             )
 
-    def _check_gap_fc(self, features: Tensor, dtype: torch.dtype, x: Tensor, y: Tensor) -> None:
-        """Raise unless ``x`` averages ``features`` (up to dropout) and ``y`` is the linear map of ``x``.
+    def _check_gap_fc(
+        self,
+        forward: _Forward,
+        features: Tensor,
+        dtype: torch.dtype,
+        x: Tensor,
+        y: Tensor,
+        norm: nn.Module | None,
+        classifier: nn.Module,
+    ) -> None:
+        """Raise unless ``x`` is the head's map of the averaged ``features`` and ``y`` the classifier's of ``x``.
 
         In float32, with tolerances relative to the magnitude of what each step computes
-        (the features for the pooling, ``|x| @ |W|.T + |bias|`` for the classifier), in the
-        rounding of the dtype the model ran in. The logits themselves set no tolerance: a
-        head whose logits happen to be small would pass any check scaled by them.
+        (the features for the pooling, the normalised vector for a norm, ``|x| @ |W|.T + |bias|``
+        for the classifier), in the rounding of the dtype the model ran in. The logits
+        themselves set no tolerance: a head whose logits happen to be small would pass any
+        check scaled by them.
         """
-        n, channels, h, w = features.shape
-        head = f"{self._model_name} is not GAP-FC between '{self._features_name}' and '{self._classifier_name}'"
+        grid = self._grid(features)
+        n, channels, h, w = grid.shape
+        name = self._name(classifier) if classifier is not self.classifier else self._classifier_name
+        head = f"{self._model_name} is not GAP-FC between '{self._features_name}' and '{name}'"
         advice = (
             ". Class activation maps need global average pooling followed by one linear layer; pass "
             "features= and classifier= to name them, or use a model with such a head"
@@ -838,18 +1356,49 @@ class CAMHook:
                 f"pooled ({n}, {channels}){advice}"
             )
         x32 = _wide(x).reshape(n, channels)
-        features = features.to(device=x32.device, dtype=torch.promote_types(features.dtype, x32.dtype))
-        pooled = features.mean((2, 3))
+        grid = grid.to(device=x32.device, dtype=torch.promote_types(grid.dtype, x32.dtype))
+        pooled = grid.mean((2, 3))
+        magnitude = grid.abs().mean((2, 3))
         rtol = _rtol(dtype, x.dtype)
-        if not _matches_pooled(pooled, x32, rtol * features.abs().mean((2, 3)), rtol):
-            error = float((x32 - pooled).abs().max())
-            self._fail(
-                f"{head}{self._classifier_block}: the classifier's input is not the average of the features over "
-                f"their {h}x{w} cells (off by up to {error:.3g}, for features of mean magnitude "
-                f"{float(features.abs().mean()):.3g}){advice}"
+        if norm is not None:
+            call = next((c for c in reversed(forward.norms) if c[0] is norm), None)
+            norm_name = self._name(norm)
+            if call is None:
+                self._fail(f"{head}: the norm '{norm_name}' between them did not run")
+            norm_in = _wide(call[1]).reshape(pooled.shape).to(pooled)
+            if not bool(((norm_in - pooled).abs() <= rtol * magnitude).all()):
+                error = float((norm_in - pooled).abs().max())
+                self._fail(
+                    f"{head}{self._classifier_block}: the input of the norm '{norm_name}' is not the average of the "
+                    f"features over their {h}x{w} cells (off by up to {error:.3g}, for features of mean magnitude "
+                    f"{float(grid.abs().mean()):.3g}){advice}"
+                )
+            expected = _normalise(norm, pooled, detach=True)
+            mu, inv, gamma, beta = _norm_stats(norm, pooled)
+            spread = (pooled.abs() if mu is None else (pooled - mu).abs() + mu.abs()) * inv
+            spread = spread * (1 if gamma is None else _wide(gamma).to(pooled).abs()) + (
+                0 if beta is None else _wide(beta).to(pooled).abs()
             )
-        weight = _wide(self.classifier.weight).to(x32.dtype)
-        bias = None if self.classifier.bias is None else _wide(self.classifier.bias).to(x32.dtype)
+            norm_out = _wide(call[2]).reshape(pooled.shape).to(pooled)
+            if not bool(((norm_out - expected).abs() <= 2 * _rtol(dtype, call[2].dtype) * spread + 1e-6).all()):
+                self._fail(
+                    f"{head}: the output of '{norm_name}' ({type(norm).__name__}) is not the normalisation of "
+                    f"the pooled features by their per-sample statistics (off by up to "
+                    f"{float((norm_out - expected).abs().max()):.3g}); is it normalising over other dimensions?"
+                    f"{advice[1:]}"
+                )
+            pooled, magnitude = norm_out, spread
+        if not _matches_pooled(pooled, x32, rtol * magnitude, rtol):
+            error = float((x32 - pooled).abs().max())
+            what = f"the output of the norm '{self._name(norm)}'" if norm is not None else (
+                f"the average of the features over their {h}x{w} cells"
+            )
+            self._fail(
+                f"{head}{self._classifier_block}: the classifier's input is not {what} (off by up to {error:.3g}, "
+                f"for features of mean magnitude {float(grid.abs().mean()):.3g}){advice}"
+            )
+        weight = _wide(_weight(classifier)).to(x32.dtype)
+        bias = None if classifier.bias is None else _wide(classifier.bias).to(x32.dtype)
         expected = F.linear(x32, weight, bias)
         magnitude = x32.abs() @ weight.abs().T
         if bias is not None:
@@ -861,11 +1410,35 @@ class CAMHook:
         error = (_wide(y).reshape(expected.shape).to(expected) - expected).abs()
         if not bool((error <= _matmul_rtol(x.dtype, y.dtype) * magnitude).all()):
             self._fail(
-                f"{head}: the output of '{self._classifier_name}' is not input @ weight.T + bias (off by up to "
+                f"{head}: the output of '{name}' is not input @ weight.T + bias (off by up to "
                 f"{float(error.max()):.3g}); is it a Linear subclass, or changed by another hook?{advice[1:]}"
             )
 
     # --- public API ----------------------------------------------------------------------
+
+    @property
+    def offset(self) -> Tensor | None:
+        """The per-label constant ``(L,)`` the head adds to the maps' average: ``heatmaps.mean((2, 3)) + offset``
+        is the logits.
+
+        The classifier's bias for a GAP-FC head (zeros without one), ``W @ beta + bias`` with a
+        norm's shift ``beta`` after the pooling. Detached. ``None`` until the first forward has
+        found and checked the head, and with ``method='gradcam'``, whose maps do not average to
+        the logits.
+        """
+        if self._pending or self.method == "gradcam" or self.classifier is None:
+            return None
+        offsets = []
+        with torch.no_grad():
+            for norm, classifier in [(self.norm, self.classifier), *self.other_heads]:
+                weight = _weight(classifier)
+                bias = classifier.bias
+                offset = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
+                beta = getattr(norm, "bias", None) if norm is not None else None
+                if beta is not None:
+                    offset = offset + weight.detach() @ beta.detach().to(weight)
+                offsets.append(offset)
+        return offsets[0] if len(offsets) == 1 else torch.stack(offsets).mean(0)
 
     def pop(self) -> list[Tensor]:
         """The heatmaps of every forward since the last call, oldest first; then forget them."""

@@ -171,12 +171,8 @@ NOT_GAP_FC = {
         lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=LABELS),
         r"MobileNetV3 is not GAP-FC.*'classifier\.3'",
     ),
-    "convnext_tiny": (
-        lambda: torchvision.models.convnext_tiny(weights=None, num_classes=LABELS),
-        r"ConvNeXt is not GAP-FC.*'classifier\.2'.*LayerNorm2d",
-    ),
-    "timm_convnext_atto": (lambda: _timm("convnext_atto"), r"ConvNeXt is not GAP-FC.*'head\.fc'.*LayerNorm2d"),
 }
+# ConvNeXt (pooling, LayerNorm, Linear) has exact maps since the heads of issue 9: tests/test_cam_heads.py
 
 
 @pytest.mark.parametrize("name", list(NOT_GAP_FC))
@@ -210,9 +206,27 @@ def test_check_accepts_identity_after_pooling() -> None:
     assert_cam_invariant(heatmaps, model.fc, logits)
 
 
+def test_functional_pooling_is_found_by_the_values_of_the_first_forward() -> None:
+    # no pooling module: the first forward finds the module whose output Tensor.mean pools
+    model = FunctionalPoolNet().eval()
+    x = images(2, 3, 8, 8)
+    logits, heatmaps = cam_of(model, x)
+    assert heatmaps.shape == (2, LABELS, 8, 8)
+    assert_cam_invariant(heatmaps, model.head, logits)
+    torch.testing.assert_close(heatmaps, torch.einsum("lc,nchw->nlhw", model.head.weight, model.body(x)))
+
+
 def test_auto_detection_failure_names_the_arguments() -> None:
-    with pytest.raises(ValueError, match=r"FunctionalPoolNet.*features=.*classifier="):
-        CAMHook(FunctionalPoolNet())
+    class NoClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).mean((2, 3))
+
+    with pytest.raises(ValueError, match=r"NoClassifier \(it has no nn.Linear.*features=.*classifier="):
+        CAMHook(NoClassifier())
 
 
 @pytest.mark.parametrize(
@@ -264,7 +278,7 @@ def test_classifier_that_is_not_linear_is_a_type_error() -> None:
 def test_features_whose_output_is_not_4d_raise_at_forward() -> None:
     model = tiny_net()
     with CAMHook(model, features="flatten", classifier="fc") as cam:
-        with pytest.raises(ValueError, match=r"'flatten' must be a 4-D map \(N, C, h, w\), got \(2, 16\)"):
+        with pytest.raises(ValueError, match=r"'flatten' must be a 4-D map \(N, C, h, w\) or \(N, h, w, C\), or tokens \(N, T, C\), got \(2, 16\)"):
             model(images(2, 3, 8, 8))
         assert len(cam) == 0
 
