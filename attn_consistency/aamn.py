@@ -48,17 +48,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_tensor
+from ._validation import check_positive_int, check_tensor
 
 __all__ = ["AAMN", "AAMNHead", "CategoricalMemory", "ChannelRelation", "SpatialRelation"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_map(name: str, x: object, channels: int) -> Tensor:
@@ -73,7 +65,7 @@ class _Gated(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.channels = _positive_int("channels", channels)
+        self.channels = check_positive_int("channels", channels)
         self.gate = nn.Parameter(torch.zeros(()))
 
     def branch(self, x: Tensor) -> Tensor:
@@ -151,8 +143,8 @@ class CategoricalMemory(_Gated):
 
     def __init__(self, channels: int, num_labels: int, key_channels: int | None = None, momentum: float = 0.1) -> None:
         super().__init__(channels)
-        self.num_labels = _positive_int("num_labels", num_labels)
-        key = _positive_int("key_channels", key_channels) if key_channels is not None else max(self.channels // 8, 1)
+        self.num_labels = check_positive_int("num_labels", num_labels)
+        key = check_positive_int("key_channels", key_channels) if key_channels is not None else max(self.channels // 8, 1)
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
         self.momentum = float(momentum)
@@ -283,7 +275,7 @@ class ChannelRelation(_Gated):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__(channels)
-        hidden = max(self.channels // _positive_int("reduction", reduction), 1)
+        hidden = max(self.channels // check_positive_int("reduction", reduction), 1)
         self.context = nn.Conv2d(self.channels, 1, 1)
         self.transform = nn.Sequential(
             nn.Conv2d(self.channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]), nn.ReLU(), nn.Conv2d(hidden, self.channels, 1)
@@ -327,7 +319,7 @@ class SpatialRelation(_Gated):
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__(channels)
-        hidden = max(self.channels // _positive_int("reduction", reduction), 1)
+        hidden = max(self.channels // check_positive_int("reduction", reduction), 1)
         self.theta = nn.Conv2d(self.channels, hidden, 1, bias=False)
         self.phi = nn.Conv2d(self.channels, hidden, 1, bias=False)
         self.g = nn.Conv2d(self.channels, hidden, 1, bias=False)
@@ -378,7 +370,7 @@ class AAMNHead(nn.Module):
         spatial_reduction: int = 8,
     ) -> None:
         super().__init__()
-        channels, num_labels = _positive_int("channels", channels), _positive_int("num_labels", num_labels)
+        channels, num_labels = check_positive_int("channels", channels), check_positive_int("num_labels", num_labels)
         self.memory: nn.Module = CategoricalMemory(channels, num_labels, key_channels, momentum) if memory else nn.Identity()
         self.channel_relation: nn.Module = ChannelRelation(channels, channel_reduction) if channel_relation else nn.Identity()
         self.spatial_relation: nn.Module = SpatialRelation(channels, spatial_reduction) if spatial_relation else nn.Identity()
