@@ -36,7 +36,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from attn_consistency import AttentionConsistencyLoss, CAMHook, Ramp, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
 from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
 from attn_consistency.strength import heatmap_spread
-from attn_consistency.metrics import attention_inconsistency, average_precision, example_based_metrics, label_based_metrics
+from attn_consistency.metrics import (
+    attention_inconsistency,
+    average_precision,
+    example_based_metrics,
+    label_based_metrics,
+    mean_average_precision,
+)
 from examples._files import load_torch, malformed, save_torch_atomic, write_text_atomic
 from examples.validation import argument_type, check_training_set, device_type, json_value, validate_config
 
@@ -435,14 +441,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Test-set metrics: label-based (and example-based), attention inconsistency (Table 2).
 
-    With side ``heads``, the scores are their fused prediction, and the inconsistency (and on
-    the synthetic set the pointing game) is measured for each stage too (``inconsistency-flip/layer2``).
+    With side ``heads``, the scores are their fused prediction; the mAP of each head alone
+    (``mAP/layer2``, ``mAP/output`` for the model's own logits), the inconsistency (and on the
+    synthetic set the pointing game) of each stage are reported too (``inconsistency-flip/layer2``).
     """
     loader = DataLoader(dataset, batch_size=config.test_batch_size, shuffle=False, num_workers=config.workers)
     scale = get_transform("scale", factor=scale_factor(config))
     flip = get_transform("flip")
     scores, heatmaps = [], []
     stage_maps: dict[str, list[Tensor]] = {stage: [] for stage in (heads.stages if heads is not None else ())}
+    head_scores: dict[str, list[Tensor]] = {head: [] for head in (*stage_maps, "output")} if heads is not None else {}
     pointing = config.dataset == "synthetic"  # the only dataset with boxes: keep its heatmaps
     memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
     for images, _ in _progress(loader, config, "test"):
@@ -452,6 +460,8 @@ def evaluate(
                 output = model(images)
         if heads is not None:
             (record,) = heads.pop()
+            for head, logits in (record.logits | {"output": output}).items():
+                head_scores[head].append(logits.float().cpu())
             output = heads.prediction(output, record.logits)
             for stage in stage_maps if pointing else ():
                 stage_maps[stage].append(record.heatmaps[stage].float().cpu())
@@ -464,6 +474,8 @@ def evaluate(
     result = label_based_metrics(torch.cat(scores), targets, encoding=encoding, top_k=3 if config.dataset == "coco" else None)
     if config.dataset == "pa100k":
         result |= example_based_metrics(torch.cat(scores), targets)
+    for head, logits in head_scores.items():
+        result[f"mAP/{head}"] = mean_average_precision(torch.cat(logits), targets, encoding=encoding)
     if config.dataset == "voc":  # the VOC tables give every class's AP (difficult entries dropped)
         per_class = average_precision(torch.cat(scores), targets, encoding=encoding)
         result |= {f"AP-{name}": float(ap) for name, ap in zip(dataset.label_names, per_class)}

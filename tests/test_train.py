@@ -177,8 +177,8 @@ def check_run(preset: str, out: Path, history: list[dict]) -> None:
     # the side heads' stages (MSAC presets): each metric of the heatmaps per stage, "<metric>/<stage>"
     stage_keys = {k for k in row if k not in terms and "/" in k}
     stages = settings.get("stages", ())
-    assert {k.partition("/")[2] for k in stage_keys} == set(stages)
-    per_stage = {"inconsistency-flip", "inconsistency-scale"} | ({"pointing-game"} if dataset == "synthetic" else set())
+    assert {k.partition("/")[2] for k in stage_keys} == ({*stages, "output"} if stages else set())  # output: mAP only
+    per_stage = {"mAP", "inconsistency-flip", "inconsistency-scale"} | ({"pointing-game"} if dataset == "synthetic" else set())
     assert {k.partition("/")[0] for k in stage_keys} == (per_stage if stages else set())
     assert set(row) - terms - stage_keys - {"ac_grad_ratio"} == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS[dataset]
     assert row["epoch"] == 1 and row["lr"] == settings.get("lr", 1e-3)
