@@ -588,3 +588,31 @@ def test_figure5_of_a_multiscale_checkpoint_has_a_row_per_stage(tmp_path, one_th
     model, config, labels = figure5.load_trained(tmp_path / "run" / "last.pt")
     with pytest.raises(ValueError, match="side heads do not fit --stages layers.0 layers.1"):
         figure5.load_heads(tmp_path / "run" / "last.pt", model, config.__class__(**{**vars(config), "stages": ("layers.0", "layers.1")}), len(labels))
+
+
+def test_a_user_transform_gives_a_term_per_stage_equal_to_the_oracle():
+    from attn_consistency import Transform
+
+    class VerticalFlip(Transform):
+        name = "vflip"
+
+        def apply_image(self, images, params=None):
+            return images.flip(-2)
+
+        def apply_heatmaps(self, heatmaps, params=None):
+            return heatmaps.flip(-2), None
+
+    model = net(torch.float64).eval()  # BatchNorm in eval mode: a view's maps do not depend on its batch
+    heads = MultiScaleHeads(model, STAGES).double().eval()
+    x = images(dtype=torch.float64)
+    out = AttentionConsistencyLoss().views(model, heads, x, [VerticalFlip(), get_transform("rotate", degrees=90.0)])
+    assert sorted(out.terms) == sorted(f"{t}/{s}" for t in ("vflip", "rotate") for s in STAGES)
+    model(x)
+    model(x.flip(-2))
+    model(x.rot90(1, (-2, -1)))
+    original, flipped, rotated = (record.heatmaps for record in heads.pop())
+    for stage in STAGES:
+        expected = (original[stage].flip(-2) - flipped[stage]).square().mean()
+        torch.testing.assert_close(out.terms[f"vflip/{stage}"], expected, rtol=1e-10, atol=0)
+        expected = (original[stage].rot90(1, (-2, -1)) - rotated[stage]).square().mean()
+        torch.testing.assert_close(out.terms[f"rotate/{stage}"], expected, rtol=1e-10, atol=0)
