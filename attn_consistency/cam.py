@@ -874,9 +874,9 @@ class CAMHook:
         if self.method == "cam":
             for norm in (m for m in modules if _is_norm(m)):
                 handles.append(norm.register_forward_hook(_WeakHook(self, "_on_candidate_norm")))
-            if not self._resolved and not self._features_named:
-                for other in modules:
-                    handles.append(other.register_forward_hook(_WeakHook(self, "_on_candidate_output")))
+        if not self._resolved and not self._features_named:
+            for other in modules:
+                handles.append(other.register_forward_hook(_WeakHook(self, "_on_candidate_output")))
 
     def _on_candidate_features(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         forward = self._forward
@@ -1180,13 +1180,10 @@ class CAMHook:
             )
         advice = (
             ". Class activation maps need average pooling followed by one linear layer (through at most a "
-            "LayerNorm/BatchNorm/RMSNorm and dropout); pass features= and classifier= to name them"
+            "LayerNorm/BatchNorm/RMSNorm and dropout); pass features= and classifier= to name them. For a head "
+            "with hidden layers (an MLP after the pooling) there is no exact map: ask for the differentiable "
+            "Grad-CAM fallback by name, CAMHook(model, method='gradcam')"
         )
-        if forward.pools:
-            advice += (
-                ". For a head with hidden layers (an MLP after the pooling) there is no exact map: ask for the "
-                "differentiable Grad-CAM fallback by name, CAMHook(model, method='gradcam')"
-            )
         return (
             f"{model} is not GAP-FC: the input of its classifier '{classifier}' is not the output of an average "
             f"pooling{self._classifier_block}{advice}"
@@ -1203,17 +1200,29 @@ class CAMHook:
             index, features, pooled = calls[0]
         else:
             pooling = [call for call in calls if call[2] is not None and call[1].dim() == 4]
-            if not pooling:
-                self._fail(
-                    f"CAMHook(method='gradcam') found no average pooling of a 4-D map in the forward of "
-                    f"{self._model_name}; pass features= (the module whose output is the feature map)"
-                )
-            index, features, pooled = pooling[-1]
-            self._set_head(forward.pool_candidates[index], self.classifier)
-            if sum(call[0] == index for call in calls) > 1:
-                self._fail(self._runs_more_than_once(sum(call[0] == index for call in calls)))
+            if pooling:
+                index, features, pooled = pooling[-1]
+                self._set_head(forward.pool_candidates[index], self.classifier)
+                if sum(call[0] == index for call in calls) > 1:
+                    self._fail(self._runs_more_than_once(sum(call[0] == index for call in calls)))
+            else:  # a model that pools with Tensor.mean: its last 4-D map before the head
+                maps = [
+                    (module, tensor)
+                    for module, tensor, version in forward.outputs
+                    if tensor.dim() == 4 and tensor.shape[-2:].numel() > 1 and _version(tensor) == version
+                    and not _contains(module, self.classifier)
+                ]
+                if not maps:
+                    self._fail(
+                        f"CAMHook(method='gradcam') found no 4-D feature map in the forward of {self._model_name}; "
+                        "pass features= (the module whose output is the feature map)"
+                    )
+                module, features = maps[-1]
+                self._set_head(module, self.classifier)
+                pooled = None
         features = self._activate(features)
-        channels = pooled.numel() // max(features.shape[0], 1) if pooled is not None else features.shape[1]
+        width = getattr(self._module, "num_features", None)  # timm's count of the features' channels
+        channels = pooled.numel() // max(features.shape[0], 1) if pooled is not None else width
         nhwc = features.dim() == 4 and features.shape[1] != channels and features.shape[-1] == channels
         self.layout, self.prefix_tokens = ("nhwc", 0) if nhwc else ("nchw", 0)
         self._resolved = True

@@ -195,9 +195,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         del model
     meta = {"timm": timm.__version__, "torch": torch.__version__, "tolerance": args.tolerance, "command": sys.argv}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", args.results.with_suffix(".json"))
+    json_text = json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+    write_text_atomic(json_text, args.results.with_suffix(".json"), "the zoo results")
     text = _table(rows)
-    write_text_atomic(f"timm {timm.__version__}, torch {torch.__version__}\n\n" + text, args.results.with_suffix(".md"))
+    header = f"timm {timm.__version__}, torch {torch.__version__}: `python -m benchmarks.zoo`\n\n"
+    write_text_atomic(header + text, args.results.with_suffix(".md"), "the zoo table")
     print(text)
     if any(row["status"] in ("WRONG", "crash") for row in rows):
         sys.exit(1)

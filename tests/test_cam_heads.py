@@ -378,3 +378,63 @@ def test_channels_last_and_compile(kind: str) -> None:
         (heatmaps,) = cam.pop()
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(heatmaps, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_head_dropout_in_train_mode_between_norm_and_classifier() -> None:
+    # NormMlpClassifierHead: pool -> LayerNorm2d -> dropout -> fc; the maps give the un-dropped logits
+    torch.manual_seed(0)
+    model = _randomise(tiny_convnext(drop_rate=0.5)).train()
+    x = images(4, 3, 32, 32)
+    with CAMHook(model) as cam:
+        torch.manual_seed(1)
+        model(x)
+        (heatmaps,) = cam.pop()
+    model.head.drop.p = 0.0
+    torch.manual_seed(1)
+    logits = model(x)
+    torch.testing.assert_close(heatmaps.mean((2, 3)) + cam.offset, logits, atol=1e-5, rtol=1e-4)
+
+
+def _ddp_vit_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = tiny_vit(global_pool="avg")
+        x = images(4, 3, 32, 32)[rank * 2 : rank * 2 + 2]
+        ddp = nn.parallel.DistributedDataParallel(model)
+        targets = _targets()[rank * 2 : rank * 2 + 2]
+        with CAMHook(ddp) as cam:
+            out = AttentionConsistencyLoss(diagnostics=False).views(
+                ddp, cam, x, ["flip"], targets=targets, criterion=nn.functional.binary_cross_entropy_with_logits
+            )
+        out.total.backward()
+        grads = [p.grad for p in model.parameters()]
+        torch.save({"loss": out.total.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_a_token_head_matches_one_process(tmp_path) -> None:
+    from fixtures import free_port, run_workers
+
+    run_workers(_ddp_vit_worker, (2, free_port(), str(tmp_path)), 2)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    torch.manual_seed(0)
+    model = tiny_vit(global_pool="avg")
+    with CAMHook(model) as cam:
+        out = AttentionConsistencyLoss(diagnostics=False).views(
+            model, cam, images(4, 3, 32, 32), ["flip"], targets=_targets(),
+            criterion=nn.functional.binary_cross_entropy_with_logits,
+        )
+    out.total.backward()
+    torch.testing.assert_close((results[0]["loss"] + results[1]["loss"]) / 2, out.total.detach(), rtol=1e-5, atol=1e-6)
+    for result in results:  # DDP averaged the gradients: each replica holds the full batch's
+        for got, param in zip(result["grads"], model.parameters()):
+            torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
+
+
+def _targets() -> torch.Tensor:
+    return (images(4, LABELS, seed=5) > 0).float()
