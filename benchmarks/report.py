@@ -11,6 +11,7 @@ _STEP_COLUMNS = {
     "b_multiview": "(b) views, cls only",
     "c_consistency": "(c) views + consistency",
     "d_multiscale": "(d) + side heads (MSAC)",
+    "e_gradcam": "(e) (c) with Grad-CAM maps",
 }
 
 
@@ -87,6 +88,7 @@ def _step_tables(steps: list[dict[str, Any]]) -> list[str]:
     multiscale = "d_multiscale" in names
     header = ["case", *(_STEP_COLUMNS[name] for name in names), "(c)/(b)", "(b)/(a)", "pixels (b)/(a)"]
     header += ["(d)/(c)"] if multiscale else []
+    header += ["(e)/(c)"] if "e_gradcam" in names else []
     lines += _table(header, [_step_row(step, names, "ratios", "paired_ratios", None) for step in steps])
     if with_process:
         lines += [
@@ -191,4 +193,5 @@ def _step_row(step: dict, names: list[str], ratios_key: str, paired_key: str, cl
         f"{ratios['b/a']:.2f}; {_ratio(paired['b/a'])}",
         f"{step['pixel_ratio']:.2f}",
         *([f"{ratios['d/c']:.2f}; {_ratio(paired['d/c'])}"] if "d/c" in ratios else []),
+        *([f"{ratios['e/c']:.2f}; {_ratio(paired['e/c'])}"] if "e/c" in ratios else []),
     ]

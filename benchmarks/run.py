@@ -43,7 +43,7 @@ from .harness import (
 )
 from .loss_alone import NAMED_SHAPES, parse_shape, time_consistency, time_scale_term
 from .report import markdown
-from .training_step import MULTISCALE, StepCase, build_steps, build_transforms, check_arch
+from .training_step import GRADCAM, MULTISCALE, StepCase, build_steps, build_transforms, check_arch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,6 +64,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-msac": {
         "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
         "steps": 10, "warmup": 2, "threads": 1, "stages": ["layer2", "layer3", "layer4"], "parts": ["step"],
+        "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
+    },
+    # What the Grad-CAM fallback costs against exact maps, on a model where both apply: (e)/(c).
+    "cpu-gradcam": {
+        "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
+        "steps": 10, "warmup": 2, "threads": 1, "gradcam": True, "parts": ["step"],
         "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
     },
     # WIDER Attribute setting: ResNet-50 at 224/192, 14 labels.
@@ -91,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "parts": ["step", "loss"],
     "seed": 0,
     "stages": [],
+    "gradcam": False,
 }
 
 
@@ -125,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--reference-memory-gb", type=float, help="cap on the reference loss's broadcast tensors")
     add("--parts", nargs="+", choices=["step", "loss"], help="what to run")
     add("--stages", nargs="+", help="also time (d): MultiScaleHeads at these stages (e.g. layer2 layer3 layer4)")
+    add("--gradcam", action="store_true", default=None, help="also time (e): (c) with CAMHook(method='gradcam')")
     add("--seed", type=int)
     add("--output", type=Path, help="JSON result path (default benchmarks/results/<preset>.json); .md beside it")
     add("--dry-run", action="store_true", help="print the resolved cases and exit")
@@ -158,6 +166,7 @@ def step_cases(settings: dict[str, Any]) -> list[StepCase]:
             compile=runner == "compile",
             seed=settings["seed"],
             stages=tuple(settings["stages"]),
+            gradcam=bool(settings["gradcam"]),
         )
         for batch, precision, memory_format, runner in grid
     ]
@@ -231,6 +240,8 @@ def _ratios(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, 
     pairs = {"c/b": ("c_consistency", "b_multiview"), "b/a": ("b_multiview", "a_plain")}
     if MULTISCALE in times:
         pairs["d/c"] = (MULTISCALE, "c_consistency")
+    if GRADCAM in times:
+        pairs["e/c"] = (GRADCAM, "c_consistency")
     medians = {name: summarize(values)["median"] for name, values in times.items()}
     of_medians = {key: medians[num] / medians[den] for key, (num, den) in pairs.items()}
     paired = {key: paired_ratio(times[num], times[den]) for key, (num, den) in pairs.items()}

@@ -37,11 +37,13 @@ from attn_consistency import (
     positive_ratio,
 )
 
-__all__ = ["MULTISCALE", "VARIANTS", "StepCase", "build_model", "build_steps", "build_transforms", "check_arch"]
+__all__ = ["GRADCAM", "MULTISCALE", "VARIANTS", "StepCase", "build_model", "build_steps", "build_transforms", "check_arch"]
 
 VARIANTS = ("a_plain", "b_multiview", "c_consistency")
 MULTISCALE = "d_multiscale"
 """The fourth variant, timed when a case has ``stages``."""
+GRADCAM = "e_gradcam"
+"""(c) with the maps of ``CAMHook(method='gradcam')``, timed when a case has ``gradcam``."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StepCase:
     compile: bool
     seed: int = 0
     stages: tuple[str, ...] = ()
+    gradcam: bool = False
 
     def label(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
@@ -68,6 +71,7 @@ class StepCase:
         sizes = f"{self.size}/{self.scale_size}" if "scale" in self.transforms else f"{self.size}"
         views = "+".join(self.transforms) + ("" if self.mode == "product" else f" ({self.mode})")
         stages = f" stages={','.join(self.stages)}" if self.stages else ""
+        stages += " +gradcam" if self.gradcam else ""
         return (
             f"{self.arch} {sizes} N={self.batch} L={self.labels} {views} "
             f"{self.precision} {layout} {runner} {self.device}{stages}"
@@ -213,6 +217,18 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
             update(optimizer_d, out.total)
 
         steps[MULTISCALE] = multiscale
+    if case.gradcam:
+        model_e, optimizer_e = trainable()
+        gradcam = CAMHook(model_e, method="gradcam")
+
+        def with_gradcam() -> None:
+            optimizer_e.zero_grad(set_to_none=True)
+            with autocast:
+                out = consistency.views(model_e, gradcam, images, transforms, mode=case.mode)
+                loss = classification_loss(criterion, out.logits, targets) + out.loss
+            update(optimizer_e, loss)
+
+        steps[GRADCAM] = with_gradcam
 
     views = multiview_batches(images, transforms, case.mode)
     facts = {

@@ -141,3 +141,14 @@ def test_smoke_with_stages_times_the_multiscale_step_beside_vac(tmp_path):
     assert "| (d)/(c) |" in output.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         run.main(["--preset", "smoke", "--dry-run", "--stages", "features.1", "features.1"])
+
+
+def test_smoke_with_gradcam_times_the_fallback_beside_exact_maps(tmp_path):
+    # (e): the step of (c) with CAMHook(method='gradcam'), (e)/(c) from one run
+    output = tmp_path / "gradcam.json"
+    result = run.main(["--preset", "smoke", "--parts", "step", "--gradcam", "--output", str(output)])
+    (step,) = result["step"]
+    assert set(step["variants"]) == {*VARIANTS, "e_gradcam"} and step["case"]["gradcam"] is True
+    medians = {name: stats["median"] for name, stats in step["variants"].items()}
+    assert step["ratios"]["e/c"] == pytest.approx(medians["e_gradcam"] / medians["c_consistency"])
+    assert "(e)/(c)" in output.with_suffix(".md").read_text()
