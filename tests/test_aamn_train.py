@@ -133,3 +133,26 @@ def test_resumed_aamn_run_is_bit_identical_to_an_uninterrupted_one(tmp_path: Pat
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert int(a["head.memory.updates"].min()) >= 2  # both epochs updated every slot
+
+
+def test_step_benchmark_writes_every_variant_and_paired_ratios(tmp_path: Path) -> None:
+    from benchmarks.aamn_step import RATIOS, VARIANTS
+    from benchmarks.aamn_step import main as benchmark
+
+    (result,) = benchmark(["--cases", "small_resnet:32:24:4:4", "--rounds", "3", "--warmup", "1", "--output", str(tmp_path / "step")])
+    written = json.loads((tmp_path / "step.json").read_text())["results"]
+    assert written == [result] and set(result["variants"]) == set(VARIANTS)
+    for a, b in RATIOS:
+        rounds = [x / y for x, y in zip(result["variants"][a]["times_s"], result["variants"][b]["times_s"])]
+        assert result["ratios"][f"{a}/{b}"]["median"] == pytest.approx(sorted(rounds)[1])
+    assert (tmp_path / "step.md").read_text().startswith("| case |")
+
+
+def test_readme_aamn_snippet_trains_and_fills_the_memory() -> None:
+    from test_readme import snippets
+
+    namespace: dict = {}
+    exec(compile(snippets()["aamn"], "README:aamn", "exec"), namespace)
+    model, targets = namespace["model"], namespace["targets"]
+    assert bool(namespace["loss"].isfinite()) and set(namespace["out"].terms) == {"flip@112", "flip@96", "scale"}
+    assert torch.equal(model.head.memory.updates > 0, targets.amax(0) > 0)
