@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,8 +91,55 @@ def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+_TIMM_ARCH = re.compile(r"(timm/)?([A-Za-z0-9_.\-]+)(?:\((.*)\))?", re.S)
+
+
+def timm_arch(arch: str) -> tuple[str, dict[str, Any]] | None:
+    """``(name, keyword arguments)`` when ``arch`` is written as a timm model, else ``None``.
+
+    ``timm/NAME`` names a timm model (needed only where torchvision has the same name);
+    ``NAME(key=value, ...)`` passes Python literals to ``timm.create_model``, e.g.
+    ``vit_small_patch16_224(global_pool='avg', dynamic_img_size=True)``.
+    """
+    match = _TIMM_ARCH.fullmatch(arch.strip())
+    if match is None:
+        raise ValueError(f"arch {arch!r} is not a model name, NAME(key=value, ...) or timm/NAME")
+    prefix, name, arguments = match.groups()
+    if prefix is None and arguments is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    if arguments and arguments.strip():
+        try:
+            call = ast.parse(f"f({arguments})", mode="eval").body
+            assert isinstance(call, ast.Call)
+            if call.args:
+                raise ValueError("give the arguments by name")
+            for keyword in call.keywords:
+                if keyword.arg is None:
+                    raise ValueError("** is not allowed")
+                try:
+                    kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+                except ValueError:
+                    raise ValueError(f"{keyword.arg}= is not a literal; quote strings, as global_pool='avg'") from None
+        except (SyntaxError, ValueError) as error:
+            raise ValueError(
+                f"arch {arch!r}: the arguments must be key=value pairs of Python literals ({error})"
+            ) from None
+    return name, kwargs
+
+
+def _timm_names() -> set[str]:
+    try:
+        import timm
+    except ImportError:
+        return set()
+    return set(timm.list_models())
+
+
 def check_arch(arch: str) -> str:
     """``arch`` if :func:`build_model` knows it, else a ValueError naming it."""
+    if not isinstance(arch, str):
+        raise ValueError(f"arch must be a model name, got {type(arch).__name__}")
     if arch == "small_resnet":
         return arch
     if arch.startswith("aamn_"):  # an AAMN head on that backbone (examples.aamn)
@@ -97,20 +147,52 @@ def check_arch(arch: str) -> str:
         return arch
     import torchvision
 
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown arch {arch!r}: use 'small_resnet' or a torchvision classification model name")
+    written = timm_arch(arch)
+    if written is None and arch in torchvision.models.list_models(module=torchvision.models):
+        return arch
+    name = written[0] if written is not None else arch
+    names = _timm_names()
+    if not names:
+        if written is not None:
+            raise ValueError(f"arch {arch!r} is a timm model, but timm is not installed: pip install timm")
+        raise ValueError(
+            f"unknown arch {arch!r}: use 'small_resnet', a torchvision classification model name, or a timm model "
+            "name (pip install timm)"
+        )
+    if name not in names:
+        raise ValueError(
+            f"unknown arch {arch!r}: use 'small_resnet', a torchvision classification model name, or a timm model "
+            f"name (timm.list_models(); {name!r} is not one)"
+        )
     return arch
+
+
+def _build_timm(arch: str, num_labels: int, pretrained: str | None) -> tuple[nn.Module, list[str]]:
+    """A timm model with a new head of ``num_labels``, and the state-dict prefixes of its head(s)."""
+    import timm
+
+    name, kwargs = timm_arch(arch) or (arch, {})
+    try:
+        model = timm.create_model(name, pretrained=pretrained == "imagenet", num_classes=num_labels, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"arch {arch!r}: timm.create_model({name!r}) refuses the arguments {kwargs}: {error}") from None
+    names = {module: key for key, module in model.named_modules()}
+    heads = [model.get_classifier(), getattr(model, "head_dist", None)]
+    return model, [f"{names[head]}." for head in heads if isinstance(head, nn.Module) and head in names]
 
 
 def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn.Module:
     """A classifier with ``num_labels`` outputs.
 
     Args:
-        arch: ``"small_resnet"``, a torchvision classification model name (``"resnet50"``...), or
+        arch: ``"small_resnet"``, a torchvision classification model name (``"resnet50"``...),
+            a timm model name (``"convnext_tiny"``; ``timm/NAME`` where torchvision has the same
+            name; ``NAME(key=value, ...)`` for arguments of ``timm.create_model``, e.g.
+            ``"vit_small_patch16_224(global_pool='avg', dynamic_img_size=True)"``), or
             ``"aamn_<one of those>"`` for an AAMN head on that backbone (:mod:`examples.aamn`).
         num_labels: outputs of the new linear head.
-        pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's weights, downloaded
-            or from the torch hub cache), or the path of a local file with weights of
+        pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's or timm's weights,
+            downloaded or from their cache), or the path of a local file with weights of
             ``arch``: an ImageNet state dict as torchvision distributes it (e.g.
             ``resnet50-11ad3fa6.pth``), or a checkpoint written by :func:`examples.train.train`
             (how the demo starts from its pretraining run). Everything but the classifier is
@@ -122,23 +204,26 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
         from examples.aamn import build_aamn
 
         return build_aamn(arch, num_labels, pretrained)
+    import torchvision
+
+    heads: list[str] | None = None
     if arch == "small_resnet":
         if pretrained == "imagenet":
             raise ValueError("small_resnet has no ImageNet weights: give the path of a checkpoint of it, or None")
         model: nn.Module = SmallResNet(num_labels)
-    else:
-        import torchvision
-
+    elif timm_arch(arch) is None and arch in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained == "imagenet" else None)
         _replace_head(model, num_labels)
+    else:
+        model, heads = _build_timm(arch, num_labels, pretrained)
     if pretrained not in (None, "imagenet"):
-        head = _head_prefix(model)
-        state = {k: v for k, v in _read_state(pretrained).items() if not k.startswith(head)}
+        heads = heads if heads is not None else [_head_prefix(model)]
+        state = {k: v for k, v in _read_state(pretrained).items() if not k.startswith(tuple(heads))}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # shapes differ
             raise ValueError(f"{pretrained} does not hold weights of {arch}: {error}") from None
-        missing = [k for k in missing if not k.startswith(head)]
+        missing = [k for k in missing if not k.startswith(tuple(heads))]
         if missing or unexpected:
             raise ValueError(
                 f"{pretrained} does not hold weights of {arch}: "
