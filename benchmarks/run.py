@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # What the Grad-CAM fallback costs against exact maps, on a model where both apply: (e)/(c).
     "cpu-gradcam": {
         "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
-        "steps": 10, "warmup": 2, "threads": 1, "gradcam": True, "parts": ["step"],
+        "steps": 10, "warmup": 2, "threads": 1, "gradcam": "detached", "parts": ["step"],
         "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
     },
     # WIDER Attribute setting: ResNet-50 at 224/192, 14 labels.
@@ -97,7 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "parts": ["step", "loss"],
     "seed": 0,
     "stages": [],
-    "gradcam": False,
+    "gradcam": "",
 }
 
 
@@ -132,7 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--reference-memory-gb", type=float, help="cap on the reference loss's broadcast tensors")
     add("--parts", nargs="+", choices=["step", "loss"], help="what to run")
     add("--stages", nargs="+", help="also time (d): MultiScaleHeads at these stages (e.g. layer2 layer3 layer4)")
-    add("--gradcam", action="store_true", default=None, help="also time (e): (c) with CAMHook(method='gradcam')")
+    add(
+        "--gradcam", nargs="?", const="detached", choices=["detached", "create_graph"],
+        help="also time (e): (c) with CAMHook(method='gradcam'), its weights detached (default) or in the graph",
+    )
     add("--seed", type=int)
     add("--output", type=Path, help="JSON result path (default benchmarks/results/<preset>.json); .md beside it")
     add("--dry-run", action="store_true", help="print the resolved cases and exit")
@@ -166,7 +169,7 @@ def step_cases(settings: dict[str, Any]) -> list[StepCase]:
             compile=runner == "compile",
             seed=settings["seed"],
             stages=tuple(settings["stages"]),
-            gradcam=bool(settings["gradcam"]),
+            gradcam=settings["gradcam"] or "",
         )
         for batch, precision, memory_format, runner in grid
     ]

@@ -43,7 +43,8 @@ VARIANTS = ("a_plain", "b_multiview", "c_consistency")
 MULTISCALE = "d_multiscale"
 """The fourth variant, timed when a case has ``stages``."""
 GRADCAM = "e_gradcam"
-"""(c) with the maps of ``CAMHook(method='gradcam')``, timed when a case has ``gradcam``."""
+"""(c) with the maps of ``CAMHook(method='gradcam')``, timed when a case has ``gradcam``
+(``"detached"``: the default ``detach_classifier=True``; ``"create_graph"``: ``False``)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class StepCase:
     compile: bool
     seed: int = 0
     stages: tuple[str, ...] = ()
-    gradcam: bool = False
+    gradcam: str = ""  # "", or "detached" / "create_graph": time (e) with CAMHook(method='gradcam')
 
     def label(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
@@ -71,7 +72,7 @@ class StepCase:
         sizes = f"{self.size}/{self.scale_size}" if "scale" in self.transforms else f"{self.size}"
         views = "+".join(self.transforms) + ("" if self.mode == "product" else f" ({self.mode})")
         stages = f" stages={','.join(self.stages)}" if self.stages else ""
-        stages += " +gradcam" if self.gradcam else ""
+        stages += f" +gradcam({self.gradcam})" if self.gradcam else ""
         return (
             f"{self.arch} {sizes} N={self.batch} L={self.labels} {views} "
             f"{self.precision} {layout} {runner} {self.device}{stages}"
@@ -219,7 +220,8 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
         steps[MULTISCALE] = multiscale
     if case.gradcam:
         model_e, optimizer_e = trainable()
-        gradcam = CAMHook(model_e, method="gradcam")
+        # detached: the weights alpha are constants, as Eq. 1's detached W; create_graph: alpha in the graph
+        gradcam = CAMHook(model_e, method="gradcam", detach_classifier=case.gradcam == "detached")
 
         def with_gradcam() -> None:
             optimizer_e.zero_grad(set_to_none=True)

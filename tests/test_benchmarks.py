@@ -148,7 +148,7 @@ def test_smoke_with_gradcam_times_the_fallback_beside_exact_maps(tmp_path):
     output = tmp_path / "gradcam.json"
     result = run.main(["--preset", "smoke", "--parts", "step", "--gradcam", "--output", str(output)])
     (step,) = result["step"]
-    assert set(step["variants"]) == {*VARIANTS, "e_gradcam"} and step["case"]["gradcam"] is True
+    assert set(step["variants"]) == {*VARIANTS, "e_gradcam"} and step["case"]["gradcam"] == "detached"
     medians = {name: stats["median"] for name, stats in step["variants"].items()}
     assert step["ratios"]["e/c"] == pytest.approx(medians["e_gradcam"] / medians["c_consistency"])
     assert "(e)/(c)" in output.with_suffix(".md").read_text()
