@@ -1,4 +1,4 @@
-r"""Class activation maps, with gradients, from any GAP-FC classifier.
+r"""Class activation maps, with gradients, from any classifier affine after average pooling.
 
 For a model whose head is global average pooling followed by one linear layer, the
 heatmap of label :math:`l` (paper Eq. 1) is
@@ -6,10 +6,12 @@ heatmap of label :math:`l` (paper Eq. 1) is
 .. math:: M_l(m, n) = \sum_c W(l, c)\, F_c(m, n)
 
 with :math:`F` the tensor the model average-pools and :math:`W` the linear weight. Then
-``heatmaps.mean((2, 3)) + bias == logits``. :class:`CAMHook` finds :math:`F` and :math:`W`
-by following the model's first forward, and checks there, in float32, that the head
-really is GAP-FC, so a model whose head is not is reported instead of silently giving
-wrong maps.
+``heatmaps.mean((2, 3)) + bias == logits``. The same holds, with ``cam.offset`` for the
+bias, for every head that is affine in the pooled vector once per-sample statistics are
+fixed (a LayerNorm after the pooling, NHWC maps, average-pooled patch tokens of a vision
+transformer, a 1x1 convolution as classifier). :class:`CAMHook` finds the head by following
+the model's first forward, and checks there, in float32, that it really is such a head, so
+a model whose head is not is reported instead of silently giving wrong maps.
 """
 
 from __future__ import annotations
@@ -423,74 +425,107 @@ class _Forward:
 class CAMHook:
     r"""Record the class activation maps of every forward pass, with gradients.
 
-    Attach it to a model whose head is global average pooling followed by a linear layer;
-    after each forward, :meth:`pop` returns the heatmaps ``(N, L, h, w)`` of the forwards
-    since the last call, in order. The maps stay in the autograd graph, so a loss on them
-    trains the backbone.
+    Attach it to a classifier whose logits are affine in its average-pooled features; after
+    each forward, :meth:`pop` returns the heatmaps ``(N, L, h, w)`` of the forwards since
+    the last call, in order. The maps stay in the autograd graph, so a loss on them trains
+    the backbone, and ``heatmaps.mean((2, 3)) + cam.offset`` is the model's logits.
 
-    **Finding the head.** timm models (``global_pool`` + ``get_classifier()``) and
-    torchvision's DenseNet name their head. For any other model (torchvision ResNet, ResNeXt,
-    Wide-ResNet, RegNet, EfficientNet, a model of your own) the first call of the model is
-    followed: the classifier is the ``nn.Linear`` whose output the model returns (as is, or
-    through flatten / view), and the features are the input of the average pooling whose
-    output feeds that classifier (directly or through dropout). The order in which modules
-    are registered does not matter: a squeeze-excitation block registered after the head is
-    not mistaken for it. Until that first forward, :attr:`features` and :attr:`classifier`
-    hold a guess (the last average pooling and the last linear layer). Name the modules for
-    a model that pools functionally or returns more than its logits, and call the model
-    itself (``model(x)``, not its parts) at least once. A forward whose values cannot tell
-    (an empty batch, all values non-finite) raises a ``ValueError`` saying so; the hook
-    stays and the next forward decides.
+    **Heads with exact maps** (DESIGN.md §8). Average pooling of a map ``F`` (NCHW, or NHWC
+    as Swin's), or of the patch tokens of a vision transformer (prefix tokens dropped, the
+    rest laid out on the patch grid of each image), then optionally a LayerNorm, RMSNorm
+    or BatchNorm1d of the pooled vector (ConvNeXt's ``LayerNorm2d``, ViT's ``fc_norm``) and
+    dropout, then an ``nn.Linear`` or a 1x1 ``nn.Conv2d``; or the mean of two such heads on
+    one pooled vector (a distillation head at inference). With a norm of statistics
+    ``mu``, ``sigma`` (one pair per sample for a LayerNorm, the batch's or the running ones
+    for a BatchNorm), the maps are :math:`M_l = \sum_c W_{lc}\gamma_c (F_c - \mu)/\sigma`,
+    and ``mu``, ``sigma`` stay in the graph. A vision transformer that classifies its
+    class token, a head with hidden layers (an MLP, MobileNetV3), attention pooling and
+    max-pooling have no exact map: they are refused, with the way out in the message.
+    ``benchmarks/zoo.py`` lists what this gives on every timm family.
+
+    **Grad-CAM, on request.** ``method='gradcam'`` gives maps for any head after a pooling:
+    :math:`M_l = \sum_c \alpha_{lc} F_c` with :math:`\alpha_{lc} = \sum_{m,n} \partial y_l /
+    \partial F_c(m, n)` (Grad-CAM without its ReLU and with summed, not averaged, gradients,
+    so that on a GAP-FC head it is Eq. 1 exactly), one batched backward over all labels at
+    each forward. It is not Eq. 1 for other heads, so it is never chosen silently, and it
+    needs the forward to run with gradients. With ``detach_classifier=True`` (the default,
+    as Eq. 1's detached :math:`W`) the weights :math:`\alpha` are constants; ``False`` keeps
+    them in the graph (``create_graph=True``), so the loss also trains the head and reaches
+    the backbone through second derivatives. ``offset`` is ``None``: the maps do not average
+    to the logits. Cost: ``benchmarks/results/cpu-gradcam*.md``.
+
+    **Finding the head.** The first call of the model is followed: the classifier is the
+    ``nn.Linear`` (or 1x1 ``nn.Conv2d``) whose output the model returns (as is, or through
+    flatten / view), or the pair whose mean it returns; its input is traced back through a
+    norm to a pooled vector; and the features are the input of the average pooling module
+    that gives it, or, for a model that pools with ``Tensor.mean``, the output of the last
+    module that averages to it (a map, or tokens of a model known to keep them in raster
+    order; name the module for others). Values decide, not names: a squeeze-excitation
+    block registered after the head is not mistaken for it. Until that first forward,
+    :attr:`features` and :attr:`classifier` hold a guess (timm's ``global_pool`` and
+    ``get_classifier()``, else the last average pooling and the last linear layer), and
+    :attr:`features` may be ``None``. Name the modules for a model that returns more than
+    its logits, and call the model itself (``model(x)``, not its parts) at least once. A
+    forward whose values cannot tell (an empty batch, all values non-finite) raises a
+    ``ValueError`` saying so; the hook stays and the next forward decides.
 
     **The check.** On the first forward with a non-empty batch and finite values, in
     float32 (float64 for a float64 model), within the rounding of the dtype the model ran
-    in (bf16 under autocast): the classifier's input is the average over the cells of
-    :math:`F` (up to dropout), with a tolerance relative to the magnitude of :math:`F`; the
-    classifier's output is ``input @ W.T + bias``, relative to ``|input| @ |W|.T + |bias|``;
-    and the model returns that output (or a tuple, list or dict holding it), whose last
-    dimension is the number of labels. Then ``heatmaps.mean((2, 3)) + bias`` is the model's
-    logits. A forward with non-finite values or no sample says nothing about the
+    in (bf16 under autocast): the pooled vector is the average over the cells of :math:`F`
+    (up to dropout when no norm follows), with a tolerance relative to the magnitude of
+    :math:`F`; a norm's output is its normalisation of that vector; the classifier's output
+    is ``input @ W.T + bias``, relative to ``|input| @ |W|.T + |bias|``; and the model returns
+    that output (or a tuple, list or dict holding it), whose last dimension is the number of
+    labels. A forward with non-finite values or no sample says nothing about the
     architecture, so the check waits for the next one; its heatmaps are recorded (the
     consistency loss reports non-finite heatmaps). The detection and the check run once,
     eagerly even under ``torch.compile``; afterwards one hook per forward records the maps.
 
-    On any error raised from its hooks (a head that is not GAP-FC, features that are not a
-    4-D map with the classifier's channel count, a failing ``activation``) the CAMHook first
-    removes all its hooks, so that later forwards of the model, and a new CAMHook, run as if
-    it had never been attached.
+    On any error raised from its hooks (a head that is not affine after pooling, features
+    that are not a map with the classifier's channel count, a failing ``activation``) the
+    CAMHook first removes all its hooks, so that later forwards of the model, and a new
+    CAMHook, run as if it had never been attached.
 
     Args:
         model: the classifier (a DistributedDataParallel, DataParallel or compiled wrapper
             is looked through).
         features: the pooling module (its input is the feature map :math:`F`), or the
-            module whose output is the feature map; a module or a dotted name (relative to
+            module whose output is the feature map (NCHW, NHWC, or tokens ``(N, T, C)`` in
+            raster order after any prefix tokens); a module or a dotted name (relative to
             ``model`` or to the module it wraps).
-        classifier: the ``nn.Linear`` applied to the pooled features; module or name.
+        classifier: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) giving the logits; module or name.
         activation: a function applied to the ``features`` output before pooling, for
             models that apply it functionally (DenseNet's ReLU; found automatically). It
             must keep the shape of the features.
-        detach_classifier: use a detached :math:`W`, as the authors' code: the consistency
-            loss then trains the backbone only and the classifier learns from the
-            classification loss. ``False`` lets the loss reach :math:`W` too.
+        detach_classifier: use a detached head (:math:`W`, a norm's :math:`\gamma`; Grad-CAM's
+            :math:`\alpha`), as the authors' code: the consistency loss then trains the
+            backbone only and the head learns from the classification loss. ``False`` lets
+            the loss reach the head too.
         check: run the value checks above. ``False`` keeps the detection and the structural
             checks (the features run once per forward, the classifier runs, a tensor output
             has one logit per label).
         max_stored: forwards kept before the oldest unconsumed maps are dropped (with a
             warning), so that a loop that never calls :meth:`pop` cannot leak memory.
+        method: ``'cam'`` (the exact maps of Eq. 1) or ``'gradcam'`` (the fallback above).
 
     Attributes:
         features: the module hooked for :math:`F` (see above for the time before the first
             forward).
-        classifier: the ``nn.Linear`` whose weight gives :math:`W`.
+        classifier: the module whose weight gives :math:`W`.
+        norm: the norm between the pooling and the classifier, or ``None``.
+        other_heads: ``(norm, classifier)`` of the heads averaged with the classifier's.
+        layout: ``'nchw'``, ``'nhwc'`` or ``'tokens'`` (``None`` before the first forward).
+        prefix_tokens: tokens before the patch tokens (class, distillation, registers).
         enabled: ``False`` records nothing (see :meth:`paused`).
 
     Raises:
         TypeError: an argument of the wrong type; at the first forward, a model output with
             no tensor in it (or, for detection, not a tensor).
         ValueError: a module that is not in the model or cannot be the head; at the first
-            forward, a head that is not GAP-FC, features that are not a 4-D map with the
+            forward, a head without exact maps, features that are not a map with the
             classifier's channel count, features that run more than once per forward, or a
             model whose output is not its classifier's.
+        RuntimeError: with ``method='gradcam'``, a forward without gradients (the hook stays).
 
     A CAMHook keeps its hooks on the model until :meth:`remove`, the end of a ``with`` block,
     or its garbage collection: keep a reference to it while it should record. Attach one per
@@ -505,7 +540,13 @@ class CAMHook:
         ...     (heatmaps,) = cam.pop()
         >>> heatmaps.shape
         torch.Size([2, 5, 2, 2])
-        >>> torch.allclose(heatmaps.mean((2, 3)) + model.fc.bias, logits, atol=1e-5)
+        >>> torch.allclose(heatmaps.mean((2, 3)) + cam.offset, logits, atol=1e-5)
+        True
+        >>> convnext = torchvision.models.convnext_tiny(num_classes=5)  # pooling, LayerNorm, Linear
+        >>> with CAMHook(convnext) as cam:
+        ...     logits = convnext(torch.randn(2, 3, 64, 64))
+        ...     (heatmaps,) = cam.pop()
+        >>> torch.allclose(heatmaps.mean((2, 3)) + cam.offset, logits, atol=1e-5)
         True
     """
 
