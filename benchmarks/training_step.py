@@ -165,7 +165,6 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
     images = images.contiguous(memory_format=memory_format)
     targets = (torch.rand(case.batch, case.labels, generator=generator) < 0.3).float().to(device)
     criterion = WeightedBCEWithLogitsLoss(positive_ratio(targets.cpu())).to(device)
-    consistency = AttentionConsistencyLoss()
     transforms = build_transforms(case.transforms, case.scale_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16")
 
@@ -197,14 +196,19 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
             loss = classification_loss(criterion, logits, targets)
         update(optimizer_b, loss)
 
-    def with_consistency() -> None:
-        optimizer_c.zero_grad(set_to_none=True)
-        with autocast:
-            out = consistency.views(model_c, cam, images, transforms, mode=case.mode)
-            loss = classification_loss(criterion, out.logits, targets) + out.loss
-        update(optimizer_c, loss)
+    def consistency_step(model: nn.Module, recorder: CAMHook, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        loss_fn = AttentionConsistencyLoss()  # one per variant: their step counts stay apart
 
-    steps = {"a_plain": plain, "b_multiview": multiview, "c_consistency": with_consistency}
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                out = loss_fn.views(model, recorder, images, transforms, mode=case.mode)
+                loss = classification_loss(criterion, out.logits, targets) + out.loss
+            update(optimizer, loss)
+
+        return step
+
+    steps = {"a_plain": plain, "b_multiview": multiview, "c_consistency": consistency_step(model_c, cam, optimizer_c)}
     if case.stages:
         model_d, optimizer_d = trainable()
         heads = MultiScaleHeads(model_d, case.stages).to(device=device, memory_format=memory_format)
@@ -222,15 +226,7 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
         model_e, optimizer_e = trainable()
         # detached: the weights alpha are constants, as Eq. 1's detached W; create_graph: alpha in the graph
         gradcam = CAMHook(model_e, method="gradcam", detach_classifier=case.gradcam == "detached")
-
-        def with_gradcam() -> None:
-            optimizer_e.zero_grad(set_to_none=True)
-            with autocast:
-                out = consistency.views(model_e, gradcam, images, transforms, mode=case.mode)
-                loss = classification_loss(criterion, out.logits, targets) + out.loss
-            update(optimizer_e, loss)
-
-        steps[GRADCAM] = with_gradcam
+        steps[GRADCAM] = consistency_step(model_e, gradcam, optimizer_e)
 
     views = multiview_batches(images, transforms, case.mode)
     facts = {
