@@ -100,3 +100,13 @@ def test_msac_snippets_train_the_side_heads_and_predict_with_them(backbone, one_
     torch.testing.assert_close(namespace["scores"], expected)
     assert namespace["scores"].shape == (4, 14) and not namespace["scores"].requires_grad
     heads.remove()
+
+
+def test_transformer_snippet_trains_a_vit_on_two_patch_grids(one_thread):
+    pytest.importorskip("timm")
+    namespace = run("setup", "transformer")
+    vit, cam, out = namespace["vit"], namespace["cam"], namespace["out"]
+    assert cam.layout == "tokens" and cam.norm is vit.fc_norm
+    assert set(out.terms) == {"flip@224", "flip@192", "scale"}
+    assert all(float(term) > 0 for term in out.terms.values())
+    assert vit.patch_embed.proj.weight.grad is not None and bool(vit.patch_embed.proj.weight.grad.abs().sum() > 0)
