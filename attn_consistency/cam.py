@@ -820,6 +820,13 @@ class CAMHook:
         ratio = height / width
         divisors = [d for d in range(1, count + 1) if count % d == 0]
         rows = min(divisors, key=lambda d: abs(math.log(d * d / (count * ratio))))
+        if abs(math.log(rows * rows / (count * ratio))) > math.log(2) + 1e-9:
+            # no grid of this many tokens has the image's shape: a guess would scramble the maps
+            self._fail(
+                f"{self._model_name}: {count} patch tokens of '{self._features_name}' fit no grid of the image's "
+                f"aspect ({height}x{width}; the nearest is {rows}x{count // rows}); pass features= naming a module "
+                "whose output is a feature map"
+            )
         return rows, count // rows
 
     def _heatmaps(self, features: Tensor) -> Tensor:

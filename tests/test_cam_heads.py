@@ -438,3 +438,22 @@ def test_ddp_with_a_token_head_matches_one_process(tmp_path) -> None:
 
 def _targets() -> torch.Tensor:
     return (images(4, LABELS, seed=5) > 0).float()
+
+
+class SevenTokens(nn.Module):
+    """Seven tokens of a square image (not a patch grid), pooled: a user names them as features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Sequential(nn.Linear(3, 7 * 6), nn.Unflatten(1, (7, 6)))
+        self.fc = nn.Linear(6, LABELS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.tokens(x.mean((2, 3))).mean(1))
+
+
+def test_tokens_that_fit_no_grid_of_the_image_are_refused() -> None:
+    model = SevenTokens()
+    with pytest.raises(ValueError, match=r"7 patch tokens of 'tokens' fit no grid of the image's aspect \(16x16"):
+        with CAMHook(model, features="tokens", classifier="fc"):
+            model(images(2, 3, 16, 16))
