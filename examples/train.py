@@ -616,7 +616,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     net: nn.Module = model if heads is None else WithSideHeads(model, heads)
     recorder = cam if heads is None else heads
     if ddp.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
     sampler = (

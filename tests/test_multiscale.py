@@ -9,14 +9,15 @@ import copy
 import gc
 import math
 import re
-import socket
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fixtures import free_port, run_workers
 from torch import nn
 
 from attn_consistency import (
@@ -412,14 +413,8 @@ def test_compile_autocast_and_channels_last():
     assert heads.head("stage1").attention.spatial.weight.grad is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_sees_the_heads_through_with_side_heads():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=30))
     try:
         model = net()
         heads = MultiScaleHeads(model, STAGES)
@@ -429,6 +424,29 @@ def test_ddp_sees_the_heads_through_with_side_heads():
         assert all(p.grad is not None for p in heads.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def _train_ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from examples import train as script
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    built = []
+    original = script.build_heads
+    script.build_heads = lambda *args: built.append(original(*args)) or built[-1]
+    script.train(msac_config(Path(out_dir) / "run", max_steps=1), device="cpu")
+    torch.save({name: p.detach() for name, p in built[0].named_parameters()}, Path(out_dir) / f"heads{rank}.pt")
+
+
+def test_the_training_script_under_ddp_averages_the_side_heads_gradients(tmp_path):
+    """Each replica trains on its half of the batch: only averaged gradients keep the heads equal."""
+    run_workers(_train_ddp_worker, (free_port(), str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"heads{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
 
 
 # --------------------------------------------------------------------------- bad input
