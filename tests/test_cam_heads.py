@@ -244,10 +244,10 @@ def test_consistency_loss_is_zero_for_an_equivariant_model_and_reaches_the_backb
     equivariant = _symmetrise(copy.deepcopy(model))
     with CAMHook(equivariant) as cam:
         out = loss.views(equivariant, cam, x, ["flip"])
-    assert float(out.terms["flip"]) < 1e-10
+    assert float(out.terms["flip"].detach()) < 1e-10
     with CAMHook(model) as cam:
         out = loss.views(model, cam, x, ["flip"])
-    assert float(out.terms["flip"]) > 1e-4
+    assert float(out.terms["flip"].detach()) > 1e-4
     out.loss.backward()
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     assert stem.weight.grad is not None and bool(stem.weight.grad.abs().sum() > 0)
@@ -457,3 +457,15 @@ def test_tokens_that_fit_no_grid_of_the_image_are_refused() -> None:
     with pytest.raises(ValueError, match=r"7 patch tokens of 'tokens' fit no grid of the image's aspect \(16x16"):
         with CAMHook(model, features="tokens", classifier="fc"):
             model(images(2, 3, 16, 16))
+
+
+def test_rotate_and_translate_terms_on_token_maps() -> None:
+    torch.manual_seed(0)
+    model = tiny_vit(global_pool="avg", img_size=64, dynamic_img_size=True).eval()
+    loss = AttentionConsistencyLoss(diagnostics=False)
+    with CAMHook(model) as cam:
+        out = loss.views(model, cam, images(2, 3, 64, 64), ["rotate", "translate"])
+    assert set(out.terms) == {"rotate", "translate"}
+    assert all(bool(t.isfinite()) and float(t.detach()) > 0 for t in out.terms.values())
+    out.loss.backward()
+    assert bool(model.patch_embed.proj.weight.grad.abs().sum() > 0)
