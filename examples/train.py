@@ -163,15 +163,16 @@ PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale
 # code runs it (megvii-research/ML-GCN, demo_voc2007_gcn.py): ResNet-101 at 448 px, SGD momentum 0.9,
 # weight decay 1e-4, batch 16, 20 epochs, a decay at epoch 30 (none within the run). One learning rate
 # for all layers (this script has one): ML-GCN's rate of the pretrained layers, 0.01 (its new layers get
-# 0.1), for its loss averaged over the L labels, which is 0.01 / L for the loss summed over the labels
-# here (paper Eq. 2-3; SGD is linear in the loss's scale). The scaled view at 384 px keeps the paper's
+# 0.1), for its loss averaged over the L labels. For the loss summed over the labels here (paper
+# Eq. 2-3) the same SGD steps take lr 0.01 / L and weight decay 1e-4 * L: the gradient is L times
+# larger, and the decay, added to it, must grow with it. The scaled view at 384 px keeps the paper's
 # 192/224. VOC: difficult objects are left out of the loss (and of the AP). The attention consistency
 # of AAMN (no published system combines them) keeps the paper's loss with the weights of the authors'
 # COCO script, as every reproduction preset; add RECOMMENDED's settings for the strength measured on
 # other models.
-_MULTILABEL = dict(arch="resnet101", image_size=448, scale_size=384, epochs=20, batch_size=16, weight_decay=1e-4, lr_step=30, lr_gamma=0.1)
+_MULTILABEL = dict(arch="resnet101", image_size=448, scale_size=384, epochs=20, batch_size=16, lr_step=30, lr_gamma=0.1)
 for _dataset, _labels in (("coco", 80), ("voc", 20), ("vg500", 500)):
-    _base = dict(_MULTILABEL, dataset=_dataset, lr=0.01 / _labels, ignore_unspecified=_dataset == "voc")
+    _base = dict(_MULTILABEL, dataset=_dataset, lr=0.01 / _labels, weight_decay=1e-4 * _labels, ignore_unspecified=_dataset == "voc")
     PRESETS["coco-r101-448" if _dataset == "coco" else f"{_dataset}-r101"] = _base  # the baselines
     PRESETS[f"{_dataset}-r101-aamn"] = dict(_base, arch="aamn_resnet101")
     PRESETS[f"{_dataset}-r101-aamn-acfs"] = dict(_base, arch="aamn_resnet101", transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8})

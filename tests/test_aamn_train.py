@@ -12,6 +12,7 @@ import torch
 import torchvision
 from fixtures import VOC_NAMES, write_vg500, write_voc
 from test_train import TINY, as_argv, write_coco_root
+from torch import nn
 
 from attn_consistency import AAMN
 from examples.models import SmallResNet, build_model, check_arch
@@ -51,6 +52,33 @@ def test_presets_follow_the_multilabel_protocol():
         acfs = PRESETS[f"{dataset}-r101-aamn-acfs"]
         assert acfs == baseline | {"arch": "aamn_resnet101", "transforms": ("flip", "scale"), "weights": {"flip": 0.6, "scale": 0.8}}
         assert baseline["ignore_unspecified"] == (dataset == "voc")  # VOC's difficult objects: out of the loss
+
+
+def _sgd_steps(start, features, targets, lr, weight_decay, reduce):
+    weight = start.clone().requires_grad_()
+    optimizer = torch.optim.SGD([weight], lr=lr, momentum=0.9, weight_decay=weight_decay)
+    for _ in range(3):
+        loss = reduce(nn.functional.binary_cross_entropy_with_logits(features @ weight.T, targets, reduction="none"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return weight.detach()
+
+
+def test_preset_sgd_steps_equal_ml_gcns_on_its_label_averaged_loss():
+    """ML-GCN: SGD lr 0.01 (pretrained layers), weight decay 1e-4, momentum 0.9 on a loss averaged
+    over the L labels. The presets' summed loss must take the very same steps, weight decay included."""
+    for dataset, labels in (("coco", 80), ("voc", 20), ("vg500", 500)):
+        config = TrainConfig(**PRESETS["coco-r101-448" if dataset == "coco" else f"{dataset}-r101"])
+        assert config.optimizer == "sgd" and config.momentum == 0.9
+        generator = torch.Generator().manual_seed(labels)
+        start = torch.randn(labels, 6, generator=generator, dtype=torch.float64)
+        features = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+        targets = (torch.rand(4, labels, generator=generator) < 0.3).double()
+        data = (start, features, targets)
+        ours = _sgd_steps(*data, config.lr, config.weight_decay, lambda loss: loss.sum(1).mean())  # summed over labels (Eq. 2-3)
+        ml_gcn = _sgd_steps(*data, 0.01, 1e-4, lambda loss: loss.mean())  # MultiLabelSoftMarginLoss: averaged
+        torch.testing.assert_close(ours, ml_gcn, rtol=1e-9, atol=1e-12, msg=dataset)
 
 
 @pytest.fixture(scope="module")
