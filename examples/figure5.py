@@ -13,6 +13,7 @@ gets a row per stage as well, under the row of the model's own CAM::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -26,7 +27,11 @@ from attn_consistency import CAMHook, MultiScaleHeads, get_transform
 from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, build_heads, load_train_checkpoint, scale_factor
 from examples.validation import count_type
 
-__all__ = ["figure5", "load_heads", "load_trained"]
+__all__ = ["VIEWS", "denormalizer", "figure5", "load_heads", "load_trained", "normalise_together", "views_and_maps"]
+
+VIEWS = ("original", "flipped", "scaled")
+"""The three views of a row, in the order of :func:`views_and_maps`."""
+
 
 def _imagenet_denormalize(images: Tensor) -> Tensor:
     """Undo the normalisation of :func:`examples.train.build_datasets` for files."""
@@ -35,21 +40,49 @@ def _imagenet_denormalize(images: Tensor) -> Tensor:
     return images * std + mean
 
 
+def denormalizer(dataset: object) -> Callable[[Tensor], Tensor]:
+    """What maps ``dataset``'s images back to [0, 1] RGB: its own ``denormalize`` (the synthetic
+    set), else the inverse of the ImageNet normalisation of the images read from files."""
+    return getattr(dataset, "denormalize", _imagenet_denormalize)
+
+
 @torch.no_grad()
-def _views_and_maps(
-    model: nn.Module, images: Tensor, label: int, scale_factor: float, heads: MultiScaleHeads | None = None
+def views_and_maps(
+    model: nn.Module,
+    images: Tensor,
+    label: int,
+    scale_factor: float,
+    heads: MultiScaleHeads | None = None,
+    cam: CAMHook | None = None,
 ) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """Per heatmap source (``""`` for the model's CAM, then each stage of ``heads``): (image,
-    heatmap upsampled to the image) for the original, flipped and scaled views."""
+    """The heatmaps of ``label`` on the original, flipped and scaled views of ``images``.
+
+    Args:
+        model: a GAP-FC classifier, in the mode the caller wants (``eval()`` for a figure).
+        images: normalised images ``(K, 3, H, W)``.
+        label: index of the label whose heatmaps are drawn.
+        scale_factor: size of the scaled view over the original's.
+        heads: the model's side heads (multi-scale), whose stages give a source each.
+        cam: the model's live :class:`CAMHook`, recording (a training run has one); None: one
+            is attached for these three forwards and removed.
+
+    Returns:
+        Per heatmap source (``""`` for the model's CAM, then each stage of ``heads``): (view,
+        heatmap upsampled to the view) for the original, flipped and scaled views.
+
+    Raises:
+        ValueError: ``label`` is not one of the model's labels.
+    """
     flip, scale = get_transform("flip"), get_transform("scale", factor=scale_factor)
     views = [images, flip.apply_image(images, True), scale.apply_image(images, scale_factor)]
     result: dict[str, list[tuple[Tensor, Tensor]]] = {}
     if heads is not None:
         heads.clear()  # records of forwards before these
-    with CAMHook(model) as cam:
+    with contextlib.nullcontext(cam) if cam is not None else CAMHook(model) as hook:
+        hook.clear()
         for view in views:
             model(view)
-            (maps,) = cam.pop()
+            (maps,) = hook.pop()
             by_source = {"": maps} | (heads.pop()[0].heatmaps if heads is not None else {})
             if not 0 <= label < maps.shape[1]:
                 raise ValueError(f"label must be in [0, {maps.shape[1] - 1}] (the model's labels), got {label}")
@@ -58,6 +91,12 @@ def _views_and_maps(
                 result.setdefault(source, []).append((view, heat[:, 0]))
     return result
 
+
+def normalise_together(heats: Sequence[Tensor]) -> list[Tensor]:
+    """Heatmaps scaled to [0, 1] by their common minimum and maximum, so that a change of strength
+    between them (the views of one image) stays visible."""
+    low, high = min(float(h.min()) for h in heats), max(float(h.max()) for h in heats)
+    return [(heat - low) / max(high - low, 1e-12) for heat in heats]
 
 def figure5(
     models: dict[str, nn.Module | tuple[nn.Module, MultiScaleHeads]],
@@ -108,7 +147,7 @@ def figure5(
         training = [module.training for module in modules]
         for module in modules:
             module.eval()
-        sources = _views_and_maps(model, images, label, scale_factor, heads)
+        sources = views_and_maps(model, images, label, scale_factor, heads)
         for module, mode in zip(modules, training):
             module.train(mode)
         per_model |= {f"{name} {source}".strip(): per_view for source, per_view in sources.items()}
@@ -117,12 +156,11 @@ def figure5(
     row = 0
     for name, per_view in per_model.items():
         for k in range(images.shape[0]):
-            heats = [heat[k] for _, heat in per_view]
-            low, high = min(float(h.min()) for h in heats), max(float(h.max()) for h in heats)
-            for column, ((view, _), heat, title) in enumerate(zip(per_view, heats, ("original", "flipped", "scaled"))):
+            heats = normalise_together([heat[k] for _, heat in per_view])
+            for column, ((view, _), heat, title) in enumerate(zip(per_view, heats, VIEWS)):
                 ax = axes[row, column]
                 ax.imshow(denormalize(view[k]).clamp(0, 1).permute(1, 2, 0).cpu().numpy())
-                ax.imshow(((heat - low) / max(high - low, 1e-12)).cpu().numpy(), cmap="jet", alpha=0.5)
+                ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title(f"{title} {view.shape[-1]}px", fontsize=8)
@@ -228,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if beyond:
         parser.error(f"--indices {beyond} beyond the test set of {len(test_set)} images (0 to {len(test_set) - 1})")
     images = torch.stack([test_set[i][0] for i in args.indices])
-    denormalize = getattr(test_set, "denormalize", _imagenet_denormalize)
+    denormalize = denormalizer(test_set)
     models = {}
     for name, path, (model, config_k, labels_k) in zip(names, args.checkpoints, loaded):
         heads = load_heads(path, model, config_k, len(labels_k))

@@ -112,6 +112,10 @@ class TrainConfig:
     out: str = "runs/default"
     max_steps: int | None = None  # steps per epoch (smoke runs)
     progress: bool = True
+    # TensorBoard event files (examples.tensorboard_log): every loss and term per step, the metrics
+    # per epoch, the Figure-5 heatmaps of this many test images per epoch
+    tensorboard: str | None = None
+    tensorboard_images: int = 4
     synthetic_train: int = 1200
     synthetic_test: int = 400
     synthetic_classes: int = 6
@@ -510,7 +514,7 @@ def _progress(iterable, config: TrainConfig, description: str):
 
 
 # Settings a resumed run may change: they do not alter what the finished epochs computed.
-_RESUMABLE_CHANGES = frozenset({"epochs", "out", "progress", "workers", "test_batch_size"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "out", "progress", "workers", "test_batch_size", "tensorboard", "tensorboard_images"})
 
 
 def _older_default(key: str) -> Any:
@@ -639,6 +643,11 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     )
     if state is not None and "consistency" in state:  # the schedule and diagnostics of the resumed run
         consistency.load_state_dict(state["consistency"])
+    board = None
+    if config.tensorboard is not None and ddp.main:
+        from examples.tensorboard_log import for_run
+
+        board = for_run(config, test_set, steps_per_epoch, start_epoch, list(getattr(train_set, "label_names", [])))
     amp = _use(config.amp, device)
     memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
     random_augmentation = bool(transforms) and not config.consistency and config.augmentation == "random"
@@ -680,6 +689,9 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             loss.backward()
             optimizer.step()
             running += torch.stack([loss.detach(), cls_loss.detach(), ac_loss.detach()]).float()
+            if board is not None:
+                terms_now = {f"term/{name}": term for name, term in views.terms.items()} if transforms and not random_augmentation else {}
+                board.step(epoch, step, {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": consistency.multiplier} | terms_now)
             steps += 1
         terms = torch.stack([term_sums[name] for name in sorted(term_sums)]) if term_sums else None
         if ddp.world > 1:
@@ -704,6 +716,8 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
                 heads.eval()
             row |= evaluate(model, cam, test_set, config, device, heads)
             history.append(row)
+            if board is not None:
+                board.epoch(epoch, row, model, cam, heads)
             _write_metrics(history, out)
             save_atomic(
                 {
@@ -722,6 +736,8 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if ddp.world > 1:
             dist.barrier()
+    if board is not None:
+        board.close()
     cam.remove()
     if heads is not None:
         heads.remove()

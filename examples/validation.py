@@ -193,6 +193,8 @@ _RULES: dict[str, Rule] = {
     "workers": _count(0),
     "seed": _count(0, 2**32 - 1),
     "out": _text,
+    "tensorboard": _text,
+    "tensorboard_images": _count(0),
     "max_steps": _count(1),
     "synthetic_train": _count(1),
     "synthetic_test": _count(1),
@@ -247,6 +249,8 @@ def validate_config(config: Any) -> None:
         raise FileNotFoundError(f"--pretrained names no file: {config.pretrained}")
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise ValueError(f"--out {config.out} is a file, not a folder")
+    if config.tensorboard is not None and Path(config.tensorboard).exists() and not Path(config.tensorboard).is_dir():
+        raise ValueError(f"--tensorboard {config.tensorboard} is a file, not a folder")
     if config.data_root is not None and not Path(config.data_root).is_dir():
         raise FileNotFoundError(f"--data-root {config.data_root} is not a folder")
 
