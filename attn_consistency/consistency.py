@@ -10,6 +10,7 @@ so that a weight means the same on any model (see :func:`attention_consistency`)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -646,6 +647,14 @@ class AttentionConsistencyLoss(nn.Module):
 
 
 @torch.no_grad()
+def _detached(recorded: list[Any]) -> list[Any]:
+    """Recorded maps (tensors, or a stage recorder's records) without their autograd graph."""
+    return [
+        r.detach() if isinstance(r, Tensor) else r._replace(heatmaps={k: v.detach() for k, v in r.heatmaps.items()})
+        for r in recorded
+    ]
+
+
 def attention_inconsistency(
     model: nn.Module,
     cam: CAMHook | StageRecorder,
@@ -691,11 +700,13 @@ def attention_inconsistency(
             images = images.to(device)
         params = [t.sample(generator) for t in transforms]
         cam.clear()
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        # Grad-CAM maps come from gradients: their forwards need them, even inside torch.no_grad()
+        gradients = torch.enable_grad() if getattr(cam, "method", "cam") == "gradcam" else contextlib.nullcontext()
+        with gradients, torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
             model(images)
             for t, p in zip(transforms, params):
                 model(t.apply_image(images, p))
-        recorded = cam.pop()
+        recorded = _detached(cam.pop())  # a measurement: no graph kept from one batch to the next
         if len(recorded) != 1 + len(transforms):
             raise RuntimeError(
                 f"{1 + len(transforms)} forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached "

@@ -469,3 +469,39 @@ def test_rotate_and_translate_terms_on_token_maps() -> None:
     assert all(bool(t.isfinite()) and float(t.detach()) > 0 for t in out.terms.values())
     out.loss.backward()
     assert bool(model.patch_embed.proj.weight.grad.abs().sum() > 0)
+
+
+def test_attention_inconsistency_with_gradcam_maps_inside_no_grad() -> None:
+    # the evaluation loop runs under no_grad; Grad-CAM's forwards get their gradients anyway
+    from attn_consistency.consistency import attention_inconsistency
+
+    torch.manual_seed(0)
+    model = MlpHead().eval()
+    batches = [images(2, 3, 16, 16, seed=k) for k in range(2)]
+    with CAMHook(model, method="gradcam") as cam, torch.no_grad():
+        value = attention_inconsistency(model, cam, batches, "flip")
+    with CAMHook(model, method="gradcam") as cam:  # the oracle: the same maps, by hand
+        total = 0.0
+        for x in batches:
+            model(x)
+            model(x.flip(-1))
+            maps, flipped = cam.pop()
+            total += float(((maps.flip(-1) - flipped) ** 2).mean((2, 3)).sum().detach())
+    assert value == pytest.approx(total / (4 * LABELS), rel=1e-5)
+
+
+def test_attention_inconsistency_keeps_no_graph(monkeypatch) -> None:
+    # outside no_grad, the maps it compares are detached: no graph kept from one batch to the next
+    import attn_consistency.consistency as consistency
+
+    model, x = _model("layernorm", train=False)
+    compared, compare = [], consistency.attention_consistency
+    monkeypatch.setattr(
+        consistency,
+        "attention_consistency",
+        lambda maps, maps_t, *args, **kwargs: compared.append(maps.requires_grad or maps_t.requires_grad)
+        or compare(maps, maps_t, *args, **kwargs),
+    )
+    with CAMHook(model) as cam:
+        value = consistency.attention_inconsistency(model, cam, [x, x], "flip")
+    assert value > 0 and compared == [False, False]
