@@ -171,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/zoo"), help="path stem of .json/.md")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    if not args.tolerance > 0:
+        parser.error(f"--tolerance must be positive, got {args.tolerance}")
     try:
         import timm
     except ImportError:

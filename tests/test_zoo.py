@@ -3,6 +3,8 @@ refusal says, Grad-CAM on request, or refused naming the head (benchmarks/zoo.py
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -59,3 +61,28 @@ def test_table_counts_the_families() -> None:
     text = _table(rows)
     assert "3 buildable families; exact: 2, refused: 1, unbuildable: 1; exact: 67% of the buildable." in text
     assert "x \\| y" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--families", "no_such_family"], "--families: unknown \\['no_such_family'\\]"),
+        (["--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["--tolerance", "0"], "--tolerance must be positive, got 0.0"),
+    ],
+)
+def test_zoo_command_names_a_bad_flag(argv: list[str], message: str, capsys, tmp_path) -> None:
+    from benchmarks.zoo import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--results", str(tmp_path / "zoo")])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_zoo_command_writes_its_table(tmp_path) -> None:
+    from benchmarks.zoo import main
+
+    rows = main(["--families", "convnext", "--results", str(tmp_path / "zoo")])
+    assert [row["status"] for row in rows] == ["exact"]
+    assert "| convnext | test_convnext | exact |" in (tmp_path / "zoo.md").read_text()
