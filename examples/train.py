@@ -621,6 +621,15 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     net: nn.Module = model if heads is None else WithSideHeads(model, heads)
     recorder = cam if heads is None else heads
     if ddp.world > 1:
+        # DDP needs a gradient for every parameter at every step (views() runs a forward per size, which
+        # find_unused_parameters refuses): a head of weight 0 would get none (its class weight is
+        # detached in the heatmaps)
+        untrained = [head for head, weight in (heads.supervision.items() if heads is not None else ()) if weight == 0.0]
+        if untrained:
+            raise ValueError(
+                f"--supervision gives the head {untrained[0]!r} weight 0: under DDP every head must be trained "
+                "(weight > 0), as DDP needs a gradient for each parameter"
+            )
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)

@@ -426,7 +426,7 @@ def test_ddp_sees_the_heads_through_with_side_heads():
         dist.destroy_process_group()
 
 
-def _train_ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _train_ddp_worker(rank: int, port: int, out_dir: str, settings: dict) -> None:
     import os
 
     from examples import train as script
@@ -436,17 +436,24 @@ def _train_ddp_worker(rank: int, port: int, out_dir: str) -> None:
     built = []
     original = script.build_heads
     script.build_heads = lambda *args: built.append(original(*args)) or built[-1]
-    script.train(msac_config(Path(out_dir) / "run", max_steps=1), device="cpu")
+    script.train(msac_config(Path(out_dir) / "run", **settings), device="cpu")
     torch.save({name: p.detach() for name, p in built[0].named_parameters()}, Path(out_dir) / f"heads{rank}.pt")
 
 
 def test_the_training_script_under_ddp_averages_the_side_heads_gradients(tmp_path):
     """Each replica trains on its half of the batch: only averaged gradients keep the heads equal."""
-    run_workers(_train_ddp_worker, (free_port(), str(tmp_path)))
+    run_workers(_train_ddp_worker, (free_port(), str(tmp_path), {"max_steps": 1}))
     ranks = [torch.load(tmp_path / f"heads{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+
+def test_the_training_script_under_ddp_refuses_an_untrained_head_by_its_flag(tmp_path):
+    # the model's own classifier at weight 0 gets no gradient: DDP would fail at the second step
+    settings = {"max_steps": 2, "synthetic_train": 16, "supervision": {"output": 0.0}, "fusion": "last"}
+    with pytest.raises(Exception, match="--supervision gives the head 'output' weight 0: under DDP every head must be trained"):
+        run_workers(_train_ddp_worker, (free_port(), str(tmp_path), settings))
 
 
 # --------------------------------------------------------------------------- bad input
