@@ -39,7 +39,8 @@ def trunk(model: nn.Module) -> tuple[nn.Module, int]:
 
     Raises:
         ValueError: a model with neither ``forward_features`` nor an average-pooling child
-            followed only by its classifier (e.g. DenseNet, which pools functionally).
+            followed only by its classifier (e.g. DenseNet, which pools functionally; MobileNetV3
+            and VGG, whose heads hold more than one linear layer).
     """
     if callable(getattr(model, "forward_features", None)) and isinstance(getattr(model, "num_features", None), int):
         return _ForwardFeatures(model), model.num_features
@@ -50,6 +51,13 @@ def trunk(model: nn.Module) -> tuple[nn.Module, int]:
     _, _, classifier = _head(model)
     if not pools:
         raise ValueError(f"{type(model).__name__} has no average-pooling child module: cannot cut it before its pooling")
+    # the classifier's input is the feature map's width only when it is the one linear layer after a global pooling
+    after = [m for _, child in children[pools[-1] + 1 :] for m in child.modules() if isinstance(m, nn.Linear)]
+    if after != [classifier] or children[pools[-1]][1].output_size not in (1, (1, 1)):
+        raise ValueError(
+            f"{type(model).__name__}'s layers after its pooling are not one linear classifier on the globally pooled "
+            "map: cannot tell the channels of its feature map; build attn_consistency.AAMN(trunk, channels, num_labels)"
+        )
     return nn.Sequential(OrderedDict(children[: pools[-1]])), classifier.in_features
 
 

@@ -143,6 +143,10 @@ def test_build_model_aamn_loads_the_backbone_from_a_checkpoint_of_it(tmp_path: P
         check_arch("aamn_resnet7")
     with pytest.raises(ValueError, match="DenseNet has no average-pooling child module"):
         build_model("aamn_densenet121", 3)
+    # more than one linear layer after the pooling (an MLP head): its input is not the feature map's width
+    for arch, name in (("aamn_mobilenet_v3_small", "MobileNetV3"), ("aamn_vgg11", "VGG")):
+        with pytest.raises(ValueError, match=f"{name}'s layers after its pooling are not one linear classifier"):
+            build_model(arch, 3)
 
 
 def _resume_config(out: Path, epochs: int) -> TrainConfig:
