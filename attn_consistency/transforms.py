@@ -30,7 +30,6 @@ from ._validation import (
     check_bool,
     check_finite_number,
     check_generator,
-    check_number,
     check_spatial,
     check_tensor,
 )

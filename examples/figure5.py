@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attn_consistency import CAMHook, MultiScaleHeads, get_transform
-from examples.train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, build_datasets, build_heads, load_train_checkpoint, scale_factor
+from examples.train import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TrainConfig,
+    build_datasets,
+    build_heads,
+    load_train_checkpoint,
+    scale_factor,
+)
 from examples.validation import count_type
 
 __all__ = ["VIEWS", "denormalizer", "figure5", "load_heads", "load_trained", "normalise_together", "views_and_maps"]

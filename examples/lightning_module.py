@@ -28,7 +28,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from attn_consistency import AttentionConsistencyLoss, CAMHook, Ramp, Transform, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
+from attn_consistency import (
+    AttentionConsistencyLoss,
+    CAMHook,
+    Ramp,
+    Transform,
+    WeightedBCEWithLogitsLoss,
+    get_transform,
+    positive_ratio,
+)
 from attn_consistency.metrics import mean_average_precision
 from examples.train import RECOMMENDED
 

@@ -33,9 +33,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from attn_consistency import AttentionConsistencyLoss, CAMHook, Ramp, Scale, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
-from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
-from attn_consistency.strength import heatmap_spread
+from attn_consistency import (
+    AttentionConsistencyLoss,
+    CAMHook,
+    Ramp,
+    Scale,
+    WeightedBCEWithLogitsLoss,
+    get_transform,
+    positive_ratio,
+)
 from attn_consistency.metrics import (
     attention_inconsistency,
     average_precision,
@@ -43,6 +49,8 @@ from attn_consistency.metrics import (
     label_based_metrics,
     mean_average_precision,
 )
+from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
+from attn_consistency.strength import heatmap_spread
 from examples._files import load_torch, malformed, save_torch_atomic, write_text_atomic
 from examples.validation import argument_type, check_training_set, device_type, json_value, validate_config
 

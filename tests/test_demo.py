@@ -12,7 +12,6 @@ from PIL import Image
 from examples import demo
 from examples.train import load_checkpoint
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

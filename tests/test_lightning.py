@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-L = pytest.importorskip("lightning")
+pytest.importorskip("lightning")
+import lightning as L
 
 from attn_consistency import positive_ratio
 from examples.lightning_module import AttentionConsistencyModule

@@ -5,14 +5,15 @@ import warnings
 
 import pytest
 import torch
+from test_consistency import TinyGapFc
 from torch.autograd import gradcheck
 
 from attn_consistency import (
     AttentionConsistencyLoss,
-    Flip,
     CAMHook,
     ConsistencyDiagnostics,
     ConsistencyWarning,
+    Flip,
     Ramp,
     WeightedBCEWithLogitsLoss,
     attention_consistency,
@@ -20,7 +21,6 @@ from attn_consistency import (
 )
 from attn_consistency.consistency import heatmap_variance
 from attn_consistency.strength import gradient_ratio
-from test_consistency import TinyGapFc
 
 
 @pytest.fixture

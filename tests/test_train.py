@@ -30,7 +30,18 @@ import examples._files as files_module
 import examples.train as train_module
 from attn_consistency import AttentionConsistencyLoss, get_transform
 from examples.models import SmallResNet, build_model
-from examples.train import PRESETS, TrainConfig, _image_transform, _random_view, build_datasets, load_checkpoint, main, parse_args, save_atomic, train
+from examples.train import (
+    PRESETS,
+    TrainConfig,
+    _image_transform,
+    _random_view,
+    build_datasets,
+    load_checkpoint,
+    main,
+    parse_args,
+    save_atomic,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
