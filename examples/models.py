@@ -143,7 +143,10 @@ def check_arch(arch: str) -> str:
     if arch == "small_resnet":
         return arch
     if arch.startswith("aamn_"):  # an AAMN head on that backbone (examples.aamn)
-        check_arch(arch.removeprefix("aamn_"))
+        try:
+            check_arch(arch.removeprefix("aamn_"))
+        except ValueError as error:
+            raise ValueError(f"arch {arch!r}: an AAMN head on an unknown backbone: {error}") from None
         return arch
     import torchvision
 
