@@ -399,6 +399,55 @@ def _wide(tensor: Tensor) -> Tensor:
     return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+class _Recording:
+    """What a recorder of one entry per forward shares (CAMHook, MultiScaleHeads): the entries
+    kept until :meth:`pop`, at most ``max_stored`` of them, and :meth:`paused`."""
+
+    max_stored: int
+    enabled: bool
+    _stored: list[Any]
+    _warned_overflow: bool
+
+    def pop(self) -> list[Any]:
+        """What every forward since the last call recorded, oldest first; then forget it."""
+        stored, self._stored = self._stored, []
+        return stored
+
+    def clear(self) -> None:
+        """Forget what was recorded so far."""
+        self._stored = []
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    @contextmanager
+    def paused(self) -> Iterator[Any]:
+        """Record nothing inside the block (an evaluation loop that needs no heatmaps).
+
+        CAMHook's first-forward detection and check still run on a paused forward.
+        """
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = enabled
+
+    def _keep(self, entry: Any) -> None:
+        """Store one forward's entry, dropping the oldest (with one warning) beyond ``max_stored``."""
+        if len(self._stored) >= self.max_stored:
+            self._stored.pop(0)
+            if not self._warned_overflow:
+                self._warned_overflow = True
+                name = type(self).__name__
+                warnings.warn(
+                    f"{name}: {self.max_stored} forwards were recorded without pop(); the oldest are dropped. Call "
+                    f"pop() after each step, or pause the {name} (`with recorder.paused():`) around forwards that "
+                    "need no heatmaps.",
+                    stacklevel=3,
+                )
+        self._stored.append(entry)
+
+
 class _Forward:
     """What the one-off hooks saw during one call of the model."""
 
@@ -422,7 +471,7 @@ class _Forward:
         self.unordered: nn.Module | None = None
 
 
-class CAMHook:
+class CAMHook(_Recording):
     r"""Record the class activation maps of every forward pass, with gradients.
 
     Attach it to a classifier whose logits are affine in its average-pooled features; after
@@ -640,7 +689,7 @@ class CAMHook:
         self.check = check
         self.max_stored = int(max_stored)
         self.enabled = True
-        self._maps: list[Tensor] = []
+        self._stored: list[Tensor] = []
         self._warned_overflow = False
         self._warned_outside = False
         self._features_named = named_features is not None
@@ -884,17 +933,7 @@ class CAMHook:
             self._store(torch.einsum("lnc,nchw->nlhw", alpha, self._grid(live)))
 
     def _store(self, heatmaps: Tensor) -> None:
-        if len(self._maps) >= self.max_stored:
-            self._maps.pop(0)
-            if not self._warned_overflow:
-                self._warned_overflow = True
-                warnings.warn(
-                    f"CAMHook: {self.max_stored} forwards were recorded without pop(); the oldest "
-                    "heatmaps are dropped. Call pop() after each step, or pause the hook "
-                    "(`with cam.paused():`) around forwards that need no heatmaps.",
-                    stacklevel=2,
-                )
-        self._maps.append(heatmaps)
+        self._keep(heatmaps)
 
     # --- the first forward: detection and check ------------------------------------------
 
@@ -1499,33 +1538,13 @@ class CAMHook:
 
     def pop(self) -> list[Tensor]:
         """The heatmaps of every forward since the last call, oldest first; then forget them."""
-        maps, self._maps = self._maps, []
-        return maps
-
-    def clear(self) -> None:
-        """Forget the heatmaps recorded so far."""
-        self._maps = []
-
-    def __len__(self) -> int:
-        return len(self._maps)
-
-    @contextmanager
-    def paused(self) -> Iterator[CAMHook]:
-        """Record nothing inside the block (an evaluation loop that needs no heatmaps).
-
-        The first-forward detection and check still run on a paused forward.
-        """
-        enabled, self.enabled = self.enabled, False
-        try:
-            yield self
-        finally:
-            self.enabled = enabled
+        return super().pop()
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop stored maps; safe to call twice."""
         _remove_all(self._hooks)
         self._forward = None
-        self._maps = []
+        self._stored = []
         live = _LIVE.get(self._module)
         if live is not None:
             live.discard(self)

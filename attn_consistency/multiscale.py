@@ -26,10 +26,8 @@ public, so this module is our documented reading of it, built for any backbone:
 from __future__ import annotations
 
 import numbers
-import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -38,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._validation import check_bool, check_positive_int, check_weight
-from .cam import _unwrap
+from .cam import _Recording, _unwrap, _WeakHook
 from .consistency import attention_consistency
 from .transforms import Transform
 
@@ -173,33 +171,6 @@ class WithSideHeads(nn.Module):
         return self.model(*args, **kwargs)
 
 
-class _Hook:
-    """A hook calling ``heads.<method>(*bound, *hook_args)`` without holding ``heads``.
-
-    Heads dropped without :meth:`MultiScaleHeads.remove` then stop recording (their
-    finalizer removes the hooks). A copy of the model (deepcopy, pickle) gets inert hooks:
-    its forwards are not these heads' to record.
-    """
-
-    __slots__ = ("_ref", "_method", "_bound")
-
-    def __init__(self, heads: MultiScaleHeads | None, method: str = "", *bound: object) -> None:
-        self._ref = weakref.ref(heads) if heads is not None else None
-        self._method, self._bound = method, bound
-
-    @torch.compiler.disable  # the records are Python lists: eager, no guard on their length
-    def __call__(self, *args: Any) -> None:
-        heads = self._ref() if self._ref is not None else None
-        if heads is not None:
-            getattr(heads, self._method)(*self._bound, *args)
-
-    def __reduce__(self) -> tuple[type[_Hook], tuple[None]]:
-        return _Hook, (None,)
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _Hook:
-        return _Hook(None)
-
-
 def _feature_info(model: nn.Module) -> list[dict[str, Any]] | None:
     """timm's ``feature_info`` as a list of dicts (``module``, ``num_chs``, ...), or None."""
     info = getattr(model, "feature_info", None)
@@ -250,7 +221,7 @@ def _check_weights(name: str, weights: Mapping[str, float] | None, known: Sequen
     return {key: check_weight(f"{name}[{key!r}]", weights.get(key, 1.0)) for key in known}
 
 
-class MultiScaleHeads(nn.Module):
+class MultiScaleHeads(_Recording, nn.Module):
     r"""Side heads at several stages of a backbone, recording class heatmaps at every forward.
 
     ``MultiScaleHeads(model, ["layer2", "layer3", "layer4"])`` builds a :class:`SideHead` per
@@ -386,16 +357,16 @@ class MultiScaleHeads(nn.Module):
         # plain attributes, not submodules: the backbone's parameters are not the heads'
         self.__dict__["_model"] = module
         self.__dict__["_stage_modules"] = tuple(modules)
-        self._records: list[StageRecord] = []
+        self._stored: list[StageRecord] = []
         self._current: StageRecord | None = None
         self._checked = False
         self._warned_overflow = False
         self._handles: list[RemovableHandle] = []
         weakref.finalize(self, _remove_handles, self._handles)
-        self._handles.append(module.register_forward_pre_hook(_Hook(self, "_on_model_call")))
+        self._handles.append(module.register_forward_pre_hook(_WeakHook(self, "_on_model_call")))
         for index, stage in enumerate(modules):
-            self._handles.append(stage.register_forward_hook(_Hook(self, "_on_stage_output", index)))
-        self._handles.append(module.register_forward_hook(_Hook(self, "_on_model_output")))
+            self._handles.append(stage.register_forward_hook(_WeakHook(self, "_on_stage_output", index)))
+        self._handles.append(module.register_forward_hook(_WeakHook(self, "_on_model_output")))
 
     # --- construction ------------------------------------------------------------------
 
@@ -484,29 +455,12 @@ class MultiScaleHeads(nn.Module):
 
     def pop(self) -> list[StageRecord]:
         """The records of every forward since the last call, oldest first; then forget them."""
-        records, self._records = self._records, []
-        return records
-
-    def clear(self) -> None:
-        """Forget the records so far."""
-        self._records = []
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    @contextmanager
-    def paused(self) -> Iterator[MultiScaleHeads]:
-        """Run no side head inside the block (an evaluation loop that needs no heatmaps)."""
-        enabled, self.enabled = self.enabled, False
-        try:
-            yield self
-        finally:
-            self.enabled = enabled
+        return super().pop()
 
     def remove(self) -> None:
         """Take the hooks off the backbone and drop stored records; safe to call twice."""
         _remove_handles(self._handles)
-        self._records = []
+        self._stored = []
         self._current = None
 
     def __enter__(self) -> MultiScaleHeads:
@@ -561,16 +515,7 @@ class MultiScaleHeads(nn.Module):
             )
         # in the model's order of stages, whatever order the hooks fired in
         record = StageRecord({s: record.heatmaps[s] for s in self.stages}, {s: record.logits[s] for s in self.stages})
-        if len(self._records) >= self.max_stored:
-            self._records.pop(0)
-            if not self._warned_overflow:
-                self._warned_overflow = True
-                warnings.warn(
-                    f"MultiScaleHeads: {self.max_stored} forwards were recorded without pop(); the oldest records are "
-                    "dropped. Call pop() after each step, or pause the heads around forwards that need none.",
-                    stacklevel=2,
-                )
-        self._records.append(record)
+        self._keep(record)
 
 
 def _remove_handles(handles: list[RemovableHandle]) -> None:

@@ -264,7 +264,7 @@ def test_vit_scale_term_on_patch_grids_of_two_sizes() -> None:
         assert [tuple(m.shape[-2:]) for m in cam.pop()] == [(14, 14), (12, 12)]
         out = loss.views(model, cam, images(2, 3, 224, 224), ["flip", "scale"], mode="product")
     assert set(out.terms) == {"flip@224", "flip@192", "scale"}
-    assert all(bool(t.isfinite()) and float(t) > 0 for t in out.terms.values())
+    assert all(bool(t.isfinite()) and float(t.detach()) > 0 for t in out.terms.values())
     out.loss.backward()
     assert bool(model.patch_embed.proj.weight.grad.abs().sum() > 0)
 
