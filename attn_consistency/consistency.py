@@ -23,7 +23,14 @@ from .cam import CAMHook
 from .strength import ConsistencyDiagnostics, gradient_ratio
 from .transforms import Scale, Transform, _check_pair, available_transforms, get_transform
 
-__all__ = ["AttentionConsistencyLoss", "ConsistencyOutput", "StageRecorder", "attention_consistency", "attention_inconsistency"]
+__all__ = [
+    "AttentionConsistencyLoss",
+    "ConsistencyOutput",
+    "StageRecorder",
+    "attention_consistency",
+    "attention_inconsistency",
+    "heatmap_variance",
+]
 
 
 _DISTANCES = ("mse", "relative")
@@ -41,19 +48,30 @@ class StageRecorder(Protocol):
     ``(N, L)`` tensors.
     """
 
+    #: the stage names, in the order of the records' mappings
     stages: tuple[str, ...]
 
-    def clear(self) -> None: ...
+    def clear(self) -> None:
+        """Drop the records of the forwards so far."""
+        ...
 
-    def pop(self) -> list[Any]: ...
+    def pop(self) -> list[Any]:
+        """The records since the last call, oldest first."""
+        ...
 
-    def stage_weight(self, stage: str) -> float: ...
+    def stage_weight(self, stage: str) -> float:
+        """The consistency weight of ``stage`` (times the transform's weight)."""
+        ...
 
-    def prediction(self, output: Tensor, logits: Mapping[str, Tensor]) -> Tensor: ...
+    def prediction(self, output: Tensor, logits: Mapping[str, Tensor]) -> Tensor:
+        """The fused prediction ``(N, L)`` from the model's ``output`` and each stage's logits."""
+        ...
 
     def classification(
         self, output: Tensor, logits: Mapping[str, Tensor], targets: Tensor, criterion: Callable[[Tensor, Tensor], Tensor]
-    ) -> Tensor: ...
+    ) -> Tensor:
+        """The classification loss of one view: ``criterion`` on the model's and each stage's logits."""
+        ...
 
 
 def _check_recorder(cam: object) -> None:
@@ -709,8 +727,8 @@ def attention_inconsistency(
         recorded = _detached(cam.pop())  # a measurement: no graph kept from one batch to the next
         if len(recorded) != 1 + len(transforms):
             raise RuntimeError(
-                f"{1 + len(transforms)} forwards recorded {len(recorded)} heatmap batches; is the CAMHook attached "
-                "to this model (and, for a compiled model, attached before its first call)?"
+                f"{1 + len(transforms)} forwards recorded {len(recorded)} heatmap batches; is the {type(cam).__name__} "
+                "attached to this model (and, for a compiled model, attached before its first call)?"
             )
         maps = [{None: r} if stages == (None,) else r.heatmaps for r in recorded]
         for k, (t, p) in enumerate(zip(transforms, params)):
