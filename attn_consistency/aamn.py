@@ -68,6 +68,7 @@ class _Gated(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def branch(self, x: Tensor) -> Tensor:
+        """The residual branch of the module, ``(N, C, H, W)`` from ``(N, C, H, W)``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:

@@ -145,9 +145,11 @@ class Ramp:
         return math.exp(-5.0 * (1.0 - t) ** 2) if t > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
+        """The trigger's state (when the ramp started, the loss it watches), for a resumed run."""
         return {"start": self.start, "reference": self.reference, "observed": self._observed, "sum": float(self._sum)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.start, self.reference = state["start"], state["reference"]
         self._observed, self._sum = int(state["observed"]), float(state["sum"])
 
@@ -216,6 +218,10 @@ class ConsistencyDiagnostics:
         collapse: spread ratio (now / start) below which the maps count as collapsed.
         dominance: gradient ratio above which the term dwarfs the classification loss.
         early_steps: updates during which dominance is checked.
+
+    Attributes:
+        last: the last window's values (empty before the first window is read).
+        updates: the updates so far.
     """
 
     def __init__(self, every: int = 25, collapse: float = 0.2, dominance: float = 1.0, early_steps: int = 500) -> None:
@@ -297,6 +303,7 @@ class ConsistencyDiagnostics:
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.updates = int(state["updates"])
         self.start_spread = state["start_spread"]
         self.warned = set(state["warned"])

@@ -43,6 +43,7 @@ __all__ = [
     "register_transform",
     "get_transform",
     "available_transforms",
+    "scale_consistency",
 ]
 
 # A validity mask keeps the cells whose bilinear sample lies wholly inside the source

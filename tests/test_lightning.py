@@ -126,3 +126,16 @@ def test_ddp_strategy_in_two_processes_keeps_the_replicas_equal(tmp_path: Path) 
     assert len(steps) == 2  # 16 images, 2 replicas, batch 4: 2 steps
     assert all(float(row["train/term/scale_step"]) > 0 for row in steps)
     assert any(row.get("val/mAP") for row in rows)
+
+
+def test_readme_lightning_snippet_trains_the_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from test_readme import run
+
+    monkeypatch.chdir(tmp_path)  # where Lightning would write anything
+    namespace = run("setup")
+    before = namespace["model"].fc.weight.detach().clone()
+    run("lightning", namespace=namespace)
+    logged = namespace["trainer"].callback_metrics
+    assert {"train/term/flip@224", "train/term/flip@192", "train/term/scale"} <= set(logged)
+    assert namespace["trainer"].global_step == 2
+    assert not torch.equal(namespace["model"].fc.weight, before)

@@ -1,11 +1,16 @@
 """The repository's own checks, run by the test command and so by CI: ruff (lint and format) over
-the repository and mypy (strict, configured in pyproject.toml) over the package."""
+the repository, mypy (strict, configured in pyproject.toml) over the package, and the documentation
+site's strict build (a broken reference or a public object without a docstring fails it)."""
 
+import importlib.util
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import attn_consistency
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +29,52 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
 def test_the_repository_passes(command: tuple[str, ...]) -> None:
     result = run(*command)
     assert result.returncode == 0, f"{' '.join(command)} found:\n{result.stdout}{result.stderr}"
+
+
+def sphinx(source: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """The build command of the README, with the repository's configuration over ``source``."""
+    return run("sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html", "-c", str(REPO / "docs"), "-d", str(out / "doctrees"), str(source), str(out / "html"))
+
+
+def test_the_documentation_builds_strictly(tmp_path: Path) -> None:
+    result = sphinx(REPO / "docs", tmp_path)
+    assert result.returncode == 0, f"the documentation build failed:\n{result.stdout}{result.stderr}"
+    api = (tmp_path / "html" / "api.html").read_text()
+    for name in attn_consistency.__all__:  # every public object has its entry in the API reference
+        assert f'id="attn_consistency.{getattr(attn_consistency, name).__module__.split(".")[-1]}.{name}"' in api, name
+    presets = (tmp_path / "html" / "reproduction.html").read_text()
+    assert "wider-r50-acfs" in presets and "coco-r101-acfs" in presets  # the generated table of presets
+
+
+@pytest.mark.parametrize(
+    ("reference", "builds"),
+    [
+        ("{meth}`~attn_consistency.Ramp.state_dict`", True),  # as users import it
+        ("{meth}`~attn_consistency.Ramp.no_such_method`", False),
+    ],
+)
+def test_a_broken_reference_fails_the_build(tmp_path: Path, reference: str, builds: bool) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    # the API reference of the site (every module of the package), and one reference more
+    (source / "index.md").write_text((REPO / "docs" / "api.md").read_text() + f"\n{reference}\n")
+    result = sphinx(source, tmp_path)
+    assert (result.returncode == 0) == builds, result.stdout + result.stderr
+    if not builds:
+        assert "reference target not found" in result.stderr
+
+
+def test_a_missing_docstring_fails_the_build(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("docs_conf", REPO / "docs" / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    with caplog.at_level(logging.WARNING):
+        conf._check_docstrings(None)
+    assert not caplog.records
+    monkeypatch.setattr(attn_consistency.Ramp, "__doc__", None)
+    monkeypatch.setattr(attn_consistency.strength.Ramp.state_dict, "__doc__", None)
+    with caplog.at_level(logging.WARNING):
+        conf._check_docstrings(None)
+    messages = [record.getMessage() for record in caplog.records]
+    assert "attn_consistency.Ramp has no docstring" in messages
+    assert "attn_consistency.strength.Ramp.state_dict has no docstring" in messages
