@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -55,6 +56,14 @@ def check_weight(name: str, value: object) -> float:
     if number < 0:
         raise ValueError(f"{name} must be >= 0 (a negative weight trains the term backwards), got {value!r}")
     return number
+
+
+@overload
+def check_bool(name: str, value: object, optional: Literal[False] = False) -> bool: ...
+
+
+@overload
+def check_bool(name: str, value: object, optional: bool) -> bool | None: ...
 
 
 def check_bool(name: str, value: object, optional: bool = False) -> bool | None:

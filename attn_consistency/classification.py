@@ -30,8 +30,7 @@ __all__ = ["WeightedBCEWithLogitsLoss", "positive_ratio"]
 
 
 def _check_targets(targets: object, encoding: str) -> Tensor:
-    check_tensor("targets", targets, 2, "(N, L)")
-    return check_target_dtype("targets", targets, encoding)
+    return check_target_dtype("targets", check_tensor("targets", targets, 2, "(N, L)"), encoding)
 
 
 def _check_values(name: str, targets: Tensor, encoding: str) -> None:
@@ -44,7 +43,7 @@ def _check_values(name: str, targets: Tensor, encoding: str) -> None:
         if value >= 0 or targets.is_signed():
             bad &= targets != value
     if bool(bad.any()):
-        found = sorted({float(v) for v in targets[bad].unique()[:5].tolist()})
+        found = sorted({float(v) for v in targets[bad].unique()[:5].tolist()})  # type: ignore[no-untyped-call]
         raise ValueError(f"{name} must hold only {allowed} for encoding={encoding!r}, found {found}")
 
 

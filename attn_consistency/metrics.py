@@ -157,9 +157,10 @@ def _predict(scores: Tensor, threshold: float, top_k: int | None) -> Tensor:
     threshold = _check_threshold(threshold)
     if top_k is None:
         return scores > threshold
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-    top_k = int(top_k)
+    given: object = top_k  # checked as any object: a caller's wrong type must not slip through
+    if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+        raise TypeError(f"top_k must be an int or None, got {type(given).__name__}")
+    top_k = int(given)
     n_labels = scores.shape[1]
     if not 1 <= top_k <= n_labels:
         raise ValueError(

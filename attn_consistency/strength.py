@@ -20,6 +20,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -128,7 +129,7 @@ class Ramp:
         mean = float(total) / self.window
         if self.reference is None:
             self.reference = mean
-        elif self._observed > self.delay and mean < self.trigger * self.reference:
+        elif self.trigger is not None and self._observed > self.delay and mean < self.trigger * self.reference:
             self.start = self._observed
 
     def __call__(self, step: int) -> float:
@@ -316,7 +317,8 @@ def _caller() -> int:
     import sys
 
     package = __name__.rpartition(".")[0].replace(".", "/")
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and (f"/{package}/" in frame.f_code.co_filename or "/torch/nn/modules/" in frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level

@@ -52,13 +52,11 @@ _MASK_THRESHOLD = 1.0 - 1e-3
 
 
 def _check_images(images: object) -> Tensor:
-    check_tensor("images", images, 4, "(N, C, H, W)")
-    return check_spatial("images", images, "(H, W)")
+    return check_spatial("images", check_tensor("images", images, 4, "(N, C, H, W)"), "(H, W)")
 
 
 def _check_heatmaps(name: str, heatmaps: object) -> Tensor:
-    check_tensor(name, heatmaps, 4, "(N, L, h, w)", floating=True)
-    return check_spatial(name, heatmaps, "(h, w)")
+    return check_spatial(name, check_tensor(name, heatmaps, 4, "(N, L, h, w)", floating=True), "(h, w)")
 
 
 def _check_pair(heatmaps: object, heatmaps_t: object) -> tuple[Tensor, Tensor]:
@@ -66,8 +64,8 @@ def _check_pair(heatmaps: object, heatmaps_t: object) -> tuple[Tensor, Tensor]:
 
     N = 0 or L = 0 is fine: the result is an empty ``(N, L)``.
     """
-    _check_heatmaps("heatmaps", heatmaps)
-    _check_heatmaps("heatmaps_t", heatmaps_t)
+    heatmaps = _check_heatmaps("heatmaps", heatmaps)
+    heatmaps_t = _check_heatmaps("heatmaps_t", heatmaps_t)
     if heatmaps.shape[:2] != heatmaps_t.shape[:2]:
         raise ValueError(
             "heatmaps and heatmaps_t must have the same batch size and number of labels, got "
@@ -396,7 +394,7 @@ class Scale(Transform):
     def _params(self, params: Any) -> float | tuple[int, int]:
         """The step's factor or fixed ``(H, W)``, checked."""
         if params is None:
-            return self.size if self.factor is None else _fixed("scale factor", self.factor)
+            return self._fixed_size() if self.factor is None else _fixed("scale factor", self.factor)
         if isinstance(params, Sequence) and not isinstance(params, str):
             return self._check_size("scale params (size)", params)
         factor = check_finite_number("scale params (factor)", params)
@@ -406,7 +404,12 @@ class Scale(Transform):
 
     def sample(self, generator: torch.Generator | None = None) -> float | tuple[int, int]:
         check_generator("generator", generator)
-        return self.size if self.factor is None else _uniform(self.factor, generator)
+        return self._fixed_size() if self.factor is None else _uniform(self.factor, generator)
+
+    def _fixed_size(self) -> tuple[int, int]:
+        if self.size is None:  # __init__ sets a factor or a size
+            raise RuntimeError("a Scale without a factor has a size")
+        return self.size
 
     def output_size(self, size: Sequence[int], params: Any = None) -> tuple[int, int]:
         """The ``(H, W)`` that :meth:`apply_image` gives an image of size ``size``.
@@ -587,7 +590,10 @@ class Translate(Transform):
 
         with _no_autocast(x):
             shift = torch.tensor([[sx, sy]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2)
-            warp = lambda t, s: translate(t, s, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)  # noqa: E731
+
+            def warp(t: Tensor, s: Tensor) -> Tensor:
+                return translate(t, s, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)
+
             if not with_mask:
                 return warp(x, shift), None
             return warp(x, shift), warp(x.new_ones((1, 1, height, width)), shift[:1]) > _MASK_THRESHOLD
@@ -644,7 +650,7 @@ def register_transform(
             raise TypeError(f"factory must be a Transform subclass or a callable, got {type(factory).__name__}")
         if name in _REGISTRY and not overwrite:
             raise ValueError(f"a transform named {name!r} is already registered; pass overwrite=True to replace it")
-        if isinstance(factory, type) and "name" not in vars(factory):
+        if isinstance(factory, type) and issubclass(factory, Transform) and "name" not in vars(factory):
             # a subclass that inherits its name (a Flip subclass would be "flip") takes the registered
             # one, so that its instances, made by name or directly, answer to their weight's key
             factory.name = name
@@ -669,10 +675,11 @@ def get_transform(transform: str | Transform, **kwargs: Any) -> Transform:
         if kwargs:
             raise TypeError("keyword arguments apply to a transform name, not to a Transform instance")
         return transform
-    if isinstance(transform, type) and issubclass(transform, Transform):
+    given: object = transform  # checked as any object: a class passed for an instance is a common slip
+    if isinstance(given, type) and issubclass(given, Transform):
         raise TypeError(
-            f"transform must be a name or a Transform instance, got the class {transform.__name__}: "
-            f"pass {transform.__name__}() or its registered name"
+            f"transform must be a name or a Transform instance, got the class {given.__name__}: "
+            f"pass {given.__name__}() or its registered name"
         )
     if not isinstance(transform, str):
         raise TypeError(f"transform must be a name or a Transform, got {type(transform).__name__}")
