@@ -42,6 +42,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,10 +54,10 @@ __all__ = ["AAMN", "AAMNHead", "CategoricalMemory", "ChannelRelation", "SpatialR
 
 
 def _check_map(name: str, x: object, channels: int) -> Tensor:
-    check_tensor(name, x, 4, "(N, C, H, W)", floating=True)
-    if x.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)}")
-    return x
+    tensor = check_tensor(name, x, 4, "(N, C, H, W)", floating=True)
+    if tensor.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(tensor.shape)}")
+    return tensor
 
 
 class _Gated(nn.Module):
@@ -141,11 +142,15 @@ class CategoricalMemory(_Gated):
         updates: ``(num_labels,)`` int64 buffer, the steps that updated each slot (0: empty).
     """
 
+    slots: Tensor
+    updates: Tensor
+
     def __init__(self, channels: int, num_labels: int, key_channels: int | None = None, momentum: float = 0.1) -> None:
         super().__init__(channels)
         self.num_labels = check_positive_int("num_labels", num_labels)
         key = check_positive_int("key_channels", key_channels) if key_channels is not None else max(self.channels // 8, 1)
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
+        given: object = momentum  # checked as any object: a wrong type gets this message too
+        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 0 < float(given) <= 1:
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
         self.momentum = float(momentum)
         self.key_channels = key
@@ -168,7 +173,8 @@ class CategoricalMemory(_Gated):
         scores = queries @ self.key(slots).t() / math.sqrt(self.key_channels)  # (N, HW, L)
         attention = scores.masked_fill(~usable, float("-inf")).softmax(-1)
         read = attention @ self.value(slots)  # (N, HW, C)
-        return read.transpose(1, 2).reshape(n, c, h, w)
+        out: Tensor = read.transpose(1, 2).reshape(n, c, h, w)
+        return out
 
     @contextlib.contextmanager
     def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> Iterator[CategoricalMemory]:
@@ -212,9 +218,9 @@ class CategoricalMemory(_Gated):
         self.update(features, repeated, process_group)
 
     def _check_targets(self, targets: object) -> None:
-        check_tensor("targets", targets, 2, "(N, num_labels)")
-        if targets.shape[1] != self.num_labels:
-            raise ValueError(f"targets must have {self.num_labels} columns (one per slot), got shape {tuple(targets.shape)}")
+        tensor = check_tensor("targets", targets, 2, "(N, num_labels)")
+        if tensor.shape[1] != self.num_labels:
+            raise ValueError(f"targets must have {self.num_labels} columns (one per slot), got shape {tuple(tensor.shape)}")
 
     @torch.no_grad()
     def update(self, features: Tensor, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
@@ -284,7 +290,8 @@ class ChannelRelation(_Gated):
     def branch(self, x: Tensor) -> Tensor:
         weights = self.context(x).flatten(2).softmax(-1)  # (N, 1, HW)
         context = (x.flatten(2) @ weights.transpose(1, 2))[..., None]  # (N, C, 1, 1)
-        return self.transform(context)
+        out: Tensor = self.transform(context)
+        return out
 
 
 class SpatialRelation(_Gated):
@@ -333,7 +340,8 @@ class SpatialRelation(_Gated):
         phi = phi - phi.mean(2, keepdim=True)
         g = g - g.mean(2, keepdim=True)
         covariance = g @ phi.transpose(1, 2) / (h * w)  # (N, d, d)
-        return self.out((covariance @ theta).reshape(n, -1, h, w))
+        out: Tensor = self.out((covariance @ theta).reshape(n, -1, h, w))
+        return out
 
 
 class AAMNHead(nn.Module):
@@ -379,12 +387,14 @@ class AAMNHead(nn.Module):
 
     def enhance(self, features: Tensor) -> Tensor:
         """The enhanced feature map (the map the classifier pools and the CAMs are made of)."""
-        return self.spatial_relation(self.channel_relation(self.memory(features)))
+        enhanced: Tensor = self.spatial_relation(self.channel_relation(self.memory(features)))
+        return enhanced
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.fc(self.avgpool(self.enhance(features)).flatten(1))
+        logits: Tensor = self.fc(self.avgpool(self.enhance(features)).flatten(1))
+        return logits
 
-    def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> contextlib.AbstractContextManager:
+    def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> contextlib.AbstractContextManager[nn.Module]:
         """:meth:`CategoricalMemory.observe` of the memory; a no-op context without one."""
         if isinstance(self.memory, CategoricalMemory):
             return self.memory.observe(targets, process_group)
@@ -403,7 +413,7 @@ class AAMN(nn.Module):
         **head: keyword arguments of :class:`AAMNHead`.
     """
 
-    def __init__(self, trunk: nn.Module, channels: int, num_labels: int, **head: object) -> None:
+    def __init__(self, trunk: nn.Module, channels: int, num_labels: int, **head: Any) -> None:
         super().__init__()
         if not isinstance(trunk, nn.Module):
             raise TypeError(f"trunk must be an nn.Module, got {type(trunk).__name__}")
@@ -415,8 +425,9 @@ class AAMN(nn.Module):
         if not isinstance(features, Tensor) or features.dim() != 4:
             got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"the trunk must return a 4-D feature map (N, C, h, w), got {got}")
-        return self.head(features)
+        logits: Tensor = self.head(features)
+        return logits
 
-    def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> contextlib.AbstractContextManager:
+    def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> contextlib.AbstractContextManager[nn.Module]:
         """Fill the memory from the training forwards inside the block (:meth:`CategoricalMemory.observe`)."""
         return self.head.observe(targets, process_group)
