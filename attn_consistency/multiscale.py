@@ -28,7 +28,7 @@ from __future__ import annotations
 import numbers
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +174,9 @@ class WithSideHeads(nn.Module):
 def _feature_info(model: nn.Module) -> list[dict[str, Any]] | None:
     """timm's ``feature_info`` as a list of dicts (``module``, ``num_chs``, ...), or None."""
     info = getattr(model, "feature_info", None)
-    if callable(getattr(info, "get_dicts", None)):
-        info = info.get_dicts()
+    get_dicts = getattr(info, "get_dicts", None)
+    if callable(get_dicts):
+        info = get_dicts()
     if isinstance(info, list) and info and all(isinstance(entry, dict) and "module" in entry for entry in info):
         return info
     return None
@@ -202,7 +203,8 @@ def _static_channels(stage: nn.Module) -> int | None:
 
 def _num_labels(model: nn.Module) -> int | None:
     """Labels of the model's own classifier (timm's ``get_classifier()``, else its last Linear)."""
-    classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else None
     if isinstance(classifier, nn.Linear):
         return classifier.out_features
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -376,12 +378,14 @@ class MultiScaleHeads(_Recording, nn.Module):
             raise TypeError(f"stages must be a non-empty sequence of stage names, got {stages!r}")
         info = _feature_info(model)
         names: list[str] = []
-        for stage in stages:
-            if isinstance(stage, numbers.Integral) and not isinstance(stage, bool):
-                if info is None or not -len(info) <= stage < len(info):
+        for given in stages:
+            stage: object = given  # checked as any object: a wrong type gets a message naming it
+            if not isinstance(stage, bool) and isinstance(stage, numbers.Integral):
+                index = int(stage)
+                if info is None or not -len(info) <= index < len(info):
                     count = f"has {len(info)} entries" if info else "is missing (not a timm model)"
                     raise ValueError(f"stage {stage} is a feature_info index, but {type(model).__name__}'s feature_info {count}")
-                stage = info[stage]["module"]
+                stage = info[index]["module"]
             if not isinstance(stage, str):
                 raise TypeError(f"stages must be names (str) or feature_info indices (int), got {type(stage).__name__} {stage!r}")
             names.append(stage)
@@ -423,13 +427,14 @@ class MultiScaleHeads(_Recording, nn.Module):
     @property
     def model(self) -> nn.Module:
         """The backbone the heads are attached to (behind any wrapper)."""
-        return self.__dict__["_model"]
+        model: nn.Module = self.__dict__["_model"]
+        return model
 
     def head(self, stage: str) -> SideHead:
         """The :class:`SideHead` of ``stage``."""
         if stage not in self.stages:
             raise ValueError(f"stage {stage!r} has no head (the heads: {', '.join(self.stages)})")
-        return self.heads[self.stages.index(stage)]
+        return cast(SideHead, self.heads[self.stages.index(stage)])
 
     def stage_weight(self, stage: str) -> float:
         """The weight of ``stage``'s consistency terms."""
@@ -451,6 +456,8 @@ class MultiScaleHeads(_Recording, nn.Module):
             term = criterion(output if head == OUTPUT else logits[head], targets)
             term = term if weight == 1.0 else weight * term
             total = term if total is None else total + term
+        if total is None:
+            raise ValueError("every head's supervision weight is 0: there is no classification loss")
         return total
 
     def pop(self) -> list[StageRecord]:
@@ -489,8 +496,8 @@ class MultiScaleHeads(_Recording, nn.Module):
                     f"stage {name!r} of {type(self.model).__name__} must give a 4-D floating-point map (N, C, h, w), "
                     f"got {shape}; name a stage whose output is a feature map"
                 )
-            head = self.heads[index]
-            expected = head.project[0].in_channels
+            head = cast(SideHead, self.heads[index])
+            expected = cast(nn.Conv2d, head.project[0]).in_channels
             if output.shape[1] != expected:
                 raise ValueError(
                     f"stage {name!r} gives maps of shape {tuple(output.shape)}, with {output.shape[1]} channels, but its "
