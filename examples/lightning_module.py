@@ -133,6 +133,7 @@ class AttentionConsistencyModule(L.LightningModule):
         images, targets = batch
         if self.cam is None:
             raise RuntimeError("training_step runs inside Trainer.fit, which attaches the CAM hook")
+        multiplier = self.consistency.multiplier  # this step's: views() moves the schedule on
         out = self.consistency.views(
             self.model, self.cam, images, self.transforms, mode=self.mode, targets=targets, criterion=self.criterion
         )
@@ -141,7 +142,7 @@ class AttentionConsistencyModule(L.LightningModule):
         logged |= {f"train/term/{name}": term for name, term in out.terms.items()}
         # every replica logs the same names; Lightning averages them over the replicas
         self.log_dict({k: v.detach() for k, v in logged.items()}, on_step=True, on_epoch=True, sync_dist=True, batch_size=len(images))
-        self.log("train/ac_multiplier", self.consistency.multiplier, on_step=True, on_epoch=False, batch_size=len(images))
+        self.log("train/ac_multiplier", multiplier, on_step=True, on_epoch=False, batch_size=len(images))
         return out.total
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

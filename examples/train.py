@@ -683,6 +683,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         for step, (images, targets) in enumerate(_progress(loader, config, f"epoch {epoch + 1}") if ddp.main else loader):
             if config.max_steps is not None and step >= config.max_steps:
                 break
+            multiplier = consistency.multiplier  # this step's: views() moves the schedule on
             images, resized = (images[0], images[1:]) if isinstance(images, (list, tuple)) else (images, [])
             images, *resized = (x.to(device, non_blocking=True, memory_format=memory_format) for x in (images, *resized))
             targets = targets.to(device, non_blocking=True)
@@ -708,7 +709,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             running += torch.stack([loss.detach(), cls_loss.detach(), ac_loss.detach()]).float()
             if board is not None:
                 terms_now = {f"term/{name}": term for name, term in views.terms.items()} if transforms and not random_augmentation else {}
-                board.step(epoch, step, {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": consistency.multiplier} | terms_now)
+                board.step(epoch, step, {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": multiplier} | terms_now)
             steps += 1
         terms = torch.stack([term_sums[name] for name in sorted(term_sums)]) if term_sums else None
         if ddp.world > 1:

@@ -143,3 +143,14 @@ def test_overlay_blends_the_jet_colours() -> None:
     # jet runs from dark blue (0, 0, 0.5) at 0 to dark red (0.5, 0, 0) at 1
     assert torch.allclose(blended[:, 0, 0], torch.tensor([0.5, 0.5, 0.75]))
     assert torch.allclose(blended[:, 1, 1], torch.tensor([0.75, 0.5, 0.5]))
+
+
+def test_each_step_logs_the_multiplier_its_loss_was_weighted_with(tmp_path: Path) -> None:
+    # a linear warm-up over 2 of the 4 steps: multipliers 0, 0.5, 1, 1
+    train(config(tmp_path, warmup=0.5), device="cpu")
+    events = read(tmp_path / "tb")
+    multiplier = scalars(events, "train/ac_multiplier")
+    assert multiplier == {0: 0.0, 1: 0.5, 2: 1.0, 3: 1.0}
+    terms = [scalars(events, f"train/term/{name}") for name in ("flip@32", "flip@24", "scale")]
+    for step, ac_loss in scalars(events, "train/ac_loss").items():  # every weight 1, the paper's loss
+        assert ac_loss == pytest.approx(multiplier[step] * sum(term[step] for term in terms), rel=1e-5, abs=1e-7)
