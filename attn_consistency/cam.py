@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +336,12 @@ class _NeedsGrad(RuntimeError):
     """A Grad-CAM forward ran without gradients: an error of that call, not of the architecture."""
 
 
+class _Removable(Protocol):
+    """What a :class:`_WeakHook` calls into: a recorder (CAMHook, MultiScaleHeads) that can remove its hooks."""
+
+    def remove(self) -> None: ...
+
+
 class _WeakHook:
     """A hook calling ``cam.<method>(*bound, *hook_args)`` that holds no reference to ``cam``.
 
@@ -350,7 +356,7 @@ class _WeakHook:
 
     __slots__ = ("_ref", "_method", "_bound")
 
-    def __init__(self, cam: CAMHook | None, method: str = "", *bound: object) -> None:
+    def __init__(self, cam: _Removable | None, method: str = "", *bound: object) -> None:
         self._ref = weakref.ref(cam) if cam is not None else None
         self._method = method
         self._bound = bound
