@@ -12,9 +12,7 @@ from torch import Tensor
 __all__: list[str] = []
 
 
-def check_tensor(
-    name: str, value: object, ndim: int | None = None, layout: str = "", floating: bool = False
-) -> Tensor:
+def check_tensor(name: str, value: object, ndim: int | None = None, layout: str = "", floating: bool = False) -> Tensor:
     """Return ``value`` if it is a tensor with ``ndim`` dimensions, else raise a message naming it."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -88,7 +86,9 @@ def check_generator(name: str, value: object) -> torch.Generator | None:
     if not isinstance(value, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
     if value.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU torch.Generator (parameters are drawn on the host), got one on {value.device}")
+        raise ValueError(
+            f"{name} must be a CPU torch.Generator (parameters are drawn on the host), got one on {value.device}"
+        )
     return value
 
 

@@ -148,7 +148,9 @@ class CategoricalMemory(_Gated):
     def __init__(self, channels: int, num_labels: int, key_channels: int | None = None, momentum: float = 0.1) -> None:
         super().__init__(channels)
         self.num_labels = check_positive_int("num_labels", num_labels)
-        key = check_positive_int("key_channels", key_channels) if key_channels is not None else max(self.channels // 8, 1)
+        key = (
+            check_positive_int("key_channels", key_channels) if key_channels is not None else max(self.channels // 8, 1)
+        )
         given: object = momentum  # checked as any object: a wrong type gets this message too
         if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 0 < float(given) <= 1:
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
@@ -220,7 +222,9 @@ class CategoricalMemory(_Gated):
     def _check_targets(self, targets: object) -> None:
         tensor = check_tensor("targets", targets, 2, "(N, num_labels)")
         if tensor.shape[1] != self.num_labels:
-            raise ValueError(f"targets must have {self.num_labels} columns (one per slot), got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"targets must have {self.num_labels} columns (one per slot), got shape {tuple(tensor.shape)}"
+            )
 
     @torch.no_grad()
     def update(self, features: Tensor, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
@@ -284,7 +288,10 @@ class ChannelRelation(_Gated):
         hidden = max(self.channels // check_positive_int("reduction", reduction), 1)
         self.context = nn.Conv2d(self.channels, 1, 1)
         self.transform = nn.Sequential(
-            nn.Conv2d(self.channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]), nn.ReLU(), nn.Conv2d(hidden, self.channels, 1)
+            nn.Conv2d(self.channels, hidden, 1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(),
+            nn.Conv2d(hidden, self.channels, 1),
         )
 
     def branch(self, x: Tensor) -> Tensor:
@@ -379,9 +386,15 @@ class AAMNHead(nn.Module):
     ) -> None:
         super().__init__()
         channels, num_labels = check_positive_int("channels", channels), check_positive_int("num_labels", num_labels)
-        self.memory: nn.Module = CategoricalMemory(channels, num_labels, key_channels, momentum) if memory else nn.Identity()
-        self.channel_relation: nn.Module = ChannelRelation(channels, channel_reduction) if channel_relation else nn.Identity()
-        self.spatial_relation: nn.Module = SpatialRelation(channels, spatial_reduction) if spatial_relation else nn.Identity()
+        self.memory: nn.Module = (
+            CategoricalMemory(channels, num_labels, key_channels, momentum) if memory else nn.Identity()
+        )
+        self.channel_relation: nn.Module = (
+            ChannelRelation(channels, channel_reduction) if channel_relation else nn.Identity()
+        )
+        self.spatial_relation: nn.Module = (
+            SpatialRelation(channels, spatial_reduction) if spatial_relation else nn.Identity()
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_labels)
 
@@ -394,7 +407,9 @@ class AAMNHead(nn.Module):
         logits: Tensor = self.fc(self.avgpool(self.enhance(features)).flatten(1))
         return logits
 
-    def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> contextlib.AbstractContextManager[nn.Module]:
+    def observe(
+        self, targets: Tensor, process_group: dist.ProcessGroup | None = None
+    ) -> contextlib.AbstractContextManager[nn.Module]:
         """:meth:`CategoricalMemory.observe` of the memory; a no-op context without one."""
         if isinstance(self.memory, CategoricalMemory):
             return self.memory.observe(targets, process_group)
@@ -428,6 +443,8 @@ class AAMN(nn.Module):
         logits: Tensor = self.head(features)
         return logits
 
-    def observe(self, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> contextlib.AbstractContextManager[nn.Module]:
+    def observe(
+        self, targets: Tensor, process_group: dist.ProcessGroup | None = None
+    ) -> contextlib.AbstractContextManager[nn.Module]:
         """Fill the memory from the training forwards inside the block (:meth:`CategoricalMemory.observe`)."""
         return self.head.observe(targets, process_group)

@@ -1053,7 +1053,9 @@ class CAMHook(_Recording):
         if tensor.shape[0] == 0 or (layout == "tokens" and tensor.shape[1] <= prefix):
             return False
         cells = _wide(tensor)
-        cells = cells.flatten(2) if layout == "nchw" else (cells.flatten(1, 2) if layout == "nhwc" else cells[:, prefix:])
+        cells = (
+            cells.flatten(2) if layout == "nchw" else (cells.flatten(1, 2) if layout == "nhwc" else cells[:, prefix:])
+        )
         dims = 2 if layout == "nchw" else 1
         pooled = cells.mean(dims)
         goal = _wide(target).reshape(pooled.shape).to(pooled)
@@ -1080,7 +1082,9 @@ class CAMHook(_Recording):
             if _version(tensor) != version or _contains(module, self.classifier):
                 continue  # changed in place since (its values are not those pooled), or the head itself
             for layout, prefix in self._layouts(tensor, target):
-                cells = tensor.shape[1] - prefix if layout == "tokens" else tensor.shape[-2 if layout == "nchw" else 1:]
+                cells = (
+                    tensor.shape[1] - prefix if layout == "tokens" else tensor.shape[-2 if layout == "nchw" else 1 :]
+                )
                 if (cells if layout == "tokens" else math.prod(cells)) <= 1:
                     continue  # one cell: the pooled vector itself (after the head's pooling), not a map of it
                 if self._pools_to(tensor, layout, prefix, target, dropout):
@@ -1224,7 +1228,9 @@ class CAMHook(_Recording):
         heads = []
         for call in calls:
             found = self._find_norm(forward, call[1])
-            heads.append((found[0] if found else None, forward.linear_candidates[call[0]], found[1] if found else call[1]))
+            heads.append(
+                (found[0] if found else None, forward.linear_candidates[call[0]], found[1] if found else call[1])
+            )
         target = heads[0][2]
         for _, other, other_target in heads[1:]:
             if _same_values(other_target, target) is not True:
@@ -1302,7 +1308,9 @@ class CAMHook(_Recording):
                 maps = [
                     (module, tensor)
                     for module, tensor, version in forward.outputs
-                    if tensor.dim() == 4 and tensor.shape[-2:].numel() > 1 and _version(tensor) == version
+                    if tensor.dim() == 4
+                    and tensor.shape[-2:].numel() > 1
+                    and _version(tensor) == version
                     and not _contains(module, self.classifier)
                 ]
                 if not maps:
@@ -1381,9 +1389,7 @@ class CAMHook(_Recording):
         (_, x, y), logits = found
         self._check_labels(logits, labels)
         if not isinstance(x, Tensor):
-            self._fail(
-                f"the classifier '{classifier}' of {model} must be called with its input as a positional tensor"
-            )
+            self._fail(f"the classifier '{classifier}' of {model} must be called with its input as a positional tensor")
         features, dtype = forward.features[0]
         if features.shape[0] == 0 or not all(bool(t.isfinite().all()) for t in (features, x, y)):
             return False
@@ -1402,7 +1408,9 @@ class CAMHook(_Recording):
         for _, classifier in heads:
             call = next((c for c in forward.linears if forward.linear_candidates[c[0]] is classifier), None)
             if call is None or not isinstance(call[1], Tensor):
-                self._fail(f"the classifier '{self._name(classifier)}' did not run in the forward of {self._model_name}")
+                self._fail(
+                    f"the classifier '{self._name(classifier)}' did not run in the forward of {self._model_name}"
+                )
             calls.append(call)
         logits = next((t for t in _tensors(output) if t.numel() == calls[0][2].numel()), None)
         mean = torch.stack([_wide(c[2]).reshape(-1) for c in calls]).mean(0)
@@ -1492,8 +1500,10 @@ class CAMHook(_Recording):
             pooled, magnitude = norm_out, spread
         if not _matches_pooled(pooled, x32, rtol * magnitude, rtol):
             error = float((x32 - pooled).abs().max())
-            what = f"the output of the norm '{self._name(norm)}'" if norm is not None else (
-                f"the average of the features over their {h}x{w} cells"
+            what = (
+                f"the output of the norm '{self._name(norm)}'"
+                if norm is not None
+                else (f"the average of the features over their {h}x{w} cells")
             )
             self._fail(
                 f"{head}{self._classifier_block}: the classifier's input is not {what} (off by up to {error:.3g}, "
@@ -1506,9 +1516,7 @@ class CAMHook(_Recording):
         if bias is not None:
             magnitude = magnitude + bias.abs()
         if y.numel() != expected.numel():
-            self._fail(
-                f"{head}: the classifier's output has shape {tuple(y.shape)}, expected {tuple(expected.shape)}"
-            )
+            self._fail(f"{head}: the classifier's output has shape {tuple(y.shape)}, expected {tuple(expected.shape)}")
         error = (_wide(y).reshape(expected.shape).to(expected) - expected).abs()
         if not bool((error <= _matmul_rtol(x.dtype, y.dtype) * magnitude).all()):
             self._fail(

@@ -165,7 +165,9 @@ class WeightedBCEWithLogitsLoss(nn.Module):
         check_tensor("logits", logits, 2, "(N, L)", floating=True)
         _check_targets(targets, self.encoding)
         if logits.shape != targets.shape:
-            raise ValueError(f"logits and targets must have the same shape, got {tuple(logits.shape)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"logits and targets must have the same shape, got {tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
         if logits.shape[1] != self.pos_weight.shape[0]:
             raise ValueError(f"logits have {logits.shape[1]} labels but pos_ratio has {self.pos_weight.shape[0]}")
         if targets.device != logits.device:

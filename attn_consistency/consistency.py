@@ -68,7 +68,11 @@ class StageRecorder(Protocol):
         ...
 
     def classification(
-        self, output: Tensor, logits: Mapping[str, Tensor], targets: Tensor, criterion: Callable[[Tensor, Tensor], Tensor]
+        self,
+        output: Tensor,
+        logits: Mapping[str, Tensor],
+        targets: Tensor,
+        criterion: Callable[[Tensor, Tensor], Tensor],
     ) -> Tensor:
         """The classification loss of one view: ``criterion`` on the model's and each stage's logits."""
         ...
@@ -216,7 +220,9 @@ class ConsistencyOutput(NamedTuple):
     def total(self) -> Tensor:
         """``classification + loss`` (paper Eq. 6): what to backpropagate."""
         if self.classification is None:
-            raise ValueError("views() was called without targets= and criterion=: add your classification loss to .loss")
+            raise ValueError(
+                "views() was called without targets= and criterion=: add your classification loss to .loss"
+            )
         return self.classification + self.loss
 
     @property
@@ -292,7 +298,9 @@ class AttentionConsistencyLoss(nn.Module):
         self.check_finite_values = check_bool("check_finite_values", check_finite_values, optional=True)
         self.distance = _check_distance(distance)
         if isinstance(schedule, type) or (schedule is not None and not callable(schedule)):
-            raise TypeError(f"schedule must be callable (step -> multiplier), e.g. Ramp(1000), got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be callable (step -> multiplier), e.g. Ramp(1000), got {type(schedule).__name__}"
+            )
         self.schedule = schedule
         if stop_gradient not in _STOP_GRADIENT:
             raise ValueError(f"stop_gradient must be None, 'original' or 'transformed', got {stop_gradient!r}")
@@ -365,7 +373,12 @@ class AttentionConsistencyLoss(nn.Module):
                 "with targets= and criterion="
             )
         value = attention_consistency(
-            *self._pair(heatmaps, heatmaps_t), transform, params, self.reduction, self.check_finite_values, self.distance
+            *self._pair(heatmaps, heatmaps_t),
+            transform,
+            params,
+            self.reduction,
+            self.check_finite_values,
+            self.distance,
         )
         weight = self._weight(transform) * self.multiplier
         if self.diagnostics is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -443,7 +456,9 @@ class AttentionConsistencyLoss(nn.Module):
         if targets is not None:
             check_tensor("targets", targets)
             if targets.shape[0] != images.shape[0]:
-                raise ValueError(f"targets must hold one row per image ({images.shape[0]}), got shape {tuple(targets.shape)}")
+                raise ValueError(
+                    f"targets must hold one row per image ({images.shape[0]}), got shape {tuple(targets.shape)}"
+                )
         chosen = self._transforms(transforms, mode)
         self._check_keys(chosen)
         params = {t.name: t.sample(generator) for t in chosen}
@@ -457,8 +472,12 @@ class AttentionConsistencyLoss(nn.Module):
         view_images = {view: image for view, (image, _) in built.items()}
         used = {size for _, size in built.values()}
         if set(sources) - used:
-            scaled = sorted({tuple(view_images[v].shape[-2:]) for v in views if any(isinstance(by_name[n], Scale) for n in v)})
-            raise ValueError(f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})")
+            scaled = sorted(
+                {tuple(view_images[v].shape[-2:]) for v in views if any(isinstance(by_name[n], Scale) for n in v)}
+            )
+            raise ValueError(
+                f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})"
+            )
         logits, heatmaps, stage_logits = self._forward_by_size(model, cam, view_images)
         stages = () if isinstance(cam, CAMHook) else cam.stages
 
@@ -483,8 +502,12 @@ class AttentionConsistencyLoss(nn.Module):
                     original = _stacked([heatmaps[v] for v, _ in group])
                     moved = _stacked([heatmaps[w] for _, w in group])
                     terms[name] = attention_consistency(
-                        *self._pair(original, moved), transform, params[transform.name], self.reduction,
-                        self.check_finite_values, self.distance,
+                        *self._pair(original, moved),
+                        transform,
+                        params[transform.name],
+                        self.reduction,
+                        self.check_finite_values,
+                        self.distance,
                     )
                     loss = loss + weight * terms[name]
                 for stage in stages:
@@ -494,8 +517,12 @@ class AttentionConsistencyLoss(nn.Module):
                     original = _stacked([heatmaps[v][stage] for v, _ in group])
                     moved = _stacked([heatmaps[w][stage] for _, w in group])
                     term = attention_consistency(
-                        *self._pair(original, moved), transform, params[transform.name], self.reduction,
-                        self.check_finite_values, self.distance,
+                        *self._pair(original, moved),
+                        transform,
+                        params[transform.name],
+                        self.reduction,
+                        self.check_finite_values,
+                        self.distance,
                     )
                     terms[f"{name}/{stage}"] = term
                     loss = loss + weight * stage_weight * term
@@ -507,7 +534,9 @@ class AttentionConsistencyLoss(nn.Module):
             view_logits = [logits[v] for v in views]
         classification = None
         if criterion is not None and stages:  # deep supervision of every head, averaged over the views
-            classification = sum(cam.classification(logits[v], stage_logits[v], targets, criterion) for v in views) / len(views)
+            classification = sum(
+                cam.classification(logits[v], stage_logits[v], targets, criterion) for v in views
+            ) / len(views)
         elif criterion is not None:
             classification = sum(criterion(x, targets) for x in view_logits) / len(view_logits)
         if torch.is_grad_enabled():
@@ -525,7 +554,9 @@ class AttentionConsistencyLoss(nn.Module):
                 maps_logits = [stage_logits[v][s] for v in views for s in stages] if stages else view_logits
                 if self.diagnostics.due and classification is not None:
                     gradients = gradient_ratio(loss, classification, maps, maps_logits)
-                self.diagnostics.update(heatmaps[views[0]][stages[-1]] if stages else heatmaps[views[0]], loss, classification, gradients)
+                self.diagnostics.update(
+                    heatmaps[views[0]][stages[-1]] if stages else heatmaps[views[0]], loss, classification, gradients
+                )
             self.step()
         return ConsistencyOutput(view_logits, loss, terms, views, classification)
 
@@ -547,7 +578,9 @@ class AttentionConsistencyLoss(nn.Module):
         return chosen
 
     @staticmethod
-    def _resized_sources(images: Tensor, resized: Tensor | Sequence[Tensor], chosen: list[Transform]) -> dict[tuple[int, int], Tensor]:
+    def _resized_sources(
+        images: Tensor, resized: Tensor | Sequence[Tensor], chosen: list[Transform]
+    ) -> dict[tuple[int, int], Tensor]:
         batches = [resized] if isinstance(resized, Tensor) else list(resized)
         if batches and not any(isinstance(t, Scale) for t in chosen):
             raise ValueError("resized images are given but no scale transform uses them")

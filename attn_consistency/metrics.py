@@ -66,6 +66,7 @@ __all__ = [
 Encoding: TypeAlias = Literal["binary", "signed"]
 ArrayLike: TypeAlias = "Tensor | np.ndarray"
 
+
 def _as_tensor(x: ArrayLike, name: str) -> Tensor:
     """Detached CPU tensor from a torch tensor or a numpy array."""
     if isinstance(x, Tensor):
@@ -77,9 +78,7 @@ def _as_tensor(x: ArrayLike, name: str) -> Tensor:
             return torch.from_numpy(np_module.ascontiguousarray(x))
         except TypeError as err:
             raise TypeError(f"{name} has unsupported numpy dtype {x.dtype}") from err
-    raise TypeError(
-        f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(x).__name__}"
-    )
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(x).__name__}")
 
 
 def _check_matrix(x: Tensor, name: str) -> None:
@@ -105,9 +104,7 @@ def _format_set(values: Iterable[float], limit: int = 8) -> str:
     return "{" + shown + (f", ... ({len(values)} values)" if len(values) > limit else "") + "}"
 
 
-def _prepare(
-    scores: ArrayLike, targets: ArrayLike, encoding: Encoding
-) -> tuple[Tensor, Tensor]:
+def _prepare(scores: ArrayLike, targets: ArrayLike, encoding: Encoding) -> tuple[Tensor, Tensor]:
     """Validate and return (scores, targets) as float64 (N, L) tensors."""
     check_encoding(encoding)
     s = _as_tensor(scores, "scores")
@@ -116,8 +113,7 @@ def _prepare(
     _check_matrix(t, "targets")
     if s.shape != t.shape:
         raise ValueError(
-            "scores and targets must have the same shape, got "
-            f"scores {tuple(s.shape)} and targets {tuple(t.shape)}"
+            f"scores and targets must have the same shape, got scores {tuple(s.shape)} and targets {tuple(t.shape)}"
         )
     check_target_dtype("targets", t, encoding)
     s = _check_finite(s.to(torch.float64))
@@ -147,9 +143,7 @@ def _check_threshold(threshold: object) -> float:
     try:
         return check_finite_number("threshold", threshold)
     except TypeError:
-        raise TypeError(
-            f"threshold must be a float, got {type(threshold).__name__}"
-        ) from None
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}") from None
 
 
 def _predict(scores: Tensor, threshold: float, top_k: int | None) -> Tensor:
@@ -163,17 +157,13 @@ def _predict(scores: Tensor, threshold: float, top_k: int | None) -> Tensor:
     top_k = int(given)
     n_labels = scores.shape[1]
     if not 1 <= top_k <= n_labels:
-        raise ValueError(
-            f"top_k must be in [1, {n_labels}] (number of labels), got {top_k}"
-        )
+        raise ValueError(f"top_k must be in [1, {n_labels}] (number of labels), got {top_k}")
     # A stable sort makes ties at the k-th score deterministic: lower label index wins.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
 
 
-def predict_labels(
-    scores: ArrayLike, *, threshold: float = 0.0, top_k: int | None = None
-) -> Tensor:
+def predict_labels(scores: ArrayLike, *, threshold: float = 0.0, top_k: int | None = None) -> Tensor:
     r"""Binary predictions from scores, by threshold or by top-k.
 
     With ``top_k=None`` a label is predicted positive when
@@ -224,17 +214,13 @@ def _average_precision(s: Tensor, t: Tensor, encoding: Encoding) -> Tensor:
     # the group's last position, found by searchsorted on the ascending negated scores.
     neg = (-torch.gather(s.T, 1, order)).contiguous()
     group_end = torch.searchsorted(neg, neg, right=True) - 1
-    precision = _safe_div(
-        torch.gather(true_pos, 1, group_end), torch.gather(n_counted, 1, group_end)
-    )
+    precision = _safe_div(torch.gather(true_pos, 1, group_end), torch.gather(n_counted, 1, group_end))
     n_pos = true_pos[:, -1]
     ap = (ranked_hit * precision).sum(dim=1) / n_pos
     return torch.where(n_pos > 0, ap, torch.nan)
 
 
-def average_precision(
-    scores: ArrayLike, targets: ArrayLike, *, encoding: Encoding = "binary"
-) -> Tensor:
+def average_precision(scores: ArrayLike, targets: ArrayLike, *, encoding: Encoding = "binary") -> Tensor:
     r"""Per-label non-interpolated average precision.
 
     For label l, with :math:`P_l` positives and :math:`\mathrm{Prec}_l(t)` the precision
@@ -267,9 +253,7 @@ def average_precision(
     return _average_precision(s, t, encoding)
 
 
-def mean_average_precision(
-    scores: ArrayLike, targets: ArrayLike, *, encoding: Encoding = "binary"
-) -> float:
+def mean_average_precision(scores: ArrayLike, targets: ArrayLike, *, encoding: Encoding = "binary") -> float:
     r"""mAP: the mean of :func:`average_precision` over labels with a positive entry.
 
     .. math::
@@ -289,9 +273,7 @@ def mean_average_precision(
     return _nanmean(_average_precision(s, t, encoding))
 
 
-def _confusion(
-    pred: Tensor, positive: Tensor, dim: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _confusion(pred: Tensor, positive: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(TP, FP, FN, TN) counts as float64, summed along ``dim``."""
     tp = (pred & positive).sum(dim).to(torch.float64)
     fp = (pred & ~positive).sum(dim).to(torch.float64)
@@ -337,9 +319,7 @@ def balanced_accuracy(
     return _balanced_accuracy(_predict(s, threshold, None), t == 1)
 
 
-def _precision_recall_f1(
-    tp: Tensor, fp: Tensor, fn: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def _precision_recall_f1(tp: Tensor, fp: Tensor, fn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (
         _safe_div(tp, tp + fp),
         _safe_div(tp, tp + fn),
@@ -383,9 +363,7 @@ def label_precision_recall_f1(
 def _prf_summary(pred: Tensor, positive: Tensor, suffix: str) -> dict[str, float]:
     tp, fp, fn, _ = _confusion(pred, positive, dim=0)
     cp, cr, cf1 = (float(x.mean()) for x in _precision_recall_f1(tp, fp, fn))
-    op, or_, of1 = (
-        float(x) for x in _precision_recall_f1(tp.sum(), fp.sum(), fn.sum())
-    )
+    op, or_, of1 = (float(x) for x in _precision_recall_f1(tp.sum(), fp.sum(), fn.sum()))
     return {
         f"P-C{suffix}": cp,
         f"R-C{suffix}": cr,

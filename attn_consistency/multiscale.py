@@ -111,12 +111,16 @@ class SideHead(nn.Module):
         reduction, kernel_size: see :class:`AttentionModule`.
     """
 
-    def __init__(self, channels: int, num_labels: int, width: int | None = None, reduction: int = 16, kernel_size: int = 7) -> None:
+    def __init__(
+        self, channels: int, num_labels: int, width: int | None = None, reduction: int = 16, kernel_size: int = 7
+    ) -> None:
         super().__init__()
         channels = check_positive_int("channels", channels)
         num_labels = check_positive_int("num_labels", num_labels)
         width = min(channels, 256) if width is None else check_positive_int("width", width)
-        self.project = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(
+            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         self.attention = AttentionModule(width, reduction, kernel_size)
         self.classifier = nn.Conv2d(width, num_labels, 1)
 
@@ -328,7 +332,9 @@ class MultiScaleHeads(_Recording, nn.Module):
         if num_labels is None:
             num_labels = _num_labels(module)
             if num_labels is None:
-                raise ValueError(f"cannot tell how many labels {type(module).__name__} has (no nn.Linear): pass num_labels=")
+                raise ValueError(
+                    f"cannot tell how many labels {type(module).__name__} has (no nn.Linear): pass num_labels="
+                )
         num_labels = check_positive_int("num_labels", num_labels)
         if channels is not None and not isinstance(channels, Mapping):
             raise TypeError(f"channels must be a mapping of stage name -> channels, got {type(channels).__name__}")
@@ -344,7 +350,9 @@ class MultiScaleHeads(_Recording, nn.Module):
                 raise ValueError(
                     f"cannot tell how many channels stage {name!r} ({type(stage).__name__}) gives: pass channels={{{name!r}: C}}"
                 )
-            built.append(SideHead(check_positive_int(f"channels[{name!r}]", count), num_labels, width, reduction, kernel_size))
+            built.append(
+                SideHead(check_positive_int(f"channels[{name!r}]", count), num_labels, width, reduction, kernel_size)
+            )
         self.heads = nn.ModuleList(built)
         self.stages: tuple[str, ...] = tuple(names)
         self.num_labels = num_labels
@@ -384,10 +392,14 @@ class MultiScaleHeads(_Recording, nn.Module):
                 index = int(stage)
                 if info is None or not -len(info) <= index < len(info):
                     count = f"has {len(info)} entries" if info else "is missing (not a timm model)"
-                    raise ValueError(f"stage {stage} is a feature_info index, but {type(model).__name__}'s feature_info {count}")
+                    raise ValueError(
+                        f"stage {stage} is a feature_info index, but {type(model).__name__}'s feature_info {count}"
+                    )
                 stage = info[index]["module"]
             if not isinstance(stage, str):
-                raise TypeError(f"stages must be names (str) or feature_info indices (int), got {type(stage).__name__} {stage!r}")
+                raise TypeError(
+                    f"stages must be names (str) or feature_info indices (int), got {type(stage).__name__} {stage!r}"
+                )
             names.append(stage)
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -398,9 +410,13 @@ class MultiScaleHeads(_Recording, nn.Module):
             try:
                 module = model.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"stage {name!r} names no submodule of {type(model).__name__}; its stages: {_available(model)}") from None
+                raise ValueError(
+                    f"stage {name!r} names no submodule of {type(model).__name__}; its stages: {_available(model)}"
+                ) from None
             if module is model or (linears and any(m is linears[-1] for m in module.modules())):
-                raise ValueError(f"stage {name!r} holds the model's classifier: name a stage of the backbone, before the head")
+                raise ValueError(
+                    f"stage {name!r} holds the model's classifier: name a stage of the backbone, before the head"
+                )
             modules.append(module)
         return names, modules
 
@@ -408,11 +424,15 @@ class MultiScaleHeads(_Recording, nn.Module):
         if not isinstance(fusion, str):
             raise TypeError(f"fusion must be a str, got {type(fusion).__name__} {fusion!r}")
         if fusion not in _FUSIONS and fusion not in self.stages:
-            raise ValueError(f"fusion must be 'mean', 'last', 'output' or a stage name ({', '.join(self.stages)}), got {fusion!r}")
+            raise ValueError(
+                f"fusion must be 'mean', 'last', 'output' or a stage name ({', '.join(self.stages)}), got {fusion!r}"
+            )
         read = self._fused_heads(fusion)
         untrained = [head for head in read if self.supervision[head] == 0.0] if fusion != "mean" else []
         if untrained:
-            raise ValueError(f"fusion={fusion!r} reads the head {untrained[0]!r}, whose supervision weight is 0 (never trained)")
+            raise ValueError(
+                f"fusion={fusion!r} reads the head {untrained[0]!r}, whose supervision weight is 0 (never trained)"
+            )
         return fusion
 
     def _fused_heads(self, fusion: str) -> list[str]:
@@ -446,7 +466,11 @@ class MultiScaleHeads(_Recording, nn.Module):
         return chosen[0] if len(chosen) == 1 else torch.stack(chosen).mean(0)
 
     def classification(
-        self, output: Tensor, logits: Mapping[str, Tensor], targets: Tensor, criterion: Callable[[Tensor, Tensor], Tensor]
+        self,
+        output: Tensor,
+        logits: Mapping[str, Tensor],
+        targets: Tensor,
+        criterion: Callable[[Tensor, Tensor], Tensor],
     ) -> Tensor:
         """Deep supervision: :math:`\\sum_h w_h\\, \\text{criterion}(\\text{logits}_h, \\text{targets})` over the heads."""
         total = None
@@ -504,7 +528,9 @@ class MultiScaleHeads(_Recording, nn.Module):
                     f"side head was built for {expected}; pass channels={{{name!r}: {output.shape[1]}}}"
                 )
             if name in record.heatmaps:
-                raise ValueError(f"stage {name!r} ran twice in one forward (a shared module?); name a stage that runs once")
+                raise ValueError(
+                    f"stage {name!r} ran twice in one forward (a shared module?); name a stage that runs once"
+                )
         except ValueError:
             self.remove()
             raise
@@ -567,10 +593,14 @@ def multiscale_consistency(
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a mapping of stage name -> heatmaps, got {type(value).__name__}")
     if list(heatmaps) != list(heatmaps_t):
-        raise ValueError(f"heatmaps and heatmaps_t must hold the same stages, got {list(heatmaps)} and {list(heatmaps_t)}")
+        raise ValueError(
+            f"heatmaps and heatmaps_t must hold the same stages, got {list(heatmaps)} and {list(heatmaps_t)}"
+        )
     stage_weights = _check_weights("weights", weights, list(heatmaps))
     terms = {}
     for stage, maps in heatmaps.items():
-        term = attention_consistency(maps, heatmaps_t[stage], transform, params, reduction, check_finite_values, distance)
+        term = attention_consistency(
+            maps, heatmaps_t[stage], transform, params, reduction, check_finite_values, distance
+        )
         terms[stage] = term if stage_weights[stage] == 1.0 else stage_weights[stage] * term
     return terms

@@ -112,7 +112,9 @@ class Ramp:
             return
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
-                raise ValueError(f"observe() takes the step's loss as one number, got a tensor of shape {tuple(loss.shape)}")
+                raise ValueError(
+                    f"observe() takes the step's loss as one number, got a tensor of shape {tuple(loss.shape)}"
+                )
             value: Tensor | float = loss.detach().float().reshape(())
         else:
             value = check_finite_number("loss", loss)
@@ -171,7 +173,9 @@ def heatmap_spread(heatmaps: Tensor) -> Tensor:
     return maps.std(-1, unbiased=False).mean()
 
 
-def gradient_ratio(consistency: Tensor, classification: Tensor, heatmaps: Sequence[Tensor], logits: Sequence[Tensor]) -> Tensor:
+def gradient_ratio(
+    consistency: Tensor, classification: Tensor, heatmaps: Sequence[Tensor], logits: Sequence[Tensor]
+) -> Tensor:
     r"""How hard the consistency term pushes the heatmaps, next to the classification loss.
 
     .. math:: r = \lVert \partial \ell_a / \partial M \rVert \,/\, \lVert \partial \ell_c / \partial M \rVert
@@ -189,7 +193,9 @@ def gradient_ratio(consistency: Tensor, classification: Tensor, heatmaps: Sequen
     grads_logits = torch.autograd.grad(classification, list(logits), retain_graph=True, allow_unused=True)
     pushed = sum(g.float().square().sum() for g in grads_maps if g is not None)
     pulled = sum(
-        g.float().square().sum() / (m.shape[-2] * m.shape[-1]) for g, m in zip(grads_logits, heatmaps, strict=True) if g is not None
+        g.float().square().sum() / (m.shape[-2] * m.shape[-1])
+        for g, m in zip(grads_logits, heatmaps, strict=True)
+        if g is not None
     )
     return (torch.as_tensor(pushed) / torch.as_tensor(pulled)).sqrt().detach()
 
@@ -246,7 +252,11 @@ class ConsistencyDiagnostics:
         return (self.updates + 1) % self.every == 0
 
     def update(
-        self, heatmaps: Tensor, consistency: Tensor, classification: Tensor | None = None, gradients: Tensor | None = None
+        self,
+        heatmaps: Tensor,
+        consistency: Tensor,
+        classification: Tensor | None = None,
+        gradients: Tensor | None = None,
     ) -> None:
         """Record one step (``gradients``: its :func:`gradient_ratio`, if measured); check a full window."""
         check_tensor("consistency", consistency)
@@ -255,7 +265,9 @@ class ConsistencyDiagnostics:
         nan = consistency.new_full((), math.nan, dtype=torch.float32)
         ratio = nan if classification is None else consistency.detach().float() / classification.detach().float()
         grad = nan if gradients is None else gradients.float()
-        self._window.append(torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device), grad.to(nan.device)]))
+        self._window.append(
+            torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device), grad.to(nan.device)])
+        )
         self.updates += 1
         # windows end at multiples of `every` updates, so that a resumed run checks at the same steps
         if self.updates % self.every == 0:
@@ -288,11 +300,14 @@ class ConsistencyDiagnostics:
                 f"loss in the first {self.updates} steps: it sets the features before the classifier has found the "
                 "labels. Lower its weight, use distance='relative', or warm it up (schedule=Ramp(...)).",
             )
+
     def _warn(self, cause: str, message: str) -> None:
         if cause not in self.warned:
             self.warned.add(cause)
             warnings.warn(
-                f"attention consistency: {message} (diagnostics=False silences this)", ConsistencyWarning, stacklevel=_caller()
+                f"attention consistency: {message} (diagnostics=False silences this)",
+                ConsistencyWarning,
+                stacklevel=_caller(),
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -319,6 +334,8 @@ def _caller() -> int:
     package = __name__.rpartition(".")[0].replace(".", "/")
     frame: FrameType | None = sys._getframe(1)
     level = 1
-    while frame is not None and (f"/{package}/" in frame.f_code.co_filename or "/torch/nn/modules/" in frame.f_code.co_filename):
+    while frame is not None and (
+        f"/{package}/" in frame.f_code.co_filename or "/torch/nn/modules/" in frame.f_code.co_filename
+    ):
         frame, level = frame.f_back, level + 1
     return level

@@ -72,7 +72,9 @@ def _check_pair(heatmaps: object, heatmaps_t: object) -> tuple[Tensor, Tensor]:
             f"(N, L) = {tuple(heatmaps.shape[:2])} and {tuple(heatmaps_t.shape[:2])}"
         )
     if heatmaps.device != heatmaps_t.device:
-        raise ValueError(f"heatmaps and heatmaps_t must be on one device, got {heatmaps.device} and {heatmaps_t.device}")
+        raise ValueError(
+            f"heatmaps and heatmaps_t must be on one device, got {heatmaps.device} and {heatmaps_t.device}"
+        )
     return heatmaps, heatmaps_t
 
 
@@ -187,8 +189,7 @@ def _range(name: str, value: object) -> tuple[float, float]:
         number = check_finite_number(name, value)
     except TypeError:
         raise TypeError(
-            f"{name} must be a number or a (min, max) pair of numbers, "
-            f"got {type(value).__name__} {value!r}"
+            f"{name} must be a number or a (min, max) pair of numbers, got {type(value).__name__} {value!r}"
         ) from None
     return number, number
 
@@ -302,7 +303,11 @@ def _segment_tensors(shape: tuple[int, int], shape_t: tuple[int, int], like: Ten
             return (torch.tensor(r)[:, None] * width + torch.tensor(c)[None, :]).flatten().to(like.device)
 
         weight = torch.outer(torch.tensor(row_len, dtype=like.dtype), torch.tensor(col_len, dtype=like.dtype))
-        cached = (flat(rows, cols, shape[1]), flat(rows_t, cols_t, shape_t[1]), (weight.flatten() / area).to(like.device))
+        cached = (
+            flat(rows, cols, shape[1]),
+            flat(rows_t, cols_t, shape_t[1]),
+            (weight.flatten() / area).to(like.device),
+        )
         _segment_cache[key] = cached
     return cached
 
@@ -445,7 +450,9 @@ class Scale(Transform):
         _check_heatmaps("heatmaps", heatmaps)
         factor = self._params(params)
         if isinstance(factor, tuple):
-            raise ValueError(f"scale params: a scale to the fixed image size {factor} has no heatmap size; use a factor")
+            raise ValueError(
+                f"scale params: a scale to the fixed image size {factor} has no heatmap size; use a factor"
+            )
         return F.interpolate(heatmaps, size=self.output_size(heatmaps.shape[-2:], factor), mode="nearest"), None
 
     def consistency(self, heatmaps: Tensor, heatmaps_t: Tensor, params: Any = None) -> Tensor:
@@ -638,9 +645,7 @@ def register_transform(
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if not _NAME.fullmatch(name):
-        raise ValueError(
-            f"name must be a letter or '_' followed by letters, digits, '_' or '-', got {name!r}"
-        )
+        raise ValueError(f"name must be a letter or '_' followed by letters, digits, '_' or '-', got {name!r}")
     check_bool("overwrite", overwrite)
 
     def add(factory: Callable[..., Transform]) -> Callable[..., Transform]:

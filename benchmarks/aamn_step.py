@@ -54,7 +54,9 @@ def _case(text: str) -> tuple[str, int, int, int, int]:
     return arch, size, scale_size, batch, labels
 
 
-def steps(arch: str, size: int, scale_size: int, batch: int, labels: int, seed: int = 0) -> dict[str, Callable[[], None]]:
+def steps(
+    arch: str, size: int, scale_size: int, batch: int, labels: int, seed: int = 0
+) -> dict[str, Callable[[], None]]:
     """The four step functions of one case (see the module's docstring)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -76,24 +78,41 @@ def steps(arch: str, size: int, scale_size: int, batch: int, labels: int, seed: 
                 if cam is None:
                     loss = criterion(model(images), targets)
                 else:
-                    out = loss_fn.views(model, cam, images, transforms, mode="product", targets=targets, criterion=criterion)
+                    out = loss_fn.views(
+                        model, cam, images, transforms, mode="product", targets=targets, criterion=criterion
+                    )
                     loss = out.classification + out.loss
             loss.backward()
             optimizer.step()
 
         return run
 
-    return {"base": step("base", False), "aamn": step("aamn", False), "base_acfs": step("base", True), "aamn_acfs": step("aamn", True)}
+    return {
+        "base": step("base", False),
+        "aamn": step("aamn", False),
+        "base_acfs": step("base", True),
+        "aamn_acfs": step("aamn", True),
+    }
 
 
 def _table(results: list[dict]) -> str:
     lines = [
-        "| case | " + " | ".join(f"{v} (ms)" for v in VARIANTS) + " | " + " | ".join(f"{a}/{b}" for a, b in RATIOS) + " |",
+        "| case | "
+        + " | ".join(f"{v} (ms)" for v in VARIANTS)
+        + " | "
+        + " | ".join(f"{a}/{b}" for a, b in RATIOS)
+        + " |",
         "|---" * (1 + len(VARIANTS) + len(RATIOS)) + "|",
     ]
     for result in results:
-        times = [f"{result['variants'][v]['median'] * 1e3:.0f} [{result['variants'][v]['q1'] * 1e3:.0f}-{result['variants'][v]['q3'] * 1e3:.0f}]" for v in VARIANTS]
-        ratios = [f"{r['median']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}]" for r in (result["ratios"][f"{a}/{b}"] for a, b in RATIOS)]
+        times = [
+            f"{result['variants'][v]['median'] * 1e3:.0f} [{result['variants'][v]['q1'] * 1e3:.0f}-{result['variants'][v]['q3'] * 1e3:.0f}]"
+            for v in VARIANTS
+        ]
+        ratios = [
+            f"{r['median']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}]"
+            for r in (result["ratios"][f"{a}/{b}"] for a, b in RATIOS)
+        ]
         lines.append(f"| {result['case']} | " + " | ".join(times + ratios) + " |")
     return "\n".join(lines)
 
@@ -124,7 +143,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(text)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": sys.argv, "environment": environment(clock.device), "load_average": [start_load, load_average()], "results": results}
+    document = {
+        "command": sys.argv,
+        "environment": environment(clock.device),
+        "load_average": [start_load, load_average()],
+        "results": results,
+    }
     write_text_atomic(json.dumps(document, indent=2), output.with_suffix(".json"), "results file")
     write_text_atomic(text + "\n", output.with_suffix(".md"), "results table")
     return results

@@ -91,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str
     print(text)
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps({"command": sys.argv, "regimes": REGIMES, "runs": runs}, indent=2, default=list), path.with_suffix(".json"), "results file")
+    write_text_atomic(
+        json.dumps({"command": sys.argv, "regimes": REGIMES, "runs": runs}, indent=2, default=list),
+        path.with_suffix(".json"),
+        "results file",
+    )
     write_text_atomic(text + "\n", path.with_suffix(".md"), "results table")
     return results
 

@@ -57,7 +57,9 @@ def _header(result: dict[str, Any]) -> list[str]:
     env = result["environment"]
     machine = f"{env['cpu']}, {env['cpu_count']} logical CPUs, torch threads {env['torch_threads']}"
     if "gpu" in env:
-        machine = f"{env['gpu']} ({env['gpu_memory_gib']} GiB, CUDA {env['cuda']}, cuDNN {env['cudnn']}); host {machine}"
+        machine = (
+            f"{env['gpu']} ({env['gpu_memory_gib']} GiB, CUDA {env['cuda']}, cuDNN {env['cudnn']}); host {machine}"
+        )
     load = result["load_average"]
     return [
         f"Run {env['date_utc']} on {machine}; {env['platform']}.",
@@ -98,7 +100,9 @@ def _step_tables(steps: list[dict[str, Any]]) -> list[str]:
             ),
             "",
         ]
-        lines += _table(header, [_step_row(step, names, "process_ratios", "process_paired_ratios", "process") for step in steps])
+        lines += _table(
+            header, [_step_row(step, names, "process_ratios", "process_paired_ratios", "process") for step in steps]
+        )
     methods = sorted({step["variants"][name]["memory"]["method"] for step in steps for name in names})
     lines += [
         "Peak memory of one step, MiB above what was allocated when the step started "
@@ -119,7 +123,7 @@ def _loss_tables(loss: dict[str, Any]) -> list[str]:
             "",
             (
                 "N maps of h x w against N maps of h' x w'. Closed form: `scale_consistency(m, m_t).mean()`; "
-                "API: `attention_consistency(m, m_t, \"scale\")` (adds argument and finiteness checks); "
+                'API: `attention_consistency(m, m_t, "scale")` (adds argument and finiteness checks); '
                 "materialised: nearest `F.interpolate` of both to the LCM grid + `mse_loss`."
             ),
             "",

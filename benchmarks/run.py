@@ -106,9 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.run",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every setting left out comes from the preset: " + "; ".join(
-            f"{name}: {', '.join(f'{k}={v}' for k, v in preset.items())}" for name, preset in PRESETS.items()
-        ),
+        epilog="Every setting left out comes from the preset: "
+        + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in preset.items())}" for name, preset in PRESETS.items()),
     )
     add = parser.add_argument
     add("--preset", choices=list(PRESETS), default="cpu", help="settings to start from (default: cpu)")
@@ -133,7 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--parts", nargs="+", choices=["step", "loss"], help="what to run")
     add("--stages", nargs="+", help="also time (d): MultiScaleHeads at these stages (e.g. layer2 layer3 layer4)")
     add(
-        "--gradcam", nargs="?", const="detached", choices=["detached", "create_graph"],
+        "--gradcam",
+        nargs="?",
+        const="detached",
+        choices=["detached", "create_graph"],
         help="also time (e): (c) with CAMHook(method='gradcam'), its weights detached (default) or in the graph",
     )
     add("--seed", type=int)
@@ -175,7 +177,16 @@ def step_cases(settings: dict[str, Any]) -> list[StepCase]:
     ]
 
 
-_LOWEST = {"labels": 1, "size": 1, "scale_size": 1, "steps": 1, "loss_rounds": 1, "warmup": 0, "loss_warmup": 0, "seed": 0}
+_LOWEST = {
+    "labels": 1,
+    "size": 1,
+    "scale_size": 1,
+    "steps": 1,
+    "loss_rounds": 1,
+    "warmup": 0,
+    "loss_warmup": 0,
+    "seed": 0,
+}
 
 
 def _check_settings(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> None:

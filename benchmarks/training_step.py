@@ -37,7 +37,16 @@ from attn_consistency import (
     positive_ratio,
 )
 
-__all__ = ["GRADCAM", "MULTISCALE", "VARIANTS", "StepCase", "build_model", "build_steps", "build_transforms", "check_arch"]
+__all__ = [
+    "GRADCAM",
+    "MULTISCALE",
+    "VARIANTS",
+    "StepCase",
+    "build_model",
+    "build_steps",
+    "build_transforms",
+    "check_arch",
+]
 
 VARIANTS = ("a_plain", "b_multiview", "c_consistency")
 MULTISCALE = "d_multiscale"
@@ -218,7 +227,9 @@ def build_steps(case: StepCase) -> tuple[dict[str, Callable[[], None]], dict[str
         def multiscale() -> None:
             optimizer_d.zero_grad(set_to_none=True)
             with autocast:
-                out = multiscale_loss.views(model_d, heads, images, transforms, mode=case.mode, targets=targets, criterion=criterion)
+                out = multiscale_loss.views(
+                    model_d, heads, images, transforms, mode=case.mode, targets=targets, criterion=criterion
+                )
             update(optimizer_d, out.total)
 
         steps[MULTISCALE] = multiscale

@@ -66,7 +66,10 @@ suppress_warnings = ["myst.header"]
 # reference to them stays plain text instead of failing the build. Everything of this package resolves.
 nitpick_ignore_regex = [
     ("py:.*", r"(torch|numpy|np|nn|kornia|collections|typing|contextlib|enum|types|pathlib|weakref)(\..*)?"),
-    ("py:.*", r"(Tensor|Module|Generator|Callable|Iterator|Iterable|Mapping|Sequence|Any|Self|T|NamedTuple|Parameter|dtype|device)"),
+    (
+        "py:.*",
+        r"(Tensor|Module|Generator|Callable|Iterator|Iterable|Mapping|Sequence|Any|Self|T|NamedTuple|Parameter|dtype|device)",
+    ),
     ("py:.*", r"(int|float|str|bool|dict|list|tuple|object|None|type|slice|Warning|UserWarning)"),
     ("py:.*", r"(Size|RemovableHandle|Path|StrPath|Literal|SupportsIndex|IO|TypeVar|Number)"),
     # type aliases of the signatures, and private base classes shown as a class's bases
@@ -142,8 +145,11 @@ def _resolve_package_names(app: Any, env: Any, node: Any, contnode: Any) -> Any:
         target = ".".join(filter(None, [getattr(attn_consistency, head).__module__, head, rest]))
         found = [(target, domain.objects[target])] if target in domain.objects else []
     else:
-        found = [(name, entry) for name, entry in domain.objects.items()
-                 if name.startswith("attn_consistency.") and name.endswith("." + target)]
+        found = [
+            (name, entry)
+            for name, entry in domain.objects.items()
+            if name.startswith("attn_consistency.") and name.endswith("." + target)
+        ]
     if len(found) > 1 and node.get("py:class"):  # a method named inside its class's docstring
         found = [(name, entry) for name, entry in found if name.endswith(f".{node['py:class']}.{target}")]
     if len(found) != 1:

@@ -183,7 +183,16 @@ def load_torch(path: StrPath, what: str) -> Any:
         if error.errno is not None:
             raise _naming(error, "read", what, path) from error
         raise malformed(path, f"not a readable {what} ({_refusal(error)})") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as error:
         raise malformed(path, f"not a readable {what} ({_refusal(error)})") from None
 
 

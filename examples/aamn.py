@@ -50,7 +50,9 @@ def trunk(model: nn.Module) -> tuple[nn.Module, int]:
     pools = [k for k, (_, child) in enumerate(children) if isinstance(child, nn.AdaptiveAvgPool2d)]
     _, _, classifier = _head(model)
     if not pools:
-        raise ValueError(f"{type(model).__name__} has no average-pooling child module: cannot cut it before its pooling")
+        raise ValueError(
+            f"{type(model).__name__} has no average-pooling child module: cannot cut it before its pooling"
+        )
     # the classifier's input is the feature map's width only when it is the one linear layer after a global pooling
     after = [m for _, child in children[pools[-1] + 1 :] for m in child.modules() if isinstance(m, nn.Linear)]
     if after != [classifier] or children[pools[-1]][1].output_size not in (1, (1, 1)):

@@ -649,7 +649,9 @@ class VOC2007(_MultiLabelImages):
             values[fields[0]] = int(fields[1])
         missing = [i for i in ids if i not in values]
         if missing:
-            raise malformed(path, f"has no line for the image id {missing[0]!r} of the image set ({len(missing)} missing)")
+            raise malformed(
+                path, f"has no line for the image id {missing[0]!r} of the image set ({len(missing)} missing)"
+            )
         extra = next((i for i in values if i not in listed), None)
         if extra is not None:
             raise malformed(path, f"lists the id {extra!r}, which is not in the image set")
@@ -730,7 +732,9 @@ class VG500(_MultiLabelImages):
             if not isinstance(indices, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_labels for i in indices
             ):
-                raise malformed(labels_path, f"{name!r} is {indices!r}, expected a list of label indices in 0..{num_labels - 1}")
+                raise malformed(
+                    labels_path, f"{name!r} is {indices!r}, expected a list of label indices in 0..{num_labels - 1}"
+                )
             if not image_path.exists() and (root / "VG_100K_2" / name).exists():
                 image_path = root / "VG_100K_2" / name
             rows += [len(samples.entries)] * len(indices)

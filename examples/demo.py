@@ -66,9 +66,15 @@ def stage_table(row: dict[str, float]) -> str:
     """Markdown table of a multi-scale run: each stage's attention inconsistency and pointing game."""
     stages = [key.partition("/")[2] for key in row if key.startswith("inconsistency-flip/")]
     lines = ["| stage | incons. flip | incons. scale | pointing game |", "|---|---|---|---|"]
-    lines.append(f"| model's own CAM | {row['inconsistency-flip']:.2f} | {row['inconsistency-scale']:.2f} | {row['pointing-game'] * 100:.1f} |")
+    lines.append(
+        f"| model's own CAM | {row['inconsistency-flip']:.2f} | {row['inconsistency-scale']:.2f} | {row['pointing-game'] * 100:.1f} |"
+    )
     for stage in stages:
-        cells = (row[f"inconsistency-flip/{stage}"], row[f"inconsistency-scale/{stage}"], row[f"pointing-game/{stage}"] * 100)
+        cells = (
+            row[f"inconsistency-flip/{stage}"],
+            row[f"inconsistency-scale/{stage}"],
+            row[f"pointing-game/{stage}"] * 100,
+        )
         lines.append(f"| side head at {stage} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.1f} |")
     return "\n".join(lines)
 
@@ -78,7 +84,11 @@ def table(results: dict[str, dict[str, float]]) -> str:
     lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in results.items():
         cells = [
-            f"{row[key]:.2f}" if key.startswith("inconsistency") else f"{row[key]:.0f}" if key == "seconds" else f"{row[key] * 100:.1f}"
+            f"{row[key]:.2f}"
+            if key.startswith("inconsistency")
+            else f"{row[key]:.0f}"
+            if key == "seconds"
+            else f"{row[key] * 100:.1f}"
             for key, _ in COLUMNS
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -92,7 +102,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Refuse, before anything trains, values that argparse alone lets through."""
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
-    batch = {"--pretrain-images": PRESETS["synthetic-pretrain"]["batch_size"], "--train-images": REGIMES["finetune"]["batch_size"]}
+    batch = {
+        "--pretrain-images": PRESETS["synthetic-pretrain"]["batch_size"],
+        "--train-images": REGIMES["finetune"]["batch_size"],
+    }
     for name, size in batch.items():
         given = getattr(args, name.removeprefix("--").replace("-", "_"))
         if given < size:  # an epoch drops its last, partial batch: it would take no step
@@ -118,8 +131,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     sizes = dict(synthetic_test=args.test_images, progress=args.progress)
 
     classes = PRESETS["synthetic-pretrain"]["synthetic_classes"]
-    print(f"== pretraining: {classes} shapes, {args.pretrain_epochs} epochs on {args.pretrain_images} images", flush=True)
-    weights, pretrained_metrics = pretrained(out, epochs=args.pretrain_epochs, synthetic_train=args.pretrain_images, **sizes)
+    print(
+        f"== pretraining: {classes} shapes, {args.pretrain_epochs} epochs on {args.pretrain_images} images", flush=True
+    )
+    weights, pretrained_metrics = pretrained(
+        out, epochs=args.pretrain_epochs, synthetic_train=args.pretrain_images, **sizes
+    )
     print(f"   pretrained mAP {pretrained_metrics['mAP'] * 100:.1f}", flush=True)
     if pretrained_metrics["mAP"] < PRETRAINED_MAP:
         print(
@@ -127,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
             f"suddenly after a plateau, and this run ended before or during it); every row starts from weakly "
             f"trained features. For the intended comparison, run again with more epochs, e.g. "
             f"--pretrain-epochs {2 * args.pretrain_epochs} --out {out}-longer",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
 
     fine_tune = sizes | dict(synthetic_train=args.train_images, epochs=args.epochs)
@@ -154,13 +172,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     indices = [i for i in range(len(test_set)) if test_set.targets[i, label] == 1][:2]
     drawn = {"baseline": "baseline", "paper": "AC paper", "recommended": "AC recommended"}
     models = {title: load_trained(out / key / "last.pt")[0] for key, title in drawn.items()}
-    drawing = dict(label_name=test_set.label_names[label], scale_factor=scale_factor(config), denormalize=test_set.denormalize)
+    drawing = dict(
+        label_name=test_set.label_names[label], scale_factor=scale_factor(config), denormalize=test_set.denormalize
+    )
     picture = figure5(models, test_set.images[indices], label, out / "figure5.png", **drawing)
     msac_model, msac_config, msac_labels = load_trained(out / "msac" / "last.pt")
     heads = load_heads(out / "msac" / "last.pt", msac_model, msac_config, len(msac_labels))
-    stage_picture = figure5({"MSAC": (msac_model, heads)}, test_set.images[indices[:1]], label, out / "figure5_msac.png", **drawing)
+    stage_picture = figure5(
+        {"MSAC": (msac_model, heads)}, test_set.images[indices[:1]], label, out / "figure5_msac.png", **drawing
+    )
     heads.remove()
-    summary = {"results": results, "configs": {k: dataclasses.asdict(c) for k, c in configs.items()}, "table": text, "stages": stages}
+    summary = {
+        "results": results,
+        "configs": {k: dataclasses.asdict(c) for k, c in configs.items()},
+        "table": text,
+        "stages": stages,
+    }
     write_text_atomic(json.dumps(summary, indent=2), out / "results.json", "demo results")
     print(f"wrote {out / 'results.json'}, {picture} and {stage_picture}")
     return results

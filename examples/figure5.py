@@ -95,7 +95,12 @@ def views_and_maps(
             if not 0 <= label < maps.shape[1]:
                 raise ValueError(f"label must be in [0, {maps.shape[1] - 1}] (the model's labels), got {label}")
             for source, source_maps in by_source.items():
-                heat = F.interpolate(source_maps[:, label : label + 1].float(), size=view.shape[-2:], mode="bilinear", align_corners=False)
+                heat = F.interpolate(
+                    source_maps[:, label : label + 1].float(),
+                    size=view.shape[-2:],
+                    mode="bilinear",
+                    align_corners=False,
+                )
                 result.setdefault(source, []).append((view, heat[:, 0]))
     return result
 
@@ -105,6 +110,7 @@ def normalise_together(heats: Sequence[Tensor]) -> list[Tensor]:
     between them (the views of one image) stays visible."""
     low, high = min(float(h.min()) for h in heats), max(float(h.max()) for h in heats)
     return [(heat - low) / max(high - low, 1e-12) for heat in heats]
+
 
 def figure5(
     models: dict[str, nn.Module | tuple[nn.Module, MultiScaleHeads]],
@@ -205,7 +211,9 @@ def load_trained(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig, list[s
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise ValueError(f"{checkpoint}: its weights do not fit {config.arch} with {len(names)} labels: {error}") from None
+        raise ValueError(
+            f"{checkpoint}: its weights do not fit {config.arch} with {len(names)} labels: {error}"
+        ) from None
     return model.eval(), config, names
 
 
@@ -224,7 +232,9 @@ def load_heads(checkpoint: str | Path, model: nn.Module, config: TrainConfig, la
         heads.load_state_dict(load_train_checkpoint(checkpoint)["heads"])
     except (KeyError, RuntimeError) as error:
         heads.remove()
-        raise ValueError(f"{checkpoint}: its side heads do not fit --stages {' '.join(config.stages)}: {error}") from None
+        raise ValueError(
+            f"{checkpoint}: its side heads do not fit --stages {' '.join(config.stages)}: {error}"
+        ) from None
     return heads.eval()
 
 
@@ -266,7 +276,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 f"{path} was trained on other data than {args.checkpoints[0]}: labels {other_names} at "
                 f"{other.image_size} px on {other.dataset!r}, there {label_names} at {config.image_size} px on {config.dataset!r}"
             )
-    label = int(args.label) if args.label.isdigit() else label_names.index(args.label) if args.label in label_names else None
+    label = (
+        int(args.label)
+        if args.label.isdigit()
+        else label_names.index(args.label)
+        if args.label in label_names
+        else None
+    )
     if label is None or not 0 <= label < len(label_names):
         parser.error(f"--label {args.label!r} is not one of {label_names}")
     test_set = build_datasets(config)[1]
@@ -281,7 +297,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         models[name] = model if heads is None else (model, heads)
     return figure5(
         models,
-        images, label, args.out, label_name=label_names[label], scale_factor=scale_factor(config), denormalize=denormalize,
+        images,
+        label,
+        args.out,
+        label_name=label_names[label],
+        scale_factor=scale_factor(config),
+        denormalize=denormalize,
     )
 
 

@@ -44,8 +44,10 @@ __all__ = ["AAMN_ROWS", "REGIMES", "ROWS", "VIEWS", "pretrained", "run_row", "ta
 # images, up to 4 of them. The baselines' mAP at these settings: README, "Does it pay?".
 _SYNTHETIC = PRESETS["synthetic"] | dict(synthetic_objects=4, synthetic_test=400, progress=False)
 REGIMES: dict[str, dict[str, Any]] = {
-    "scratch": _SYNTHETIC | dict(synthetic_classes=6, synthetic_sizes=(0.2, 0.35), synthetic_train=800, epochs=30, lr=2e-3, lr_step=24),
-    "finetune": _SYNTHETIC | dict(synthetic_classes=8, synthetic_sizes=(0.15, 0.3), synthetic_train=500, epochs=10, lr=1e-3, lr_step=8),
+    "scratch": _SYNTHETIC
+    | dict(synthetic_classes=6, synthetic_sizes=(0.2, 0.35), synthetic_train=800, epochs=30, lr=2e-3, lr_step=24),
+    "finetune": _SYNTHETIC
+    | dict(synthetic_classes=8, synthetic_sizes=(0.15, 0.3), synthetic_train=500, epochs=10, lr=1e-3, lr_step=8),
 }
 VIEWS = dict(transforms=("flip", "scale"), mode="product")
 ROWS: dict[str, dict[str, Any]] = {
@@ -75,7 +77,9 @@ def pretrained(out: Path, **overrides: Any) -> tuple[str, dict[str, float]]:
 
     Returns the checkpoint's path and the pretraining's last metrics.
     """
-    config = TrainConfig(**PRESETS["synthetic-pretrain"] | dict(progress=False) | overrides | dict(out=str(out / "pretrain")))
+    config = TrainConfig(
+        **PRESETS["synthetic-pretrain"] | dict(progress=False) | overrides | dict(out=str(out / "pretrain"))
+    )
     history = train(config, device="cpu", resume=True)
     return str(out / "pretrain" / "last.pt"), history[-1]
 

@@ -141,7 +141,13 @@ class AttentionConsistencyModule(L.LightningModule):
         logged = {"train/loss": out.total, "train/cls_loss": out.classification, "train/ac_loss": out.loss}
         logged |= {f"train/term/{name}": term for name, term in out.terms.items()}
         # every replica logs the same names; Lightning averages them over the replicas
-        self.log_dict({k: v.detach() for k, v in logged.items()}, on_step=True, on_epoch=True, sync_dist=True, batch_size=len(images))
+        self.log_dict(
+            {k: v.detach() for k, v in logged.items()},
+            on_step=True,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(images),
+        )
         self.log("train/ac_multiplier", multiplier, on_step=True, on_epoch=False, batch_size=len(images))
         return out.total
 
@@ -170,7 +176,9 @@ class AttentionConsistencyModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """SGD with momentum 0.9 and a step decay per epoch, the paper's optimiser."""
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9, weight_decay=self.hparams["weight_decay"])
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=self.hparams["lr"], momentum=0.9, weight_decay=self.hparams["weight_decay"]
+        )
         decay = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams["lr_step"], self.hparams["lr_gamma"])
         return {"optimizer": optimizer, "lr_scheduler": decay}
 
@@ -196,17 +204,30 @@ def main(argv: Sequence[str] | None = None) -> L.Trainer:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: none)")
     parser.add_argument("--seed", type=count_type(0), default=0)
-    parser.add_argument("--out", default="runs/lightning", help="Lightning's logs (OUT/lightning_logs/version_N/metrics.csv) and checkpoints")
+    parser.add_argument(
+        "--out",
+        default="runs/lightning",
+        help="Lightning's logs (OUT/lightning_logs/version_N/metrics.csv) and checkpoints",
+    )
     args = parser.parse_args(argv)
     L.seed_everything(args.seed, verbose=False)  # every replica starts from the same weights
     train_set = SyntheticShapes(args.train_images, args.image_size, 6, split="train")
     test_set = SyntheticShapes(args.test_images, args.image_size, 6, split="test")
     module = AttentionConsistencyModule(
-        SmallResNet(6), positive_ratio(train_set.targets), scale_factor=(args.image_size * 7 // 8) / args.image_size, lr=args.lr
+        SmallResNet(6),
+        positive_ratio(train_set.targets),
+        scale_factor=(args.image_size * 7 // 8) / args.image_size,
+        lr=args.lr,
     )
     trainer = L.Trainer(
-        max_epochs=args.epochs, max_steps=args.max_steps, devices=args.devices, strategy=args.strategy,
-        accelerator=args.accelerator, default_root_dir=args.out, enable_progress_bar=False, log_every_n_steps=1,
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        devices=args.devices,
+        strategy=args.strategy,
+        accelerator=args.accelerator,
+        default_root_dir=args.out,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
         logger=CSVLogger(args.out),
     )
     trainer.fit(

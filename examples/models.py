@@ -85,9 +85,13 @@ def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    bad = next((key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)), None)
+    bad = next(
+        (key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)), None
+    )
     if bad is not None:
-        raise ValueError(f"{path} is not a state dict: its entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+        raise ValueError(
+            f"{path} is not a state dict: its entry {bad!r} is a {type(state[bad]).__name__}, not a tensor"
+        )
     return state
 
 
@@ -178,7 +182,9 @@ def _build_timm(arch: str, num_labels: int, pretrained: str | None) -> tuple[nn.
     try:
         model = timm.create_model(name, pretrained=pretrained == "imagenet", num_classes=num_labels, **kwargs)
     except TypeError as error:
-        raise ValueError(f"arch {arch!r}: timm.create_model({name!r}) refuses the arguments {kwargs}: {error}") from None
+        raise ValueError(
+            f"arch {arch!r}: timm.create_model({name!r}) refuses the arguments {kwargs}: {error}"
+        ) from None
     names = {module: key for key, module in model.named_modules()}
     heads = [model.get_classifier(), getattr(model, "head_dist", None)]
     return model, [f"{names[head]}." for head in heads if isinstance(head, nn.Module) and head in names]

@@ -278,9 +278,7 @@ class SyntheticShapes(Dataset):
         self.instance_masks[rows] = instance.to(torch.uint8)
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
         self.images[rows] = ((image + noise).clamp(0.0, 1.0) - mean) / std
-        self.targets[rows] = (
-            F.one_hot(labels, self.num_classes).mul(placed[..., None]).amax(1).to(self.targets.dtype)
-        )
+        self.targets[rows] = F.one_hot(labels, self.num_classes).mul(placed[..., None]).amax(1).to(self.targets.dtype)
         for lab, box, keep in zip(labels.tolist(), tight.tolist(), placed.tolist(), strict=True):
             self.boxes.append([(c, *b) for c, b, p in zip(lab, box, keep, strict=True) if p])
 

@@ -58,7 +58,9 @@ def overlay(image: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
     return (1 - alpha) * image.clamp(0, 1).cpu() + alpha * colours.permute(2, 0, 1)
 
 
-def figure5_grid(per_source: Sequence[list[tuple[Tensor, Tensor]]], k: int, denormalize: Callable[[Tensor], Tensor]) -> Tensor:
+def figure5_grid(
+    per_source: Sequence[list[tuple[Tensor, Tensor]]], k: int, denormalize: Callable[[Tensor], Tensor]
+) -> Tensor:
     """One picture (3, rows * H, 3 * W) of image ``k``: a row per heatmap source, a column per view.
 
     Args:
@@ -141,7 +143,9 @@ class TensorBoardLog:
         self.steps_per_epoch = steps_per_epoch
         self.writer = writer(str(log_dir), purge_step=start_epoch * steps_per_epoch if start_epoch else None)
         if not len(images) == len(indices) == len(labels):
-            raise ValueError(f"images, indices and labels must have one entry per image, got {len(images)}, {len(indices)}, {len(labels)}")
+            raise ValueError(
+                f"images, indices and labels must have one entry per image, got {len(images)}, {len(indices)}, {len(labels)}"
+            )
         self.images, self.indices, self.labels = images, list(indices), list(labels)
         self.label_names = list(label_names)
         self.scale_factor, self.denormalize = scale_factor, denormalize
@@ -152,7 +156,9 @@ class TensorBoardLog:
         the next flush, plain numbers are kept as they are."""
         names = [name for name, value in values.items() if isinstance(value, Tensor)]
         numbers = {name: float(value) for name, value in values.items() if not isinstance(value, Tensor)}
-        stacked = torch.stack([values[name].detach().float().reshape(()) for name in names]) if names else torch.zeros(0)  # type: ignore[union-attr]
+        stacked = (
+            torch.stack([values[name].detach().float().reshape(()) for name in names]) if names else torch.zeros(0)
+        )  # type: ignore[union-attr]
         self._pending.append((epoch * self.steps_per_epoch + step, names, stacked, numbers))
         if len(self._pending) >= _FLUSH_EVERY:
             self._flush_steps()
@@ -166,7 +172,9 @@ class TensorBoardLog:
                 self.writer.add_scalar(f"train/{name}", value, global_step)
         self._pending.clear()
 
-    def epoch(self, epoch: int, row: dict[str, Any], model: nn.Module, cam: CAMHook, heads: MultiScaleHeads | None = None) -> None:
+    def epoch(
+        self, epoch: int, row: dict[str, Any], model: nn.Module, cam: CAMHook, heads: MultiScaleHeads | None = None
+    ) -> None:
         """Log the epoch's row (``epoch/KEY``) and the Figure-5 pictures of the fixed test images.
 
         Args:
@@ -198,7 +206,9 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def for_run(config: Any, test_set: Any, steps_per_epoch: int, start_epoch: int, label_names: Sequence[str]) -> TensorBoardLog:
+def for_run(
+    config: Any, test_set: Any, steps_per_epoch: int, start_epoch: int, label_names: Sequence[str]
+) -> TensorBoardLog:
     """The log of a run of :func:`examples.train.train` with ``config.tensorboard`` set.
 
     Args:
@@ -218,6 +228,13 @@ def for_run(config: Any, test_set: Any, steps_per_epoch: int, start_epoch: int, 
     picked = pick_images(test_set.targets, config.tensorboard_images)
     images = torch.stack([test_set[index][0] for index, _ in picked]) if picked else torch.zeros(0, 3, 1, 1)
     return TensorBoardLog(
-        config.tensorboard, steps_per_epoch, start_epoch, images, [index for index, _ in picked], [label for _, label in picked],
-        label_names, scale_factor(config), denormalizer(test_set),
+        config.tensorboard,
+        steps_per_epoch,
+        start_epoch,
+        images,
+        [index for index, _ in picked],
+        [label for _, label in picked],
+        label_names,
+        scale_factor(config),
+        denormalizer(test_set),
     )

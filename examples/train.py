@@ -131,7 +131,9 @@ class TrainConfig:
     synthetic_sizes: tuple[float, float] = (0.25, 0.45)  # box side range, fraction of the image
 
 
-_WIDER = dict(dataset="wider", arch="resnet50", image_size=224, scale_size=192, epochs=12, batch_size=16, lr_step=3, lr_gamma=0.5)
+_WIDER = dict(
+    dataset="wider", arch="resnet50", image_size=224, scale_size=192, epochs=12, batch_size=16, lr_step=3, lr_gamma=0.5
+)
 _AC = {"f": ("flip",), "s": ("scale",), "fs": ("flip", "scale"), "r": ("rotate",), "t": ("translate",)}
 PRESETS: dict[str, dict[str, Any]] = {}
 for _arch, _tag in (("resnet50", "r50"), ("resnet101", "r101")):
@@ -142,8 +144,12 @@ for _key in ("f", "s", "r", "t"):  # the paper's data-augmentation rows R50+f/+s
     PRESETS[f"wider-r50-{_key}"] = dict(_WIDER, transforms=_AC[_key], consistency=False)
 PRESETS["pa100k-r50"] = dict(_WIDER, dataset="pa100k")
 PRESETS["pa100k-r50-acfs"] = dict(_WIDER, dataset="pa100k", transforms=("flip", "scale"))
-PRESETS["coco-r101"] = dict(dataset="coco", arch="resnet101", image_size=288, scale_size=256, epochs=14, batch_size=24, lr_step=6, lr_gamma=0.1)
-PRESETS["coco-r101-acfs"] = dict(PRESETS["coco-r101"], transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8})
+PRESETS["coco-r101"] = dict(
+    dataset="coco", arch="resnet101", image_size=288, scale_size=256, epochs=14, batch_size=24, lr_step=6, lr_gamma=0.1
+)
+PRESETS["coco-r101-acfs"] = dict(
+    PRESETS["coco-r101"], transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8}
+)
 # MSAC (Xu et al., ICONIP 2020): side heads at ResNet stages 2-4 (strides 8, 16, 32), the flip of its
 # abstract, and with the scale term too; every weight 1, as the VAC presets (the paper gives none).
 _MSAC_STAGES = ("layer2", "layer3", "layer4")
@@ -155,8 +161,20 @@ PRESETS["wider-r50-msac-fs"] = dict(_WIDER, transforms=("flip", "scale"), stages
 # trains on 4 shapes and other images (seed 1); `synthetic` and `synthetic-acfs` fine-tune it on 6
 # shapes (the demo's rows are examples.gain's fine-tuned regime). 56/64 is close to the paper's
 # 192/224 and gives 7x7 vs 8x8 heatmaps.
-_SYNTHETIC = dict(dataset="synthetic", arch="small_resnet", image_size=64, scale_size=56, batch_size=16, optimizer="adam", weight_decay=0.0, workers=0, synthetic_train=2000)
-PRESETS["synthetic-pretrain"] = dict(_SYNTHETIC, synthetic_classes=4, seed=1, epochs=16, lr=2e-3, lr_step=12, lr_gamma=0.1)
+_SYNTHETIC = dict(
+    dataset="synthetic",
+    arch="small_resnet",
+    image_size=64,
+    scale_size=56,
+    batch_size=16,
+    optimizer="adam",
+    weight_decay=0.0,
+    workers=0,
+    synthetic_train=2000,
+)
+PRESETS["synthetic-pretrain"] = dict(
+    _SYNTHETIC, synthetic_classes=4, seed=1, epochs=16, lr=2e-3, lr_step=12, lr_gamma=0.1
+)
 PRESETS["synthetic"] = dict(_SYNTHETIC, synthetic_classes=6, epochs=6, lr=1e-3, lr_step=4, lr_gamma=0.1)
 PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"))
 # the small net's three blocks (strides 4, 8, 8: 16x16, 8x8 and 8x8 maps at 64 px)
@@ -184,10 +202,18 @@ PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale
 # other models.
 _MULTILABEL = dict(arch="resnet101", image_size=448, scale_size=384, epochs=20, batch_size=16, lr_step=30, lr_gamma=0.1)
 for _dataset, _labels in (("coco", 80), ("voc", 20), ("vg500", 500)):
-    _base = dict(_MULTILABEL, dataset=_dataset, lr=0.01 / _labels, weight_decay=1e-4 * _labels, ignore_unspecified=_dataset == "voc")
+    _base = dict(
+        _MULTILABEL,
+        dataset=_dataset,
+        lr=0.01 / _labels,
+        weight_decay=1e-4 * _labels,
+        ignore_unspecified=_dataset == "voc",
+    )
     PRESETS["coco-r101-448" if _dataset == "coco" else f"{_dataset}-r101"] = _base  # the baselines
     PRESETS[f"{_dataset}-r101-aamn"] = dict(_base, arch="aamn_resnet101")
-    PRESETS[f"{_dataset}-r101-aamn-acfs"] = dict(_base, arch="aamn_resnet101", transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8})
+    PRESETS[f"{_dataset}-r101-aamn-acfs"] = dict(
+        _base, arch="aamn_resnet101", transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8}
+    )
 
 
 # --------------------------------------------------------------------------- distributed
@@ -280,13 +306,21 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         )
     if config.dataset == "pa100k":
         # The paper trains on train (+ val for model selection, unused here) and reports test.
-        return datasets.PA100K(config.data_root, "train", train_transform), datasets.PA100K(config.data_root, "test", transform)
+        return datasets.PA100K(config.data_root, "train", train_transform), datasets.PA100K(
+            config.data_root, "test", transform
+        )
     if config.dataset == "coco":
-        return datasets.COCO2014(config.data_root, "train", train_transform), datasets.COCO2014(config.data_root, "val", transform)
+        return datasets.COCO2014(config.data_root, "train", train_transform), datasets.COCO2014(
+            config.data_root, "val", transform
+        )
     if config.dataset == "voc":
-        return datasets.VOC2007(config.data_root, "trainval", train_transform), datasets.VOC2007(config.data_root, "test", transform)
+        return datasets.VOC2007(config.data_root, "trainval", train_transform), datasets.VOC2007(
+            config.data_root, "test", transform
+        )
     if config.dataset == "vg500":
-        return datasets.VG500(config.data_root, "train", train_transform), datasets.VG500(config.data_root, "test", transform)
+        return datasets.VG500(config.data_root, "train", train_transform), datasets.VG500(
+            config.data_root, "test", transform
+        )
     if config.dataset == "csv":
         if config.csv_train is None or config.csv_test is None:
             raise ValueError("dataset 'csv' needs --csv-train and --csv-test")
@@ -355,7 +389,9 @@ def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
         raise malformed(path, f"not a checkpoint written by examples.train: no 'config'{hint}")
     for key, kind in _CHECKPOINT.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise malformed(path, f"not a checkpoint written by examples.train: {key!r} is {type(state.get(key)).__name__}")
+            raise malformed(
+                path, f"not a checkpoint written by examples.train: {key!r} is {type(state.get(key)).__name__}"
+            )
     try:
         config, history = json.loads(state["config"]), json.loads(state["history"])
     except json.JSONDecodeError as error:
@@ -399,7 +435,11 @@ def _random_view(images: Tensor, resized: list[Tensor], transforms: list, genera
     chosen = [t for t in transforms if torch.rand((), generator=generator) < 0.5]
     params = {t.name: t.sample(generator) for t in chosen}
     for t in chosen:  # the resize first, from the file's own resize where it has the size
-        if isinstance(t, Scale) and resized and tuple(resized[0].shape[-2:]) == t.output_size(images.shape[-2:], params[t.name]):
+        if (
+            isinstance(t, Scale)
+            and resized
+            and tuple(resized[0].shape[-2:]) == t.output_size(images.shape[-2:], params[t.name])
+        ):
             images = resized[0]
             chosen.remove(t)
             break
@@ -414,7 +454,9 @@ def _schedule(config: TrainConfig, steps: int) -> Ramp | None:
     if not config.warmup and not config.warmup_delay and not config.warmup_trigger:
         return None
     trigger = config.warmup_trigger or None
-    return Ramp(round(config.warmup * steps), config.warmup_shape, delay=round(config.warmup_delay * steps), trigger=trigger)
+    return Ramp(
+        round(config.warmup * steps), config.warmup_shape, delay=round(config.warmup_delay * steps), trigger=trigger
+    )
 
 
 def build_heads(config: TrainConfig, model: nn.Module, num_labels: int) -> MultiScaleHeads | None:
@@ -423,14 +465,20 @@ def build_heads(config: TrainConfig, model: nn.Module, num_labels: int) -> Multi
         return None
     try:
         return MultiScaleHeads(
-            model, config.stages, num_labels, supervision=config.supervision or None,
-            consistency_weights=config.stage_weights or None, fusion=config.fusion,
+            model,
+            config.stages,
+            num_labels,
+            supervision=config.supervision or None,
+            consistency_weights=config.stage_weights or None,
+            fusion=config.fusion,
         )
     except ValueError as error:  # a stage the model does not have: the flag that named it
         raise ValueError(f"--stages {' '.join(config.stages)}: {error}") from None
 
 
-def _classify(net: nn.Module, heads: MultiScaleHeads | None, images: Tensor, targets: Tensor, criterion: nn.Module) -> Tensor:
+def _classify(
+    net: nn.Module, heads: MultiScaleHeads | None, images: Tensor, targets: Tensor, criterion: nn.Module
+) -> Tensor:
     """The classification loss of one view: the model's, or every head's (deep supervision)."""
     if heads is None:
         return criterion(net(images), targets)
@@ -450,7 +498,12 @@ def _step_generator(config: TrainConfig, epoch: int, step: int) -> torch.Generat
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, cam: CAMHook, dataset: Dataset, config: TrainConfig, device: torch.device, heads: MultiScaleHeads | None = None
+    model: nn.Module,
+    cam: CAMHook,
+    dataset: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    heads: MultiScaleHeads | None = None,
 ) -> dict[str, float]:
     """Test-set metrics: label-based (and example-based), attention inconsistency (Table 2).
 
@@ -484,7 +537,9 @@ def evaluate(
             heatmaps.append(maps.float().cpu())
     targets = dataset.targets
     encoding = getattr(dataset, "encoding", "binary")
-    result = label_based_metrics(torch.cat(scores), targets, encoding=encoding, top_k=3 if config.dataset == "coco" else None)
+    result = label_based_metrics(
+        torch.cat(scores), targets, encoding=encoding, top_k=3 if config.dataset == "coco" else None
+    )
     if config.dataset == "pa100k":
         result |= example_based_metrics(torch.cat(scores), targets)
     for head, logits in head_scores.items():
@@ -495,9 +550,13 @@ def evaluate(
     amp = _use(config.amp, device)
     # the model's own CAMs, then each stage's (the other recorder paused)
     for recorder, other in ((cam, heads), (heads, cam)) if heads is not None else ((cam, None),):
-        batches = (images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers))
+        batches = (
+            images for images, _ in DataLoader(dataset, batch_size=config.test_batch_size, num_workers=config.workers)
+        )
         with other.paused() if other is not None else contextlib.nullcontext():
-            for name, value in attention_inconsistency(model, recorder, batches, [flip, scale], device=device, amp=amp).items():
+            for name, value in attention_inconsistency(
+                model, recorder, batches, [flip, scale], device=device, amp=amp
+            ).items():
                 result[f"inconsistency-{name}"] = value
     if pointing:
         from examples.synthetic import pointing_game
@@ -522,7 +581,9 @@ def _progress(iterable, config: TrainConfig, description: str):
 
 
 # Settings a resumed run may change: they do not alter what the finished epochs computed.
-_RESUMABLE_CHANGES = frozenset({"epochs", "out", "progress", "workers", "test_batch_size", "tensorboard", "tensorboard_images"})
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "out", "progress", "workers", "test_batch_size", "tensorboard", "tensorboard_images"}
+)
 
 
 def _older_default(key: str) -> Any:
@@ -553,7 +614,9 @@ def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_diges
     saved = json.loads(state["config"])
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     # the warm-up is a fraction of the run's steps: more epochs would move it under a running run
-    resumable = _RESUMABLE_CHANGES - ({"epochs"} if config.warmup or config.warmup_delay or config.warmup_trigger else set())
+    resumable = _RESUMABLE_CHANGES - (
+        {"epochs"} if config.warmup or config.warmup_delay or config.warmup_trigger else set()
+    )
     changed = [
         f"{key}: {saved.get(key, _older_default(key))!r} there, {value!r} here"
         for key, value in current.items()
@@ -602,7 +665,9 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     # the authors' flip + scale step runs all four combinations of the two
     mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(
+            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     else:
         optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
@@ -647,8 +712,13 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         else _EpochSampler(len(train_set), config.seed)
     )
     loader = DataLoader(
-        train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+        train_set,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=config.workers > 0,
     )
     steps_per_epoch = len(loader) if config.max_steps is None else min(len(loader), config.max_steps)
     consistency = AttentionConsistencyLoss(
@@ -680,18 +750,32 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         running = torch.zeros(3, device=device)
         term_sums: dict[str, Tensor] = {}
         steps = 0
-        for step, (images, targets) in enumerate(_progress(loader, config, f"epoch {epoch + 1}") if ddp.main else loader):
+        for step, (images, targets) in enumerate(
+            _progress(loader, config, f"epoch {epoch + 1}") if ddp.main else loader
+        ):
             if config.max_steps is not None and step >= config.max_steps:
                 break
             multiplier = consistency.multiplier  # this step's: views() moves the schedule on
             images, resized = (images[0], images[1:]) if isinstance(images, (list, tuple)) else (images, [])
-            images, *resized = (x.to(device, non_blocking=True, memory_format=memory_format) for x in (images, *resized))
+            images, *resized = (
+                x.to(device, non_blocking=True, memory_format=memory_format) for x in (images, *resized)
+            )
             targets = targets.to(device, non_blocking=True)
-            with observe(targets) if observe else contextlib.nullcontext(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with (
+                observe(targets) if observe else contextlib.nullcontext(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
+            ):
                 if transforms and not random_augmentation:
                     views = consistency.views(
-                        net, recorder, images, transforms, mode=mode, generator=_step_generator(config, epoch, step),
-                        resized=resized, targets=targets, criterion=classification,
+                        net,
+                        recorder,
+                        images,
+                        transforms,
+                        mode=mode,
+                        generator=_step_generator(config, epoch, step),
+                        resized=resized,
+                        targets=targets,
+                        criterion=classification,
                     )
                     cls_loss, ac_loss = views.classification, views.loss
                     for name, term in views.terms.items():
@@ -708,8 +792,16 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
             optimizer.step()
             running += torch.stack([loss.detach(), cls_loss.detach(), ac_loss.detach()]).float()
             if board is not None:
-                terms_now = {f"term/{name}": term for name, term in views.terms.items()} if transforms and not random_augmentation else {}
-                board.step(epoch, step, {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": multiplier} | terms_now)
+                terms_now = (
+                    {f"term/{name}": term for name, term in views.terms.items()}
+                    if transforms and not random_augmentation
+                    else {}
+                )
+                board.step(
+                    epoch,
+                    step,
+                    {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": multiplier} | terms_now,
+                )
             steps += 1
         terms = torch.stack([term_sums[name] for name in sorted(term_sums)]) if term_sums else None
         if ddp.world > 1:
@@ -785,13 +877,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
         if field.name == "transforms":
-            parser.add_argument(flag, nargs="*", type=argument_type(field.name, str), default=None, help="views: flip scale rotate translate")
+            parser.add_argument(
+                flag,
+                nargs="*",
+                type=argument_type(field.name, str),
+                default=None,
+                help="views: flip scale rotate translate",
+            )
         elif field.name == "stages":
-            parser.add_argument(flag, nargs="*", type=argument_type(field.name, str), default=None, help="side heads (MSAC), e.g. layer2 layer3 layer4")
+            parser.add_argument(
+                flag,
+                nargs="*",
+                type=argument_type(field.name, str),
+                default=None,
+                help="side heads (MSAC), e.g. layer2 layer3 layer4",
+            )
         elif field.name == "synthetic_sizes":
-            parser.add_argument(flag, nargs=2, type=argument_type(field.name, float), default=None, metavar=("MIN", "MAX"))
+            parser.add_argument(
+                flag, nargs=2, type=argument_type(field.name, float), default=None, metavar=("MIN", "MAX")
+            )
         elif field.name in ("weights", "supervision", "stage_weights"):
-            parser.add_argument(flag, type=argument_type(field.name, json_value), default=None, help='JSON, e.g. {"flip": 0.6, "scale": 0.8}')
+            parser.add_argument(
+                flag,
+                type=argument_type(field.name, json_value),
+                default=None,
+                help='JSON, e.g. {"flip": 0.6, "scale": 0.8}',
+            )
         elif isinstance(value, bool) or field.type in ("bool | None", "bool"):
             parser.add_argument(flag, type=argument_type(field.name, _parse_bool), default=None, metavar="BOOL")
         elif isinstance(value, int) or "int" in str(field.type):

@@ -70,7 +70,9 @@ def _count(low: int, high: int | None = None, why: str = "") -> Rule:
     return rule
 
 
-def _interval(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, why: str = "") -> Rule:
+def _interval(
+    low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, why: str = ""
+) -> Rule:
     def rule(value: Any) -> None:
         number = _real(value)
         if number < low or (low_open and number == low) or number > high or (high_open and number == high):

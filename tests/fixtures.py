@@ -62,7 +62,9 @@ VOC_NAMES = [
 ]  # fmt: skip
 
 
-def write_voc(root: Path, labels: dict[str, dict[str, int]], split: str = "trainval", size: tuple[int, int] = (40, 30)) -> Path:
+def write_voc(
+    root: Path, labels: dict[str, dict[str, int]], split: str = "trainval", size: tuple[int, int] = (40, 30)
+) -> Path:
     """``root/VOCdevkit/VOC2007`` as the devkit ships it, for images ``{id: {class: 1 | 0 | -1}}``
     (classes not given are -1; 0 = only difficult objects): the image set, the 20 class files
     (``"%s %2d"`` lines, as the devkit writes them), one XML annotation and one JPEG per image."""
@@ -71,7 +73,9 @@ def write_voc(root: Path, labels: dict[str, dict[str, int]], split: str = "train
     main.mkdir(parents=True, exist_ok=True)
     (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in labels))
     for name in VOC_NAMES:
-        (main / f"{name}_{split}.txt").write_text("".join(f"{i} {values.get(name, -1):2d}\n" for i, values in labels.items()))
+        (main / f"{name}_{split}.txt").write_text(
+            "".join(f"{i} {values.get(name, -1):2d}\n" for i, values in labels.items())
+        )
     (base / "Annotations").mkdir(parents=True, exist_ok=True)
     for k, (image_id, values) in enumerate(labels.items()):
         objects = []

@@ -40,7 +40,11 @@ def _filled_memory(dtype: torch.dtype = torch.float32, filled: tuple[int, ...] =
 
 def _modules(dtype: torch.dtype = torch.float32) -> list[nn.Module]:
     torch.manual_seed(1)
-    modules = [_filled_memory(dtype), ChannelRelation(C, reduction=2).to(dtype), SpatialRelation(C, reduction=2).to(dtype)]
+    modules = [
+        _filled_memory(dtype),
+        ChannelRelation(C, reduction=2).to(dtype),
+        SpatialRelation(C, reduction=2).to(dtype),
+    ]
     with torch.no_grad():
         for module in modules:
             module.gate.fill_(0.7)
@@ -253,12 +257,17 @@ def _tiny_aamn() -> AAMN:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(3)
-    return [(torch.randn(4, 3, 8, 8, generator=generator), (torch.rand(4, L, generator=generator) > 0.5).float()) for _ in range(3)]
+    return [
+        (torch.randn(4, 3, 8, 8, generator=generator), (torch.rand(4, L, generator=generator) > 0.5).float())
+        for _ in range(3)
+    ]
 
 
 def _ddp_memory_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         model = _tiny_aamn()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -270,7 +279,9 @@ def _ddp_memory_worker(rank: int, port: int, out_dir: str) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        torch.save({"slots": model.head.memory.slots, "updates": model.head.memory.updates}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"slots": model.head.memory.slots, "updates": model.head.memory.updates}, Path(out_dir) / f"rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -326,7 +337,9 @@ def test_cam_invariant_of_the_aamn_head():
     torch.testing.assert_close(heatmaps.mean((2, 3)) + model.head.fc.bias, logits, rtol=1e-5, atol=1e-6)
     # the maps are those of the enhanced map, not of the backbone's
     enhanced = model.head.enhance(model.trunk(images))
-    torch.testing.assert_close(heatmaps, torch.einsum("lc,nchw->nlhw", model.head.fc.weight, enhanced), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        heatmaps, torch.einsum("lc,nchw->nlhw", model.head.fc.weight, enhanced), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_consistency_loss_through_the_aamn_head_reaches_every_module_and_fills_the_memory():
@@ -335,8 +348,14 @@ def test_consistency_loss_through_the_aamn_head_reaches_every_module_and_fills_t
     loss_fn = AttentionConsistencyLoss()
     with CAMHook(model) as cam, model.observe(targets):
         out = loss_fn.views(
-            model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0),
-            targets=targets, criterion=WeightedBCEWithLogitsLoss(torch.full((L,), 0.5)),
+            model,
+            cam,
+            images,
+            ["flip", "scale"],
+            mode="product",
+            generator=torch.Generator().manual_seed(0),
+            targets=targets,
+            criterion=WeightedBCEWithLogitsLoss(torch.full((L,), 0.5)),
         )
     assert set(out.terms) == {"flip", "scale"}
     assert torch.isfinite(out.loss) and out.loss > 0

@@ -40,7 +40,13 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_voc(voc, _voc_labels(0), "trainval")
     write_voc(voc, _voc_labels(10), "test")
     vg = tmp_path_factory.mktemp("vg500")
-    write_vg500(vg, {"train": {f"{k}.jpg": [k, 100 + k, 499] for k in range(4)}, "test": {f"{10 + k}.jpg": [k, 499] for k in range(4)}})
+    write_vg500(
+        vg,
+        {
+            "train": {f"{k}.jpg": [k, 100 + k, 499] for k in range(4)},
+            "test": {f"{10 + k}.jpg": [k, 499] for k in range(4)},
+        },
+    )
     return {"voc": voc, "vg500": vg, "coco": write_coco_root(tmp_path_factory.mktemp("coco"))}
 
 
@@ -50,7 +56,11 @@ def test_presets_follow_the_multilabel_protocol():
         assert (baseline["arch"], baseline["image_size"], baseline["dataset"]) == ("resnet101", 448, dataset)
         assert PRESETS[f"{dataset}-r101-aamn"] == baseline | {"arch": "aamn_resnet101"}
         acfs = PRESETS[f"{dataset}-r101-aamn-acfs"]
-        assert acfs == baseline | {"arch": "aamn_resnet101", "transforms": ("flip", "scale"), "weights": {"flip": 0.6, "scale": 0.8}}
+        assert acfs == baseline | {
+            "arch": "aamn_resnet101",
+            "transforms": ("flip", "scale"),
+            "weights": {"flip": 0.6, "scale": 0.8},
+        }
         assert baseline["ignore_unspecified"] == (dataset == "voc")  # VOC's difficult objects: out of the loss
 
 
@@ -76,7 +86,9 @@ def test_preset_sgd_steps_equal_ml_gcns_on_its_label_averaged_loss():
         features = torch.randn(4, 6, generator=generator, dtype=torch.float64)
         targets = (torch.rand(4, labels, generator=generator) < 0.3).double()
         data = (start, features, targets)
-        ours = _sgd_steps(*data, config.lr, config.weight_decay, lambda loss: loss.sum(1).mean())  # summed over labels (Eq. 2-3)
+        ours = _sgd_steps(
+            *data, config.lr, config.weight_decay, lambda loss: loss.sum(1).mean()
+        )  # summed over labels (Eq. 2-3)
         ml_gcn = _sgd_steps(*data, 0.01, 1e-4, lambda loss: loss.mean())  # MultiLabelSoftMarginLoss: averaged
         torch.testing.assert_close(ours, ml_gcn, rtol=1e-9, atol=1e-12, msg=dataset)
 
@@ -150,7 +162,15 @@ def test_build_model_aamn_loads_the_backbone_from_a_checkpoint_of_it(tmp_path: P
 
 
 def _resume_config(out: Path, epochs: int) -> TrainConfig:
-    settings = {"arch": "aamn_small_resnet", "scale_size": 24, "max_steps": None, "lr_step": 1, "synthetic_train": 16, "out": str(out), "epochs": epochs}
+    settings = {
+        "arch": "aamn_small_resnet",
+        "scale_size": 24,
+        "max_steps": None,
+        "lr_step": 1,
+        "synthetic_train": 16,
+        "out": str(out),
+        "epochs": epochs,
+    }
     return TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | settings))
 
 
@@ -171,7 +191,9 @@ def test_step_benchmark_writes_every_variant_and_paired_ratios(tmp_path: Path) -
     from benchmarks.aamn_step import RATIOS, VARIANTS
     from benchmarks.aamn_step import main as benchmark
 
-    (result,) = benchmark(["--cases", "small_resnet:32:24:4:4", "--rounds", "3", "--warmup", "1", "--output", str(tmp_path / "step")])
+    (result,) = benchmark(
+        ["--cases", "small_resnet:32:24:4:4", "--rounds", "3", "--warmup", "1", "--output", str(tmp_path / "step")]
+    )
     written = json.loads((tmp_path / "step.json").read_text())["results"]
     assert written == [result] and set(result["variants"]) == set(VARIANTS)
     for a, b in RATIOS:

@@ -71,7 +71,10 @@ def test_smoke_markdown_table(smoke_result):
     returned, _, table = smoke_result
     step = returned["step"][0]
     assert f"Command: `{returned['command']}`" in table
-    assert "| case | (a) plain | (b) views, cls only | (c) views + consistency | (c)/(b) | (b)/(a) | pixels (b)/(a) |" in table
+    assert (
+        "| case | (a) plain | (b) views, cls only | (c) views + consistency | (c)/(b) | (b)/(a) | pixels (b)/(a) |"
+        in table
+    )
     row = next(line for line in table.splitlines() if line.startswith(f"| {step['label']} | "))
     assert f"| {step['ratios']['c/b']:.3f}; " in row
     assert "### Scale term alone" in table and "### Four-view consistency" in table
@@ -83,7 +86,9 @@ def test_cuda_presets_resolve_without_a_gpu(capsys):
     assert {(c["batch"], c["compile"]) for c in r50["cases"]} == {(32, False), (32, True), (64, False), (64, True)}
     assert all(c["precision"] == "bf16" and c["channels_last"] and c["arch"] == "resnet50" for c in r50["cases"])
     coco = run.main(["--preset", "cuda-r101-coco", "--dry-run", "--runner", "eager"])
-    assert [(c["arch"], c["labels"], c["size"], c["scale_size"]) for c in coco["cases"]] == [("resnet101", 80, 448, 384)]
+    assert [(c["arch"], c["labels"], c["size"], c["scale_size"]) for c in coco["cases"]] == [
+        ("resnet101", 80, 448, 384)
+    ]
     assert "loss: coco448: N=64 L=80 C=2048 14x14 vs 12x12" in capsys.readouterr().out
 
 
@@ -113,9 +118,15 @@ def test_bad_arguments_are_reported(argv, match, capsys):
 def test_summarize_quartiles_match_numpy_default():
     values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
     stats = summarize(values)
-    expected = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    expected = torch.quantile(
+        torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    )
     assert [stats["q1"], stats["median"], stats["q3"]] == pytest.approx(expected.tolist())
-    assert (stats["min"], stats["max"], stats["iqr"]) == (1.0, 10.0, pytest.approx(expected[2].item() - expected[0].item()))
+    assert (stats["min"], stats["max"], stats["iqr"]) == (
+        1.0,
+        10.0,
+        pytest.approx(expected[2].item() - expected[0].item()),
+    )
 
 
 def test_reference_flip_and_lcm_oracles():
@@ -131,7 +142,20 @@ def test_reference_flip_and_lcm_oracles():
 def test_smoke_with_stages_times_the_multiscale_step_beside_vac(tmp_path):
     # (d): MultiScaleHeads at three stages of the tiny net in place of the single CAMHook of (c)
     output = tmp_path / "stages.json"
-    result = run.main(["--preset", "smoke", "--parts", "step", "--stages", "features.1", "features.4", "features.7", "--output", str(output)])
+    result = run.main(
+        [
+            "--preset",
+            "smoke",
+            "--parts",
+            "step",
+            "--stages",
+            "features.1",
+            "features.4",
+            "features.7",
+            "--output",
+            str(output),
+        ]
+    )
     (step,) = result["step"]
     assert set(step["variants"]) == {*VARIANTS, "d_multiscale"}
     assert step["case"]["stages"] == ["features.1", "features.4", "features.7"]

@@ -278,7 +278,10 @@ def test_classifier_that_is_not_linear_is_a_type_error() -> None:
 def test_features_whose_output_is_not_4d_raise_at_forward() -> None:
     model = tiny_net()
     with CAMHook(model, features="flatten", classifier="fc") as cam:
-        with pytest.raises(ValueError, match=r"'flatten' must be a 4-D map \(N, C, h, w\) or \(N, h, w, C\), or tokens \(N, T, C\), got \(2, 16\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"'flatten' must be a 4-D map \(N, C, h, w\) or \(N, h, w, C\), or tokens \(N, T, C\), got \(2, 16\)",
+        ):
             model(images(2, 3, 8, 8))
         assert len(cam) == 0
 

@@ -387,7 +387,9 @@ def test_label_count_must_match_the_logits() -> None:
 
 def test_logits_that_no_linear_layer_computes_are_refused() -> None:
     model = model_of(ScaledLogits)
-    with pytest.raises(ValueError, match=r"could not find the classifier of ScaledLogits: no nn.Linear \(or 1x1 nn.Conv2d\) computes"):
+    with pytest.raises(
+        ValueError, match=r"could not find the classifier of ScaledLogits: no nn.Linear \(or 1x1 nn.Conv2d\) computes"
+    ):
         with CAMHook(model):
             model(images(2, 3, 8, 8))
     message = r"ScaledLogits is not GAP-FC between 'pool' and 'fc': it does not return the output of 'fc'"

@@ -71,7 +71,10 @@ def _randomise(model: nn.Module) -> nn.Module:
     """Norm parameters and running statistics away from their identity initialisation."""
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
-        if isinstance(module, (nn.LayerNorm, nn.BatchNorm1d, nn.RMSNorm)) and getattr(module, "weight", None) is not None:
+        if (
+            isinstance(module, (nn.LayerNorm, nn.BatchNorm1d, nn.RMSNorm))
+            and getattr(module, "weight", None) is not None
+        ):
             with torch.no_grad():
                 module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
                 if getattr(module, "bias", None) is not None:
@@ -426,7 +429,11 @@ def test_ddp_with_a_token_head_matches_one_process(tmp_path) -> None:
     model = tiny_vit(global_pool="avg")
     with CAMHook(model) as cam:
         out = AttentionConsistencyLoss(diagnostics=False).views(
-            model, cam, images(4, 3, 32, 32), ["flip"], targets=_targets(),
+            model,
+            cam,
+            images(4, 3, 32, 32),
+            ["flip"],
+            targets=_targets(),
             criterion=nn.functional.binary_cross_entropy_with_logits,
         )
     out.total.backward()
@@ -499,8 +506,9 @@ def test_attention_inconsistency_keeps_no_graph(monkeypatch) -> None:
     monkeypatch.setattr(
         consistency,
         "attention_consistency",
-        lambda maps, maps_t, *args, **kwargs: compared.append(maps.requires_grad or maps_t.requires_grad)
-        or compare(maps, maps_t, *args, **kwargs),
+        lambda maps, maps_t, *args, **kwargs: (
+            compared.append(maps.requires_grad or maps_t.requires_grad) or compare(maps, maps_t, *args, **kwargs)
+        ),
     )
     with CAMHook(model) as cam:
         value = consistency.attention_inconsistency(model, cam, [x, x], "flip")

@@ -90,7 +90,12 @@ def test_gradcheck():
         (torch.randn(2, 3), torch.ones(2, 4), ValueError, r"same shape, got \(2, 3\) and \(2, 4\)"),
         (torch.randn(2, 4), torch.ones(2, 4), ValueError, "logits have 4 labels but pos_ratio has 3"),
         (torch.randn(2, 3, 1), torch.ones(2, 3), ValueError, r"logits must be 2-D \(N, L\)"),
-        (torch.randn(2, 3), torch.full((2, 3), 2.0), ValueError, r"targets must hold only \(0.0, 1.0\) for encoding='binary', found \[2.0\]"),
+        (
+            torch.randn(2, 3),
+            torch.full((2, 3), 2.0),
+            ValueError,
+            r"targets must hold only \(0.0, 1.0\) for encoding='binary', found \[2.0\]",
+        ),
         ([[0.0, 1.0, 2.0]], torch.ones(1, 3), TypeError, "logits must be a torch.Tensor, got list"),
     ],
 )
@@ -104,7 +109,9 @@ def test_bad_construction():
         WeightedBCEWithLogitsLoss(torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="encoding must be 'binary'"):
         WeightedBCEWithLogitsLoss(torch.tensor([0.5]), encoding="pm1")
-    with pytest.raises(ValueError, match=r"targets must hold only \(-1.0, 0.0, 1.0\) for encoding='signed', found \[2.0\]"):
+    with pytest.raises(
+        ValueError, match=r"targets must hold only \(-1.0, 0.0, 1.0\) for encoding='signed', found \[2.0\]"
+    ):
         positive_ratio(torch.tensor([[1.0, 2.0]]), "signed")
 
 
@@ -141,7 +148,9 @@ def test_signed_int8_targets_give_the_float_target_loss():
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
 def test_targets_that_cannot_hold_minus_one_are_refused_as_signed(dtype):
     targets = torch.tensor([[1, 0], [0, 1]], dtype=dtype)
-    match = rf"targets of dtype {dtype} cannot hold -1 \(negative\), so with encoding='signed' every 0 would be unspecified"
+    match = (
+        rf"targets of dtype {dtype} cannot hold -1 \(negative\), so with encoding='signed' every 0 would be unspecified"
+    )
     with pytest.raises(TypeError, match=match):
         positive_ratio(targets, "signed")
     with pytest.raises(TypeError, match=match):
@@ -178,7 +187,9 @@ def test_empty_batch_and_no_label():
     assert criterion(torch.zeros(0, 2), torch.zeros(0, 2)).item() == 0.0
     none = WeightedBCEWithLogitsLoss(torch.tensor([0.2, 0.7]), reduction="none")
     assert none(torch.zeros(0, 2), torch.zeros(0, 2)).shape == (0, 2)
-    with pytest.raises(ValueError, match=r"logits hold no sample \(shape \(0, 2\)\): the mean over samples is undefined"):
+    with pytest.raises(
+        ValueError, match=r"logits hold no sample \(shape \(0, 2\)\): the mean over samples is undefined"
+    ):
         WeightedBCEWithLogitsLoss(torch.tensor([0.2, 0.7]))(torch.zeros(0, 2), torch.zeros(0, 2))
     with pytest.raises(ValueError, match=r"targets must hold at least one sample, got shape \(0, 3\)"):
         positive_ratio(torch.zeros(0, 3))
@@ -192,7 +203,11 @@ def test_empty_batch_and_no_label():
     [
         (torch.tensor([0.5, math.nan]), ValueError, r"pos_ratio has 1 non-finite values \(nan or inf\) out of 2"),
         (torch.tensor([math.inf]), ValueError, r"pos_ratio has 1 non-finite values"),
-        (torch.tensor([True, False]), TypeError, r"pos_ratio must be a real tensor of ratios in \[0, 1\], got dtype torch.bool"),
+        (
+            torch.tensor([True, False]),
+            TypeError,
+            r"pos_ratio must be a real tensor of ratios in \[0, 1\], got dtype torch.bool",
+        ),
         (torch.tensor([0.5 + 0j]), TypeError, r"pos_ratio must be a real tensor .* got dtype torch.complex64"),
         ("abc", TypeError, r"pos_ratio must be a tensor \(or a sequence\) of ratios, got str"),
         (None, TypeError, r"pos_ratio must be a tensor \(or a sequence\) of ratios, got NoneType"),
@@ -208,7 +223,9 @@ def test_bad_pos_ratio(pos_ratio, error, match):
 def test_pos_ratio_as_a_list_equals_the_tensor():
     logits, positive = _problem(labels=2)
     from_list = WeightedBCEWithLogitsLoss([0.25, 0.5])(logits, positive)
-    assert torch.equal(from_list, WeightedBCEWithLogitsLoss(torch.tensor([0.25, 0.5], dtype=torch.float64))(logits, positive))
+    assert torch.equal(
+        from_list, WeightedBCEWithLogitsLoss(torch.tensor([0.25, 0.5], dtype=torch.float64))(logits, positive)
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,9 +257,24 @@ def test_bad_positive_ratio_options():
 @pytest.mark.parametrize(
     ("logits", "targets", "error", "match"),
     [
-        (torch.zeros(2, 2), torch.zeros(2, 2, device="meta"), ValueError, r"targets must be on the device of logits \(cpu\), got meta"),
-        (torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.complex64), TypeError, r"targets must be real-valued, got dtype torch.complex64"),
-        (torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2), TypeError, r"logits must be a floating-point tensor, got torch.int64"),
+        (
+            torch.zeros(2, 2),
+            torch.zeros(2, 2, device="meta"),
+            ValueError,
+            r"targets must be on the device of logits \(cpu\), got meta",
+        ),
+        (
+            torch.zeros(2, 2),
+            torch.zeros(2, 2, dtype=torch.complex64),
+            TypeError,
+            r"targets must be real-valued, got dtype torch.complex64",
+        ),
+        (
+            torch.zeros(2, 2, dtype=torch.int64),
+            torch.zeros(2, 2),
+            TypeError,
+            r"logits must be a floating-point tensor, got torch.int64",
+        ),
         (torch.zeros(2, 2), torch.zeros(2, 2, 1), ValueError, r"targets must be 2-D \(N, L\), got shape \(2, 2, 1\)"),
     ],
 )

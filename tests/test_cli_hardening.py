@@ -49,13 +49,25 @@ TRAIN_PARSE_ERRORS = [
     (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
     (["--synthetic-train", "0"], "argument --synthetic-train: must be at least 1, got 0"),
     (["--synthetic-test", "0"], "argument --synthetic-test: must be at least 1, got 0"),
-    (["--synthetic-classes", "9"], "argument --synthetic-classes: must be in [1, 8] (the shapes of examples.synthetic), got 9"),
+    (
+        ["--synthetic-classes", "9"],
+        "argument --synthetic-classes: must be in [1, 8] (the shapes of examples.synthetic), got 9",
+    ),
     (["--synthetic-objects", "0"], "argument --synthetic-objects: must be at least 1, got 0"),
     (["--synthetic-sizes", "0.2", "nan"], "argument --synthetic-sizes: must be a finite number, got nan"),
     (["--rotate-degrees", "inf"], "argument --rotate-degrees: must be a finite number, got inf"),
-    (["--translate-fraction", "1"], "argument --translate-fraction: must be in (-1, 1) (a fraction of the width), got 1.0"),
-    (["--transforms", "flip", "flp"], "argument --transforms: names no transform: 'flp'; available: flip, rotate, scale, translate"),
-    (["--weights", '{"flip": -1}'], "argument --weights: weights['flip'] must be >= 0 (a negative weight trains the term backwards), got -1"),
+    (
+        ["--translate-fraction", "1"],
+        "argument --translate-fraction: must be in (-1, 1) (a fraction of the width), got 1.0",
+    ),
+    (
+        ["--transforms", "flip", "flp"],
+        "argument --transforms: names no transform: 'flp'; available: flip, rotate, scale, translate",
+    ),
+    (
+        ["--weights", '{"flip": -1}'],
+        "argument --weights: weights['flip'] must be >= 0 (a negative weight trains the term backwards), got -1",
+    ),
     (["--weights", '{"flip": NaN}'], "argument --weights: weights['flip'] must be a finite number, got nan"),
     (["--weights", '{"flip": true}'], "argument --weights: weights['flip'] must be a number, got bool True"),
     (["--weights", "[0.6]"], "argument --weights: must be a JSON object of transform name -> weight"),
@@ -79,7 +91,9 @@ def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> st
 
 
 @pytest.mark.parametrize(("argv", "message"), TRAIN_PARSE_ERRORS, ids=[" ".join(a) for a, _ in TRAIN_PARSE_ERRORS])
-def test_train_flags_are_refused_at_parse_time(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_flags_are_refused_at_parse_time(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert message in usage_error(parse_args, argv, capsys)
 
 
@@ -114,12 +128,20 @@ CONFIG_ERRORS = [
     ({"transforms": "flip"}, TypeError, "--transforms must be a sequence of transform names, got str 'flip'"),
     ({"transforms": ("flip", "flip")}, ValueError, "--transforms names 'flip' more than once"),
     ({"transforms": ("flip", "flp")}, ValueError, "--transforms names no transform: 'flp'"),
-    ({"weights": {"flp": 0}}, ValueError, "--weights names 'flp', which is not a transform of this run (--transforms: flip, scale)"),
+    (
+        {"weights": {"flp": 0}},
+        ValueError,
+        "--weights names 'flp', which is not a transform of this run (--transforms: flip, scale)",
+    ),
     ({"weights": {"flip": -0.5}}, ValueError, "--weights weights['flip'] must be >= 0"),
     ({"weights": {"flip": math.inf}}, ValueError, "--weights weights['flip'] must be a finite number, got inf"),
     ({"synthetic_sizes": (0.45, 0.25)}, ValueError, "--synthetic-sizes must be MIN MAX with 0 < MIN <= MAX < 1"),
     ({"scale_size": None}, ValueError, "the scale transform needs --scale-size"),
-    ({"dataset": "imagenet"}, ValueError, "--dataset unknown dataset 'imagenet': use wider, pa100k, coco, voc, vg500, csv or synthetic"),
+    (
+        {"dataset": "imagenet"},
+        ValueError,
+        "--dataset unknown dataset 'imagenet': use wider, pa100k, coco, voc, vg500, csv or synthetic",
+    ),
     ({"arch": "resnet5000"}, ValueError, "--arch unknown arch 'resnet5000'"),
     ({"optimizer": "rmsprop"}, ValueError, "--optimizer must be 'sgd' or 'adam', got 'rmsprop'"),
     ({"seed": 2**40}, ValueError, "--seed must be in [0, 4294967295], got 1099511627776"),
@@ -149,15 +171,25 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"--out {tmp_path / 'run'} is a file, not a folder")):
         train(TrainConfig(**(PRESETS["synthetic"] | TINY | {"out": str(tmp_path / "run")})), device="cpu")
     with pytest.raises(FileNotFoundError, match=re.escape(f"--data-root {tmp_path / 'nowhere'} is not a folder")):
-        train(TrainConfig(**(PRESETS["wider-r50"] | TINY | {"data_root": str(tmp_path / "nowhere"), "out": str(tmp_path)})))
+        train(
+            TrainConfig(
+                **(PRESETS["wider-r50"] | TINY | {"data_root": str(tmp_path / "nowhere"), "out": str(tmp_path)})
+            )
+        )
 
 
 @pytest.mark.parametrize(("batch", "world", "size"), [(16, 1, 8), (5, 3, 10), (5, 2, 8)])
-def test_a_batch_larger_than_the_training_set_is_refused_before_training(batch: int, world: int, size: int, tmp_path: Path) -> None:
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(
+    batch: int, world: int, size: int, tmp_path: Path
+) -> None:
     # drop_last: an epoch would take no step, report loss 0 and write a checkpoint of an untrained net
-    config = TrainConfig(**(PRESETS["synthetic"] | TINY | {"batch_size": batch, "synthetic_train": size, "out": str(tmp_path)}))
+    config = TrainConfig(
+        **(PRESETS["synthetic"] | TINY | {"batch_size": batch, "synthetic_train": size, "out": str(tmp_path)})
+    )
     share = f" ({math.ceil(size / world)} per process of {world})" if world > 1 else ""
-    message = f"--batch-size {batch} is larger than the training set of {size} samples{share}: an epoch would take no step"
+    message = (
+        f"--batch-size {batch} is larger than the training set of {size} samples{share}: an epoch would take no step"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         check_training_set(config, size, world)
     check_training_set(config, size + world * batch, world)  # enough: no error
@@ -170,7 +202,9 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_training(batch: 
 # ---------------------------------------------------------------- examples.demo
 
 
-def test_demo_refuses_fewer_images_than_one_batch_and_an_out_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_refuses_fewer_images_than_one_batch_and_an_out_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for flag in ("--train-images", "--pretrain-images"):
         with pytest.raises(SystemExit):
             demo.main(["--out", str(tmp_path), flag, "8"])
@@ -191,7 +225,9 @@ def test_demo_refuses_fewer_images_than_one_batch_and_an_out_file(tmp_path: Path
 def fake_checkpoint(path: Path, classes: int = 4, **settings) -> Path:
     """A checkpoint as examples.train writes it, of an untrained small net on synthetic data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(**(PRESETS["synthetic"] | TINY | {"synthetic_classes": classes, "out": str(path.parent)} | settings))
+    config = TrainConfig(
+        **(PRESETS["synthetic"] | TINY | {"synthetic_classes": classes, "out": str(path.parent)} | settings)
+    )
     save_atomic(
         {
             "model": SmallResNet(classes).state_dict(), "optimizer": {}, "epoch": 0,
@@ -225,7 +261,9 @@ def test_figure5_refuses_a_file_that_is_not_a_checkpoint_naming_it(tmp_path: Pat
     newer = fake_checkpoint(tmp_path / "newer" / "last.pt")
     state = train_module.load_checkpoint(newer)
     save_atomic(state | {"config": json.dumps(json.loads(state["config"]) | {"from_the_future": 1})}, newer)
-    with pytest.raises(ValueError, match=re.escape(f"{newer}: settings unknown to this version of examples.train: from_the_future")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{newer}: settings unknown to this version of examples.train: from_the_future")
+    ):
         figure5.load_trained(newer)
 
 
@@ -250,11 +288,16 @@ def test_figure5_flags(argv: list[str], message: str, tmp_path: Path, capsys: py
     assert not (tmp_path / "f.png").exists()
 
 
-def test_figure5_refuses_checkpoints_of_other_data_or_alike_folder_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_figure5_refuses_checkpoints_of_other_data_or_alike_folder_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, b = fake_checkpoint(tmp_path / "a" / "last.pt"), fake_checkpoint(tmp_path / "b" / "last.pt", classes=6)
     with pytest.raises(SystemExit):
         figure5.main([str(a), str(b), "--label", "0"])
-    assert f"{b} was trained on other data than {a}: labels ['disc', 'square', 'triangle', 'ring', 'cross', 'bar']" in capsys.readouterr().err
+    assert (
+        f"{b} was trained on other data than {a}: labels ['disc', 'square', 'triangle', 'ring', 'cross', 'bar']"
+        in capsys.readouterr().err
+    )
     c, d = fake_checkpoint(tmp_path / "x" / "run" / "last.pt"), fake_checkpoint(tmp_path / "y" / "run" / "last.pt")
     with pytest.raises(SystemExit):
         figure5.main([str(c), str(d), "--label", "0"])
@@ -263,7 +306,9 @@ def test_figure5_refuses_checkpoints_of_other_data_or_alike_folder_names(tmp_pat
 
 def test_figure5_function_checks_its_arguments() -> None:
     model = SmallResNet(4)
-    with pytest.raises(ValueError, match=re.escape(r"images must be a (K, 3, H, W) tensor with K >= 1, got (0, 3, 32, 32)")):
+    with pytest.raises(
+        ValueError, match=re.escape(r"images must be a (K, 3, H, W) tensor with K >= 1, got (0, 3, 32, 32)")
+    ):
         figure5.figure5({"m": model}, torch.zeros(0, 3, 32, 32), 0, "unused.png")
     with pytest.raises(ValueError, match="models must hold at least one model"):
         figure5.figure5({}, torch.zeros(1, 3, 32, 32), 0, "unused.png")

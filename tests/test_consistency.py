@@ -99,9 +99,14 @@ def test_resized_images_are_checked(model):
             criterion.views(model, cam, images, ["flip"], resized=torch.randn(2, 3, 24, 24))
         with pytest.raises(ValueError, match=r"resized\[0\] must hold the same 2 images with 3 channels"):
             criterion.views(model, cam, images, ["scale"], resized=torch.randn(3, 3, 24, 24))
-        with pytest.raises(ValueError, match=r"resized images of size \[\(20, 20\)\] match no scaled view \(those are \[\(24, 24\)\]\)"):
+        with pytest.raises(
+            ValueError, match=r"resized images of size \[\(20, 20\)\] match no scaled view \(those are \[\(24, 24\)\]\)"
+        ):
             criterion.views(model, cam, images, ["scale"], resized=[torch.randn(2, 3, 20, 20)])
-        with pytest.raises(ValueError, match=r"resized\[0\] must be on the device and of the dtype of images \(cpu, torch.float32\), got cpu, torch.float64"):
+        with pytest.raises(
+            ValueError,
+            match=r"resized\[0\] must be on the device and of the dtype of images \(cpu, torch.float32\), got cpu, torch.float64",
+        ):
             criterion.views(model, cam, images, ["scale"], resized=torch.randn(2, 3, 24, 24, dtype=torch.float64))
         with pytest.raises(ValueError, match=r"resized holds two batches of size \(24, 24\)"):
             criterion.views(model, cam, images, ["scale"], resized=[torch.randn(2, 3, 24, 24)] * 2)
@@ -123,13 +128,17 @@ def test_weights_scale_each_transform_as_the_coco_setting(model):
 def test_zero_weight_makes_the_views_but_computes_no_term(model):
     images = torch.randn(2, 3, 28, 28)
     with CAMHook(model) as cam:
-        out = AttentionConsistencyLoss(weights={"flip": 0.0}).views(model, cam, images, ["flip", "scale"], mode="product")
+        out = AttentionConsistencyLoss(weights={"flip": 0.0}).views(
+            model, cam, images, ["flip", "scale"], mode="product"
+        )
         plain = AttentionConsistencyLoss().views(model, cam, images, ["flip", "scale"], mode="product")
     assert out.views == [(), ("flip",), ("scale",), ("flip", "scale")] and len(out.logits) == 4
     assert set(out.terms) == {"scale"}
     torch.testing.assert_close(out.loss, plain.terms["scale"])
     with CAMHook(model) as cam:
-        none = AttentionConsistencyLoss(weights={"flip": 0.0, "scale": 0.0}).views(model, cam, images, ["flip", "scale"], mode="product")
+        none = AttentionConsistencyLoss(weights={"flip": 0.0, "scale": 0.0}).views(
+            model, cam, images, ["flip", "scale"], mode="product"
+        )
     assert none.terms == {} and none.loss.item() == 0.0 and none.loss.grad_fn is None
 
 
@@ -227,7 +236,11 @@ def test_gradcheck_loss_module():
     [
         (torch.randn(2, 3, 7), torch.randn(2, 3, 7, 7), r"heatmaps must be 4-D \(N, L, h, w\), got shape \(2, 3, 7\)"),
         (torch.randn(2, 3, 7, 7), torch.randn(3, 7, 7), r"heatmaps_t must be 4-D"),
-        (torch.randn(2, 3, 7, 7), torch.randn(4, 3, 7, 7), r"same batch size and number of labels, got \(N, L\) = \(2, 3\) and \(4, 3\)"),
+        (
+            torch.randn(2, 3, 7, 7),
+            torch.randn(4, 3, 7, 7),
+            r"same batch size and number of labels, got \(N, L\) = \(2, 3\) and \(4, 3\)",
+        ),
         (torch.randn(2, 3, 7, 7), torch.randn(2, 5, 7, 7), r"\(2, 3\) and \(2, 5\)"),
         (torch.randn(2, 3, 7, 7), torch.randn(2, 3, 6, 6), r"flip: the transformed heatmaps have shape \(2, 3, 7, 7\)"),
     ],
@@ -315,7 +328,9 @@ def test_views_refuses_a_model_that_does_not_return_one_logits_tensor():
     images = torch.randn(2, 3, 28, 28)
     model = TupleOutput()
     with CAMHook(model, features="pool", classifier="fc") as cam:
-        with pytest.raises(TypeError, match="views\\(\\) needs a model that returns its logits as one tensor, got a tuple"):
+        with pytest.raises(
+            TypeError, match="views\\(\\) needs a model that returns its logits as one tensor, got a tuple"
+        ):
             AttentionConsistencyLoss().views(model, cam, images, ["flip"])
     model = SlicedOutput()  # caught by the hook on its first forward, or by views() after it
     with CAMHook(model, features="pool", classifier="fc", check=False) as cam:

@@ -156,9 +156,7 @@ def test_wider_bad_split(wider_root: Path) -> None:
 
 
 def test_wider_missing_annotation_file(wider_root: Path) -> None:
-    with pytest.raises(
-        FileNotFoundError, match=re.escape(str(wider_root / "Anno" / "wider_attribute_test.json"))
-    ):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(wider_root / "Anno" / "wider_attribute_test.json"))):
         WiderAttribute(wider_root, "test")
 
 
@@ -207,9 +205,7 @@ def set_path(annotation: dict, keys: tuple, value) -> dict:
         (("attribute_id_map", "x"), "extra", "attribute_id_map keys must be integer ids"),
     ],
 )
-def test_wider_malformed_entry_names_file_and_entry(
-    wider_root: Path, keys: tuple, value, message: str
-) -> None:
+def test_wider_malformed_entry_names_file_and_entry(wider_root: Path, keys: tuple, value, message: str) -> None:
     write_wider(wider_root, set_path(wider_annotation(), keys, value))
     with pytest.raises(ValueError, match=re.escape(f"wider_attribute_trainval.json: {message}")):
         WiderAttribute(wider_root)
@@ -242,23 +238,31 @@ def test_wider_box_covering_no_pixel_stands_for_the_whole_image(wider_root: Path
     np.testing.assert_array_equal(pixels(crop), quadrants())
     assert torch.equal(target, torch.tensor(attribute(index), dtype=torch.float32))
     assert data[2][0].size == (4, 4)  # the other boxes are cropped as before
-    with pytest.raises(ValueError, match=re.escape(f"{path}: images[0].targets[{index}].bbox {bbox!r} covers no pixel once rounded")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: images[0].targets[{index}].bbox {bbox!r} covers no pixel once rounded")
+    ):
         WiderAttribute(wider_root, strict=True)
 
 
 @pytest.mark.parametrize(
-    "bbox", [[1e308, 0, 1e308, 3], [0, 0, 1e6, 1e6], [10**400, 0, 2, 2], [-(2**40), 0, 5, 5]], ids=["inf", "huge", "bigint", "far"]
+    "bbox",
+    [[1e308, 0, 1e308, 3], [0, 0, 1e6, 1e6], [10**400, 0, 2, 2], [-(2**40), 0, 5, 5]],
+    ids=["inf", "huge", "bigint", "far"],
 )
 def test_wider_box_overflowing_any_image_is_skipped_and_reported(wider_root: Path, bbox: list) -> None:
     path = write_wider(wider_root, set_path(wider_annotation(), ("images", 0, "targets", 1, "bbox"), bbox))
     with pytest.warns(UserWarning, match=re.escape(f"{path}: skipped 1 of 7 entries")) as warned:
         data = WiderAttribute(wider_root)
     assert "images[0].targets[1].bbox" in str(warned[0].message)
-    assert data.skipped == [f"{path}: images[0].targets[1].bbox {bbox!r} is larger than any image PIL opens ({Image.MAX_IMAGE_PIXELS} pixels)"]
+    assert data.skipped == [
+        f"{path}: images[0].targets[1].bbox {bbox!r} is larger than any image PIL opens ({Image.MAX_IMAGE_PIXELS} pixels)"
+    ]
     assert len(data) == 6 and len(data.boxes) == 6
     assert torch.equal(data.targets[1], torch.tensor(attribute(2), dtype=torch.float32))  # the next person moved up
     assert data.entries[1] == f"{path}: images[0].targets[2]"
-    with pytest.raises(ValueError, match=re.escape(f"{path}: images[0].targets[1].bbox {bbox!r} is larger than any image")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: images[0].targets[1].bbox {bbox!r} is larger than any image")
+    ):
         WiderAttribute(wider_root, strict=True)
 
 
@@ -555,7 +559,11 @@ def test_unreadable_images_name_the_image_and_the_entry(csv_root: Path) -> None:
     path = write_csv(csv_root, "filename,cat\ntruncated.jpg,1\nempty.png,0\ntext.png,1\n")
     data = ImageFolderCSV(csv_root, path)
     for index, (name, reason) in enumerate(
-        [("truncated.jpg", "image file is truncated"), ("empty.png", "cannot identify image file"), ("text.png", "cannot identify")]
+        [
+            ("truncated.jpg", "image file is truncated"),
+            ("empty.png", "cannot identify image file"),
+            ("text.png", "cannot identify"),
+        ]
     ):
         with pytest.raises(ValueError, match=re.escape(f"{csv_root / name}: not a readable image (")) as error:
             data[index]
@@ -646,7 +654,11 @@ def test_pa100k_label_matrix_of_strings_or_repeated_names_is_malformed(pa100k_ro
         (("attribute_id_map", "01"), "extra", "attribute_id_map must map ids 0..K-1 to names"),  # "1" and "01": one id
         (("attribute_id_map", "3"), "male", "attribute_id_map[3] 'male' repeats attribute_id_map[0]"),
         (("images", 0, "file_name"), " ", "images[0].file_name is empty"),
-        (("images", 0, "file_name"), "a\x00b.png", "images[0] names the image 'a\\x00b.png', which holds a NUL character"),
+        (
+            ("images", 0, "file_name"),
+            "a\x00b.png",
+            "images[0] names the image 'a\\x00b.png', which holds a NUL character",
+        ),
         (("images", 0, "targets", 1, "bbox", 0), 10**400, "images[0].targets[1].bbox is"),
     ],
 )
@@ -676,7 +688,9 @@ def test_annotation_files_without_labels_are_malformed(wider_root: Path, coco_ro
 
 def test_coco_repeated_category_name_is_malformed(coco_root: Path) -> None:
     write_coco(coco_root, set_path(coco_annotation(), ("categories", 2, "name"), "car"))
-    with pytest.raises(ValueError, match=re.escape("instances_val2014.json: categories[2] 'car' repeats categories[0]")):
+    with pytest.raises(
+        ValueError, match=re.escape("instances_val2014.json: categories[2] 'car' repeats categories[0]")
+    ):
         COCO2014(coco_root, "val")
 
 
@@ -687,7 +701,9 @@ def test_wider_image_path_leading_out_of_the_folder_is_skipped(wider_root: Path)
     path = write_wider(wider_root, set_path(wider_annotation(), ("images", 2, "file_name"), "../../etc/passwd"))
     with pytest.warns(UserWarning, match=re.escape(f"{path}: skipped 1 of 7 entries")):
         data = WiderAttribute(wider_root)
-    assert data.skipped == [f"{path}: images[2] names the image '../../etc/passwd', which leads out of {wider_root / 'Image'}"]
+    assert data.skipped == [
+        f"{path}: images[2] names the image '../../etc/passwd', which leads out of {wider_root / 'Image'}"
+    ]
     assert len(data) == 6 and all(p == wider_root / "Image" / QUADRANTS for p in data.image_paths)
     with pytest.raises(ValueError, match=re.escape(f"{path}: images[2] names the image '../../etc/passwd'")):
         WiderAttribute(wider_root, strict=True)
@@ -763,7 +779,10 @@ def test_split_without_a_sample_is_refused(csv_root: Path, coco_root: Path) -> N
     with pytest.raises(ValueError, match=re.escape(f"{path}: holds no sample")):
         ImageFolderCSV(csv_root, path)
     path = write_csv(csv_root, "filename,cat\n../x.png,1\n")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=re.escape(f"{path}: holds no sample that could be used")):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=re.escape(f"{path}: holds no sample that could be used")),
+    ):
         ImageFolderCSV(csv_root, path)
     write_coco(coco_root, {"images": [], "annotations": [], "categories": coco_annotation()["categories"]})
     with pytest.raises(ValueError, match=r"instances_val2014\.json: holds no sample"):

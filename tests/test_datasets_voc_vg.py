@@ -24,7 +24,9 @@ VOC_LABELS = {
 
 
 def _expected(labels: dict[str, dict[str, int]]) -> torch.Tensor:
-    return torch.tensor([[values.get(name, -1) for name in VOC_NAMES] for values in labels.values()], dtype=torch.float32)
+    return torch.tensor(
+        [[values.get(name, -1) for name in VOC_NAMES] for values in labels.values()], dtype=torch.float32
+    )
 
 
 @pytest.fixture
@@ -58,10 +60,16 @@ def _main(root: Path) -> Path:
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("000005 -1\n000007  2\n000009 -1\n000012 -1\n", r"car_trainval.txt: line 2 is '000007  2', expected '<image id> <1, -1 or 0>'"),
+        (
+            "000005 -1\n000007  2\n000009 -1\n000012 -1\n",
+            r"car_trainval.txt: line 2 is '000007  2', expected '<image id> <1, -1 or 0>'",
+        ),
         ("000005 -1\n000007 1 1\n000009 -1\n000012 -1\n", r"car_trainval.txt: line 2 is"),
         ("000005 -1\n000009 -1\n000012 -1\n", r"car_trainval.txt: has no line for the image id '000007'"),
-        ("000005 -1\n000007 1\n000009 -1\n000012 -1\n000099 1\n", r"car_trainval.txt: lists the id '000099', which is not in the image set"),
+        (
+            "000005 -1\n000007 1\n000009 -1\n000012 -1\n000099 1\n",
+            r"car_trainval.txt: lists the id '000099', which is not in the image set",
+        ),
         ("000005 -1\n000005 1\n000007 1\n000009 -1\n000012 -1\n", r"car_trainval.txt: line 2 repeats the id '000005'"),
     ],
 )
@@ -100,8 +108,14 @@ def test_voc_image_set_line_with_two_fields_and_repeated_id(voc_root: Path) -> N
     "xml, match",
     [
         ("<annotation><object><name>car", "000007.xml: not valid XML"),
-        ("<annotation><object><name>truck</name><difficult>0</difficult></object></annotation>", r"000007.xml: object\[0\] has the name 'truck'"),
-        ("<annotation><object><name>car</name><difficult>2</difficult></object></annotation>", r"000007.xml: object\[0\].difficult is '2'"),
+        (
+            "<annotation><object><name>truck</name><difficult>0</difficult></object></annotation>",
+            r"000007.xml: object\[0\] has the name 'truck'",
+        ),
+        (
+            "<annotation><object><name>car</name><difficult>2</difficult></object></annotation>",
+            r"000007.xml: object\[0\].difficult is '2'",
+        ),
     ],
 )
 def test_voc_malformed_annotation_names_file_and_object(voc_root: Path, xml: str, match: str) -> None:
@@ -129,7 +143,9 @@ def test_voc_metrics_with_difficult_entries_match_sklearn_with_those_dropped() -
         kept = (targets[:, j] != 0).numpy()
         oracle.append(average_precision_score((targets[kept, j] == 1).numpy(), scores[kept, j].numpy()))
     np.testing.assert_allclose(per_class.numpy(), oracle, rtol=1e-6)
-    assert label_based_metrics(scores, targets, encoding="signed")["mAP"] == pytest.approx(float(np.mean(oracle)), rel=1e-6)
+    assert label_based_metrics(scores, targets, encoding="signed")["mAP"] == pytest.approx(
+        float(np.mean(oracle)), rel=1e-6
+    )
     # keeping the difficult entries as negatives gives another value: the test can tell
     as_negative = [average_precision_score((targets[:, j] == 1).numpy(), scores[:, j].numpy()) for j in range(20)]
     assert not np.allclose(as_negative, oracle)
@@ -174,10 +190,16 @@ def test_vg500_finds_images_in_the_second_image_folder(vg_root: Path) -> None:
 @pytest.mark.parametrize(
     "labels, match",
     [
-        ({"2328403.jpg": [0, 500], "1680.jpg": [3], "512.jpg": []}, r"vg_category_500_labels_index.json: '2328403.jpg' is \[0, 500\], expected a list of label indices in 0..499"),
+        (
+            {"2328403.jpg": [0, 500], "1680.jpg": [3], "512.jpg": []},
+            r"vg_category_500_labels_index.json: '2328403.jpg' is \[0, 500\], expected a list of label indices in 0..499",
+        ),
         ({"2328403.jpg": [0], "1680.jpg": "3", "512.jpg": []}, r"'1680.jpg' is '3'"),
         ({"2328403.jpg": [0], "1680.jpg": [True], "512.jpg": []}, r"'1680.jpg' is \[True\]"),
-        ({"2328403.jpg": [0], "512.jpg": []}, r"vg_category_500_labels_index.json: has no entry for '1680.jpg' \(.*train_list_500.txt: line 2\)"),
+        (
+            {"2328403.jpg": [0], "512.jpg": []},
+            r"vg_category_500_labels_index.json: has no entry for '1680.jpg' \(.*train_list_500.txt: line 2\)",
+        ),
     ],
 )
 def test_vg500_malformed_labels_name_file_and_entry(vg_root: Path, labels: dict, match: str) -> None:

@@ -19,7 +19,9 @@ def run_demo(out: Path) -> dict[str, dict[str, float]]:
     return demo.main(["--out", str(out), "--pretrain-epochs", "1", "--pretrain-images", "32", "--epochs", "1", "--train-images", "32", "--test-images", "16", "--no-progress"])  # fmt: skip
 
 
-def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     results = run_demo(tmp_path)
     captured = capsys.readouterr()
     printed = captured.out
@@ -46,8 +48,14 @@ def test_demo_pretrains_fine_tunes_both_rows_and_writes_table_and_figure(tmp_pat
     msac = results[names["msac"]]
     assert msac["ac_loss"] == 0.0 and msac["ac_multiplier"] == 0.0  # the same warm-up as the recommended row
     stages = ("layers.0", "layers.1", "layers.2")
-    assert {k for k in msac if k.startswith("term-")} == {f"term-{t}/{s}" for t in ("flip@64", "flip@56", "scale") for s in stages}
-    assert all(math.isfinite(msac[f"{m}/{s}"]) for m in ("inconsistency-flip", "inconsistency-scale", "pointing-game") for s in stages)
+    assert {k for k in msac if k.startswith("term-")} == {
+        f"term-{t}/{s}" for t in ("flip@64", "flip@56", "scale") for s in stages
+    }
+    assert all(
+        math.isfinite(msac[f"{m}/{s}"])
+        for m in ("inconsistency-flip", "inconsistency-scale", "pointing-game")
+        for s in stages
+    )
     assert demo.stage_table(msac) in printed and demo.stage_table(msac).count("\n") == 5  # own CAM + 3 stages
 
     summary = json.loads((tmp_path / "results.json").read_text())
@@ -88,7 +96,9 @@ def test_demo_does_not_mix_fine_tuning_runs_with_a_longer_pretraining(tmp_path: 
         demo.main(args)
 
 
-@pytest.mark.parametrize("flag", ["--epochs", "--pretrain-epochs", "--pretrain-images", "--train-images", "--test-images", "--threads"])
+@pytest.mark.parametrize(
+    "flag", ["--epochs", "--pretrain-epochs", "--pretrain-images", "--train-images", "--test-images", "--threads"]
+)
 def test_demo_counts_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         demo.main([flag, "0"])

@@ -34,7 +34,9 @@ def loaders(size: int = 64, batch: int = 4) -> tuple[torch.utils.data.DataLoader
 
 
 def fast_dev_run(module: AttentionConsistencyModule, steps: int) -> L.Trainer:
-    trainer = L.Trainer(fast_dev_run=steps, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        fast_dev_run=steps, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(module, *loaders())
     return trainer
 
@@ -42,7 +44,9 @@ def fast_dev_run(module: AttentionConsistencyModule, steps: int) -> L.Trainer:
 def test_fast_dev_run_logs_every_term_and_trains_the_weights() -> None:
     torch.manual_seed(0)
     train_loader, _ = loaders()
-    module = AttentionConsistencyModule(SmallResNet(4), positive_ratio(train_loader.dataset.targets), scale_factor=56 / 64, lr=0.1)
+    module = AttentionConsistencyModule(
+        SmallResNet(4), positive_ratio(train_loader.dataset.targets), scale_factor=56 / 64, lr=0.1
+    )
     before = copy.deepcopy(module.model.state_dict())
     trainer = fast_dev_run(module, 2)
     logged = trainer.callback_metrics
@@ -54,7 +58,11 @@ def test_fast_dev_run_logs_every_term_and_trains_the_weights() -> None:
     # two steps are too few for the recommended warm-up to start: the terms are logged, not yet added
     assert float(logged["train/ac_multiplier"]) == 0.0 and float(logged["train/ac_loss_step"]) == 0.0
     assert float(logged["train/loss_step"]) == pytest.approx(float(logged["train/cls_loss_step"]))
-    moved = [name for name, value in module.model.state_dict().items() if value.is_floating_point() and not torch.equal(value, before[name])]
+    moved = [
+        name
+        for name, value in module.model.state_dict().items()
+        if value.is_floating_point() and not torch.equal(value, before[name])
+    ]
     assert "layers.0.conv1.weight" in moved and "fc.weight" in moved
     assert module.cam is None  # the hook was removed when the fit ended
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in module.model.modules())
@@ -65,7 +73,12 @@ def test_the_logged_flip_term_equals_the_paper_term_computed_independently() -> 
     torch.manual_seed(0)
     train_loader, _ = loaders()
     module = AttentionConsistencyModule(
-        SmallResNet(4), positive_ratio(train_loader.dataset.targets), ("flip",), distance="mse", warmup=0, warmup_trigger=0
+        SmallResNet(4),
+        positive_ratio(train_loader.dataset.targets),
+        ("flip",),
+        distance="mse",
+        warmup=0,
+        warmup_trigger=0,
     )
     oracle = copy.deepcopy(module.model).train()
     images, targets = next(iter(train_loader))

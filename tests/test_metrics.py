@@ -32,9 +32,7 @@ SEEDS = [0, 1, 2, 3, 4]
 ATOL = 1e-12  # float64 rounding: the same definition, summed in another order
 
 
-def random_problem(
-    seed: int, encoding: str = "binary"
-) -> tuple[np.ndarray, np.ndarray]:
+def random_problem(seed: int, encoding: str = "binary") -> tuple[np.ndarray, np.ndarray]:
     """Logits with many ties and targets with edge-case labels.
 
     Label 0 has no positive, label 1 no negative, label 2 is never predicted positive.
@@ -93,9 +91,7 @@ def test_average_precision_ties_hand_computed() -> None:
     scores = torch.tensor([[0.5], [0.9], [0.5], [0.1], [0.5]])
     targets = torch.tensor([[1], [1], [0], [0], [1]])
     expected = (1.0 + 0.75 + 0.75) / 3
-    assert average_precision(scores, targets).item() == pytest.approx(
-        expected, abs=1e-15
-    )
+    assert average_precision(scores, targets).item() == pytest.approx(expected, abs=1e-15)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -106,9 +102,7 @@ def test_average_precision_signed_drops_unspecified(seed: int) -> None:
     ap = average_precision(scores, targets, encoding="signed")
     np.testing.assert_allclose(ap.numpy(), expected, rtol=0, atol=ATOL)
     # Dropping is not the same as counting the zeros as negatives.
-    as_negatives = sklearn_ap(
-        scores, np.where(targets == 0, -1, targets), drop_zeros=True
-    )
+    as_negatives = sklearn_ap(scores, np.where(targets == 0, -1, targets), drop_zeros=True)
     assert not np.allclose(ap.numpy()[2:], as_negatives[2:])
 
 
@@ -119,9 +113,7 @@ def test_dropped_zero_trap_on_binary_targets() -> None:
     np.testing.assert_allclose(naive[1:], 1.0, rtol=0, atol=ATOL)
 
     ap = average_precision(scores, targets, encoding="binary")
-    np.testing.assert_allclose(
-        ap.numpy(), sklearn_ap(scores, targets, drop_zeros=False), rtol=0, atol=ATOL
-    )
+    np.testing.assert_allclose(ap.numpy(), sklearn_ap(scores, targets, drop_zeros=False), rtol=0, atol=ATOL)
     assert (ap[2:] < 1.0).all()
 
     # Declaring the 0/1 targets as signed reproduces the trap, with a warning.
@@ -156,9 +148,7 @@ def test_balanced_accuracy_matches_sklearn(seed: int, encoding: str) -> None:
     y, pred = targets == 1, scores > 0  # signed: unspecified counts as negative
     ma = balanced_accuracy(scores, targets, encoding=encoding)
     assert math.isnan(ma[0]) and math.isnan(ma[1])  # no positive / no negative
-    expected = [
-        balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(2, y.shape[1])
-    ]
+    expected = [balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(2, y.shape[1])]
     np.testing.assert_allclose(ma[2:].numpy(), expected, rtol=0, atol=ATOL)
     metrics = label_based_metrics(scores, targets, encoding=encoding)
     assert metrics["mA"] == pytest.approx(np.mean(expected), abs=ATOL)
@@ -198,9 +188,7 @@ def test_precision_recall_f1_match_sklearn(seed: int, encoding: str) -> None:
 
     p, r, f1 = label_precision_recall_f1(scores, targets, encoding=encoding)
     for name, got in (("P", p), ("R", r), ("F1", f1)):
-        np.testing.assert_allclose(
-            got.numpy(), expected[f"{name}-label"], rtol=0, atol=ATOL
-        )
+        np.testing.assert_allclose(got.numpy(), expected[f"{name}-label"], rtol=0, atol=ATOL)
 
     metrics = label_based_metrics(scores, targets, encoding=encoding)
     for key in ("P-C", "R-C", "F1-C", "F1-C-harmonic", "P-O", "R-O", "F1-O"):
@@ -218,9 +206,7 @@ def test_top_k_variants_match_numpy_construction(seed: int, k: int) -> None:
     pred = np.zeros_like(targets)
     np.put_along_axis(pred, top, 1, axis=1)
     assert (pred.sum(1) == k).all()
-    np.testing.assert_array_equal(
-        predict_labels(scores, top_k=k).numpy(), pred.astype(bool)
-    )
+    np.testing.assert_array_equal(predict_labels(scores, top_k=k).numpy(), pred.astype(bool))
 
     expected = sklearn_prf(targets, pred)
     metrics = label_based_metrics(scores, targets, top_k=k)
@@ -263,9 +249,7 @@ def test_torch_and_numpy_inputs_agree() -> None:
     scores, targets = random_problem(5)
     from_numpy = label_based_metrics(scores, targets, top_k=3)
     t_scores = torch.from_numpy(scores).float().requires_grad_()
-    from_torch = label_based_metrics(
-        t_scores, torch.from_numpy(targets).bool(), top_k=3
-    )
+    from_torch = label_based_metrics(t_scores, torch.from_numpy(targets).bool(), top_k=3)
     # float32 scores: same ranking and same signs, so identical metrics.
     assert from_numpy == from_torch
 
@@ -294,9 +278,7 @@ def test_example_based_zero_denominator_convention() -> None:
     # row 0: Y={0}, F={0,1} -> acc 1/2, prec 1/2, rec 1
     # row 1: Y={},  F={}    -> every denominator 0: contributes 0 to all three sums
     # row 2: Y={2}, F={}    -> acc 0, prec 0 (|F| = 0), rec 0
-    preds = torch.tensor(
-        [[True, True, False], [False, False, False], [False, False, False]]
-    )
+    preds = torch.tensor([[True, True, False], [False, False, False], [False, False, False]])
     targets = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 1]])
     metrics = example_based_metrics(preds, targets)
     expected = {"Acc": 1 / 6, "Prec": 1 / 6, "Recall": 1 / 3, "F1": 2 / 9}
@@ -304,9 +286,7 @@ def test_example_based_zero_denominator_convention() -> None:
     # Same result from logits thresholded at 0 and from probabilities at 0.5.
     logits = torch.where(preds, 1.0, -1.0)
     assert example_based_metrics(logits, targets) == metrics
-    assert (
-        example_based_metrics(torch.sigmoid(logits), targets, threshold=0.5) == metrics
-    )
+    assert example_based_metrics(torch.sigmoid(logits), targets, threshold=0.5) == metrics
 
 
 def test_example_based_nothing_right_is_zero() -> None:
@@ -348,9 +328,7 @@ def test_non_2d_input(shape: tuple[int, ...]) -> None:
 
 
 def test_empty_input() -> None:
-    with pytest.raises(
-        ValueError, match=r"scores must be non-empty, got shape \(0, 3\)"
-    ):
+    with pytest.raises(ValueError, match=r"scores must be non-empty, got shape \(0, 3\)"):
         label_based_metrics(torch.zeros(0, 3), torch.zeros(0, 3))
 
 
@@ -368,31 +346,21 @@ def test_non_finite_scores(bad: float) -> None:
 def test_targets_outside_encoding() -> None:
     scores = torch.zeros(3, 2)
     signed = torch.tensor([[1, -1], [0, 1], [-1, 0]])
-    with pytest.raises(
-        ValueError, match=r"targets .* \{0, 1\} for encoding='binary', found \{-1\}"
-    ):
+    with pytest.raises(ValueError, match=r"targets .* \{0, 1\} for encoding='binary', found \{-1\}"):
         average_precision(scores, signed)
-    with pytest.raises(
-        ValueError, match=r"\{-1, 0, 1\} for encoding='signed', found \{0.5, 2\}"
-    ):
-        label_based_metrics(
-            scores, torch.tensor([[1, 0.5], [2, 1], [0, 0]]), encoding="signed"
-        )
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\} for encoding='signed', found \{0.5, 2\}"):
+        label_based_metrics(scores, torch.tensor([[1, 0.5], [2, 1], [0, 0]]), encoding="signed")
     with pytest.raises(ValueError, match=r"found \{nan\}"):
         example_based_metrics(scores, torch.tensor([[1, math.nan], [0, 1], [0, 0]]))
 
 
 def test_unknown_encoding() -> None:
-    with pytest.raises(
-        ValueError, match=r"encoding must be 'binary' or 'signed', got 'wider'"
-    ):
+    with pytest.raises(ValueError, match=r"encoding must be 'binary' or 'signed', got 'wider'"):
         label_based_metrics(torch.zeros(3, 2), torch.zeros(3, 2), encoding="wider")
 
 
 def test_bad_types() -> None:
-    with pytest.raises(
-        TypeError, match=r"scores must be a torch.Tensor or a numpy.ndarray, got list"
-    ):
+    with pytest.raises(TypeError, match=r"scores must be a torch.Tensor or a numpy.ndarray, got list"):
         average_precision([[0.1, 0.2]], torch.zeros(1, 2))
     with pytest.raises(TypeError, match=r"targets has unsupported numpy dtype object"):
         average_precision(torch.zeros(1, 2), np.array([[1, None]], dtype=object))
@@ -402,9 +370,7 @@ def test_bad_types() -> None:
 
 @pytest.mark.parametrize("k", [0, 4])
 def test_top_k_out_of_range(k: int) -> None:
-    with pytest.raises(
-        ValueError, match=rf"top_k must be in \[1, 3\] \(number of labels\), got {k}"
-    ):
+    with pytest.raises(ValueError, match=rf"top_k must be in \[1, 3\] \(number of labels\), got {k}"):
         label_based_metrics(torch.zeros(2, 3), torch.zeros(2, 3), top_k=k)
     with pytest.raises(TypeError, match=r"top_k must be an int or None, got float"):
         predict_labels(torch.zeros(2, 3), top_k=3.0)
@@ -469,7 +435,15 @@ def test_non_finite_scores_refused_by_every_metric(fn, bad: float) -> None:
 
 
 @pytest.mark.parametrize("fn", ALL_METRICS)
-@pytest.mark.parametrize("convert", [lambda t: t.astype(bool), lambda t: t.astype(np.uint8), lambda t: torch.from_numpy(t).bool(), lambda t: t.astype(np.float32)])
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda t: t.astype(bool),
+        lambda t: t.astype(np.uint8),
+        lambda t: torch.from_numpy(t).bool(),
+        lambda t: t.astype(np.float32),
+    ],
+)
 def test_bool_and_integer_targets_give_the_int64_result(fn, convert) -> None:
     scores, targets = random_problem(3)
     expected = fn(scores, targets)
@@ -486,7 +460,9 @@ def test_bool_and_integer_targets_give_the_int64_result(fn, convert) -> None:
 @pytest.mark.parametrize("targets", [np.ones((3, 2), dtype=bool), torch.ones(3, 2, dtype=torch.uint8)])
 def test_targets_that_cannot_hold_minus_one_are_refused_as_signed(fn, targets) -> None:
     # A bool or unsigned matrix declared signed is the dropped-zero trap: every 0 unspecified.
-    with pytest.raises(TypeError, match=r"targets of dtype torch.(bool|uint8) cannot hold -1 \(negative\), so with encoding='signed'"):
+    with pytest.raises(
+        TypeError, match=r"targets of dtype torch.(bool|uint8) cannot hold -1 \(negative\), so with encoding='signed'"
+    ):
         fn(torch.randn(3, 2), targets, encoding="signed")
 
 
@@ -516,5 +492,7 @@ def test_complex_input_refused() -> None:
 def test_many_offending_target_values_are_capped() -> None:
     scores = torch.arange(-10.0, 10.0).reshape(4, 5)
     # scores passed as targets by mistake: the message lists a few values and the count
-    with pytest.raises(ValueError, match=r"for encoding='binary', found \{-10, -9, -8, -7, -6, -5, -4, -3, \.\.\. \(18 values\)\}$"):
+    with pytest.raises(
+        ValueError, match=r"for encoding='binary', found \{-10, -9, -8, -7, -6, -5, -4, -3, \.\.\. \(18 values\)\}$"
+    ):
         label_based_metrics(scores, scores)

@@ -69,7 +69,9 @@ def bce(logits, targets):
 def capture(model, stages):
     """Forward hooks of the test's own that keep each stage's last output."""
     seen = {}
-    handles = [model.get_submodule(s).register_forward_hook(lambda m, a, out, s=s: seen.__setitem__(s, out)) for s in stages]
+    handles = [
+        model.get_submodule(s).register_forward_hook(lambda m, a, out, s=s: seen.__setitem__(s, out)) for s in stages
+    ]
     return seen, handles
 
 
@@ -136,7 +138,11 @@ def test_torchvision_resnet_stages_and_the_output_fusion():
     heads = MultiScaleHeads(model, ["layer2", "layer3", "layer4"])
     logits = model(torch.randn(2, 3, 64, 64))
     (record,) = heads.pop()
-    assert {s: tuple(m.shape[-2:]) for s, m in record.heatmaps.items()} == {"layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
+    assert {s: tuple(m.shape[-2:]) for s, m in record.heatmaps.items()} == {
+        "layer2": (8, 8),
+        "layer3": (4, 4),
+        "layer4": (2, 2),
+    }
     assert [h.project[0].in_channels for h in heads.heads] == [128, 256, 512]  # read from the stages' convolutions
     expected = torch.stack([record.logits[s] for s in heads.stages] + [logits]).mean(0)
     torch.testing.assert_close(heads.prediction(logits, record.logits), expected)
@@ -219,13 +225,16 @@ def test_random_maps_give_the_materialised_per_stage_mse():
     flip = multiscale_consistency(large, flipped, "flip", weights=weights)
     scale = multiscale_consistency(large, small, "scale", weights=weights)
     for stage, weight in weights.items():
-        assert float(flip[stage]) == pytest.approx(weight * float((large[stage].flip(-1) - flipped[stage]).square().mean()), rel=1e-6)
+        assert float(flip[stage]) == pytest.approx(
+            weight * float((large[stage].flip(-1) - flipped[stage]).square().mean()), rel=1e-6
+        )
         assert float(scale[stage]) == pytest.approx(weight * float(lcm_mse(large[stage], small[stage])), rel=1e-6)
 
 
 def symmetric_net():
     """Every conv 1x1 and stride-2 average pooling, the heads' spatial kernels mirror-symmetric:
     the whole model, heads included, commutes with a horizontal flip exactly."""
+
     def stage(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.AvgPool2d(2))
 
@@ -241,7 +250,9 @@ def test_an_exactly_flip_equivariant_model_gives_zero_for_every_stage_flip_term(
     heads = MultiScaleHeads(model, STAGES).double()
     with torch.no_grad():
         for head in heads.heads:
-            head.attention.spatial.weight.copy_((head.attention.spatial.weight + head.attention.spatial.weight.flip(-1)) / 2)
+            head.attention.spatial.weight.copy_(
+                (head.attention.spatial.weight + head.attention.spatial.weight.flip(-1)) / 2
+            )
     out = AttentionConsistencyLoss().views(model, heads, images(dtype=torch.float64), ["flip"])
     assert sorted(out.terms) == ["flip/stage1", "flip/stage2", "flip/stage3"]
     assert all(term.item() < 1e-24 for term in out.terms.values())
@@ -285,7 +296,11 @@ def test_the_four_view_step_equals_a_reimplementation_from_the_abstract():
         for view in (slice(0, n), slice(n, 2 * n)):  # original, flipped
             logits = {s: by_stage[s][1][view] for s in STAGES}
             supervised = {"stage1": 0.3, "stage2": 1.0, "stage3": 1.0}
-            classification = classification + sum(w * bce(logits[s], targets) for s, w in supervised.items()) + bce(output[view], targets)
+            classification = (
+                classification
+                + sum(w * bce(logits[s], targets) for s, w in supervised.items())
+                + bce(output[view], targets)
+            )
             predictions.append((logits["stage1"] + logits["stage2"] + logits["stage3"] + output[view]) / 4)
     for stage in STAGES:  # scale: (original 32 vs 24) and (flipped 32 vs 24) as one batch
         large, small_maps = per_size["large"][1][stage][0], per_size["small"][1][stage][0]
@@ -414,7 +429,9 @@ def test_compile_autocast_and_channels_last():
 
 
 def test_ddp_sees_the_heads_through_with_side_heads():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=30)
+    )
     try:
         model = net()
         heads = MultiScaleHeads(model, STAGES)
@@ -432,7 +449,9 @@ def _train_ddp_worker(rank: int, port: int, out_dir: str, settings: dict) -> Non
     from examples import train as script
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     built = []
     original = script.build_heads
     script.build_heads = lambda *args: built.append(original(*args)) or built[-1]
@@ -452,7 +471,9 @@ def test_the_training_script_under_ddp_averages_the_side_heads_gradients(tmp_pat
 def test_the_training_script_under_ddp_refuses_an_untrained_head_by_its_flag(tmp_path):
     # the model's own classifier at weight 0 gets no gradient: DDP would fail at the second step
     settings = {"max_steps": 2, "synthetic_train": 16, "supervision": {"output": 0.0}, "fusion": "last"}
-    with pytest.raises(Exception, match="--supervision gives the head 'output' weight 0: under DDP every head must be trained"):
+    with pytest.raises(
+        Exception, match="--supervision gives the head 'output' weight 0: under DDP every head must be trained"
+    ):
         run_workers(_train_ddp_worker, (free_port(), str(tmp_path), settings))
 
 
@@ -460,7 +481,9 @@ def test_the_training_script_under_ddp_refuses_an_untrained_head_by_its_flag(tmp
 
 
 def test_an_unknown_stage_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"stage 'stage4' names no submodule of Net; its stages: stage1, stage2, stage3, pool, fc"):
+    with pytest.raises(
+        ValueError, match=r"stage 'stage4' names no submodule of Net; its stages: stage1, stage2, stage3, pool, fc"
+    ):
         MultiScaleHeads(net(), ["stage1", "stage4"])
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=2)
@@ -474,7 +497,9 @@ def test_a_stage_that_is_not_a_4d_map_is_refused_with_its_name_and_shape():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     heads = MultiScaleHeads(model, ["1"], channels={"1": 4})
-    with pytest.raises(ValueError, match=r"stage '1' of Sequential must give a 4-D floating-point map \(N, C, h, w\), got \(2, 144\)"):
+    with pytest.raises(
+        ValueError, match=r"stage '1' of Sequential must give a 4-D floating-point map \(N, C, h, w\), got \(2, 144\)"
+    ):
         model(torch.randn(2, 3, 8, 8))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # removed first
     del heads
@@ -489,7 +514,11 @@ def test_a_stage_that_is_not_a_4d_map_is_refused_with_its_name_and_shape():
         (dict(stages=STAGES, fusion="max"), ValueError, "fusion must be 'mean', 'last', 'output' or a stage name"),
         (dict(stages=STAGES, fusion="last", supervision={"stage3": 0.0}), ValueError, "supervision weight is 0"),
         (dict(stages=STAGES, supervision={"stage9": 1.0}), ValueError, "supervision key 'stage9' names no head"),
-        (dict(stages=STAGES, consistency_weights={"stage1": -1.0}), ValueError, r"consistency_weights\['stage1'\] must be >= 0"),
+        (
+            dict(stages=STAGES, consistency_weights={"stage1": -1.0}),
+            ValueError,
+            r"consistency_weights\['stage1'\] must be >= 0",
+        ),
         (dict(stages=STAGES, channels={"stage1": 5, "pool": 3}), ValueError, "channels key 'pool' names no stage"),
     ],
 )
@@ -501,7 +530,10 @@ def test_bad_arguments(kwargs, error, match):
 def test_wrong_channels_are_reported_at_the_first_forward():
     model = net()
     heads = MultiScaleHeads(model, STAGES, channels={"stage2": 5})
-    with pytest.raises(ValueError, match=r"stage 'stage2' gives maps of shape \(2, 12, 8, 8\), with 12 channels, but its side head was built for 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage 'stage2' gives maps of shape \(2, 12, 8, 8\), with 12 channels, but its side head was built for 5",
+    ):
         model(images())
     assert len(heads) == 0 and all(not m._forward_hooks for m in model.modules())
 
@@ -538,7 +570,11 @@ def test_msac_presets():
         assert (preset["arch"], preset["image_size"], preset["scale_size"]) == ("resnet50", 224, 192)
         assert preset["transforms"] == transforms and preset["stages"] == ("layer2", "layer3", "layer4")
         assert not preset.get("weights") and preset.get("distance", "mse") == "mse"  # every weight 1, Eq. 5
-    assert PRESETS["synthetic-msac"]["stages"] == PRESETS["synthetic-msac-fs"]["stages"] == ("layers.0", "layers.1", "layers.2")
+    assert (
+        PRESETS["synthetic-msac"]["stages"]
+        == PRESETS["synthetic-msac-fs"]["stages"]
+        == ("layers.0", "layers.1", "layers.2")
+    )
 
 
 def test_resumed_msac_run_equals_the_uninterrupted_one(tmp_path, one_thread):
@@ -548,7 +584,14 @@ def test_resumed_msac_run_equals_the_uninterrupted_one(tmp_path, one_thread):
     train(msac_config(tmp_path / "resumed", 1), device="cpu")
     resumed = train(msac_config(tmp_path / "resumed", 2), device="cpu", resume=True)
     assert resumed == straight
-    keys = {"term-flip@32/layers.0", "term-scale/layers.2", "inconsistency-flip/layers.1", "pointing-game/layers.0", "mAP/layers.1", "mAP/output"}
+    keys = {
+        "term-flip@32/layers.0",
+        "term-scale/layers.2",
+        "inconsistency-flip/layers.1",
+        "pointing-game/layers.0",
+        "mAP/layers.1",
+        "mAP/output",
+    }
     assert keys <= set(straight[-1])
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert a["heads"].keys() == b["heads"].keys() and any(k.startswith("heads.2.attention") for k in a["heads"])
@@ -567,28 +610,59 @@ def test_deep_supervision_and_fusion_reach_the_training_script(tmp_path, one_thr
         return seen["heads"]
 
     monkeypatch.setattr(script, "build_heads", spy)
-    settings = dict(fusion="last", supervision={"output": 0.0, "layers.0": 0.5}, stage_weights={"layers.1": 0.0}, max_steps=1)
+    settings = dict(
+        fusion="last", supervision={"output": 0.0, "layers.0": 0.5}, stage_weights={"layers.1": 0.0}, max_steps=1
+    )
     history = script.train(msac_config(tmp_path, **settings), device="cpu")
     heads = seen["heads"]
-    assert heads.fusion == "last" and heads.supervision == {"layers.0": 0.5, "layers.1": 1.0, "layers.2": 1.0, "output": 0.0}
+    assert heads.fusion == "last" and heads.supervision == {
+        "layers.0": 0.5,
+        "layers.1": 1.0,
+        "layers.2": 1.0,
+        "output": 0.0,
+    }
     assert not any("layers.1" in key for key in history[-1] if key.startswith("term-"))  # weight 0: no term
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--stages", "layers.0", "layers.9"], r"--stages layers.0 layers.9: stage 'layers.9' names no submodule of SmallResNet; its stages: stem, layers, avgpool, fc"),
+        (
+            ["--stages", "layers.0", "layers.9"],
+            r"--stages layers.0 layers.9: stage 'layers.9' names no submodule of SmallResNet; its stages: stem, layers, avgpool, fc",
+        ),
         (["--stages", "layers.0", "layers.0"], "--stages names 'layers.0' more than once"),
         (["--fusion", "last"], "--fusion sets the side heads, but --stages names none"),
-        (["--stages", "layers.0", "--supervision", '{"layers.2": 1}'], "--supervision names 'layers.2', which is not one of layers.0, output"),
-        (["--stages", "layers.0", "--stage-weights", '{"layers.0": -1}'], "--stage-weights: the weight of 'layers.0' must be >= 0"),
-        (["--stages", "layers.0", "--fusion", "max"], "--fusion must be 'mean', 'last', 'output' or a stage of --stages"),
+        (
+            ["--stages", "layers.0", "--supervision", '{"layers.2": 1}'],
+            "--supervision names 'layers.2', which is not one of layers.0, output",
+        ),
+        (
+            ["--stages", "layers.0", "--stage-weights", '{"layers.0": -1}'],
+            "--stage-weights: the weight of 'layers.0' must be >= 0",
+        ),
+        (
+            ["--stages", "layers.0", "--fusion", "max"],
+            "--fusion must be 'mean', 'last', 'output' or a stage of --stages",
+        ),
     ],
 )
 def test_bad_msac_flags_name_the_flag(argv, match, tmp_path, capsys):
     from examples.train import main
 
-    argv = ["--preset", "synthetic", "--device", "cpu", "--out", str(tmp_path), "--synthetic-train", "8", "--batch-size", "4", *argv]
+    argv = [
+        "--preset",
+        "synthetic",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--synthetic-train",
+        "8",
+        "--batch-size",
+        "4",
+        *argv,
+    ]
     try:
         main(argv)
     except (ValueError, TypeError) as error:
@@ -612,7 +686,12 @@ def test_figure5_of_a_multiscale_checkpoint_has_a_row_per_stage(tmp_path, one_th
         assert picture.height == pytest.approx(4 / 3 * picture.width, rel=0.02)
     model, config, labels = figure5.load_trained(tmp_path / "run" / "last.pt")
     with pytest.raises(ValueError, match="side heads do not fit --stages layers.0 layers.1"):
-        figure5.load_heads(tmp_path / "run" / "last.pt", model, config.__class__(**{**vars(config), "stages": ("layers.0", "layers.1")}), len(labels))
+        figure5.load_heads(
+            tmp_path / "run" / "last.pt",
+            model,
+            config.__class__(**{**vars(config), "stages": ("layers.0", "layers.1")}),
+            len(labels),
+        )
 
 
 def test_a_user_transform_gives_a_term_per_stage_equal_to_the_oracle():

@@ -90,7 +90,9 @@ def test_msac_snippets_train_the_side_heads_and_predict_with_them(backbone, one_
     out, heads = namespace["out"], namespace["heads"]
     stages = ("layer2", "layer3", "layer4")
     assert heads.stages == stages
-    assert set(out.terms) == {f"{t}/{s}" for t in ("flip@64", "flip@55", "scale") for s in stages}  # 2 x 3 flip, 3 scale
+    assert set(out.terms) == {
+        f"{t}/{s}" for t in ("flip@64", "flip@55", "scale") for s in stages
+    }  # 2 x 3 flip, 3 scale
     assert all(term.item() > 0 for term in out.terms.values())
     assert out.total.grad_fn is not None and bool(out.total.isfinite())
     assert not torch.equal(namespace["model"].layer2[0].conv1.weight, before)  # the backbone trained

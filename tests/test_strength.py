@@ -170,14 +170,19 @@ def relative_oracle(m, m_t, transform, params=None):
     """Hand-written: Eq. 5 of the materialised transform over the per-label variance of both batches."""
     warped, _ = transform.apply_heatmaps(m, params)
     mse = ((warped - m_t) ** 2).mean()
-    var = lambda x: torch.stack([x[n, l].flatten().var(unbiased=False) for n in range(x.shape[0]) for l in range(x.shape[1])]).mean()  # noqa: E731
+    var = lambda x: torch.stack(  # noqa: E731
+        [x[n, l].flatten().var(unbiased=False) for n in range(x.shape[0]) for l in range(x.shape[1])]
+    ).mean()
     return mse / (0.5 * (var(m) + var(m_t)))
 
 
 @pytest.mark.parametrize("name, params", [("flip", None), ("rotate", 90.0), ("translate", (1 / 7, 0.0))])
 def test_relative_distance_equals_the_oracle(name, params):
     generator = torch.Generator().manual_seed(3)
-    m, m_t = torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64), torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64)
+    m, m_t = (
+        torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64),
+        torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64),
+    )
     transform = get_transform(name)
     value = attention_consistency(m, m_t, transform, params, distance="relative")
     if name == "translate":  # masked cells are left out of the mean: compare on the valid columns
@@ -196,21 +201,28 @@ def test_relative_distance_of_the_scale_term_equals_the_materialised_oracle():
     big, big_t = (torch.nn.functional.interpolate(x, size=42, mode="nearest") for x in (m, m_t))
     var = lambda x: x.var((2, 3), unbiased=False).mean()  # noqa: E731
     expected = ((big - big_t) ** 2).mean() / (0.5 * (var(m) + var(m_t)))
-    torch.testing.assert_close(attention_consistency(m, m_t, "scale", distance="relative"), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        attention_consistency(m, m_t, "scale", distance="relative"), expected, rtol=1e-12, atol=0
+    )
 
 
 @pytest.mark.parametrize("name, params", [("flip", None), ("scale", None), ("rotate", 30.0)])
 def test_relative_distance_is_unchanged_when_both_batches_are_scaled(name, params):
     generator = torch.Generator().manual_seed(5)
     m = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
-    m_t = torch.randn(2, 3, 7 if name == "scale" else 8, 7 if name == "scale" else 8, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(
+        2, 3, 7 if name == "scale" else 8, 7 if name == "scale" else 8, generator=generator, dtype=torch.float64
+    )
     transform = get_transform(name, **({"factor": 7 / 8} if name == "scale" else {}))
     base = attention_consistency(m, m_t, transform, params, distance="relative")
     for c in (1e-3, 3.0, 250.0):
-        torch.testing.assert_close(attention_consistency(c * m, c * m_t, transform, params, distance="relative"), base, rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            attention_consistency(c * m, c * m_t, transform, params, distance="relative"), base, rtol=1e-10, atol=0
+        )
     # while the paper's distance is in the maps' units
     torch.testing.assert_close(
-        attention_consistency(3.0 * m, 3.0 * m_t, transform, params), 9.0 * attention_consistency(m, m_t, transform, params)
+        attention_consistency(3.0 * m, 3.0 * m_t, transform, params),
+        9.0 * attention_consistency(m, m_t, transform, params),
     )
 
 
@@ -220,7 +232,9 @@ def test_relative_distance_ignores_a_constant_added_to_each_map(name):
     # comparison under flip nor the normaliser: spreading the logits cannot lower the term
     generator = torch.Generator().manual_seed(9)
     m = torch.randn(8, 3, 7, 7, generator=generator, dtype=torch.float64)
-    m_t = torch.randn(8, 3, 6 if name == "scale" else 7, 6 if name == "scale" else 7, generator=generator, dtype=torch.float64)
+    m_t = torch.randn(
+        8, 3, 6 if name == "scale" else 7, 6 if name == "scale" else 7, generator=generator, dtype=torch.float64
+    )
     offsets = 10.0 * torch.randn(8, 3, 1, 1, generator=generator, dtype=torch.float64)
     base = attention_consistency(m, m_t, name, distance="relative")
     shifted = attention_consistency(m + offsets, m_t + offsets, name, distance="relative")
@@ -255,7 +269,9 @@ def test_relative_distance_gradcheck(name, size_t):
     m = torch.randn(2, 3, 5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
     m_t = torch.randn(2, 3, size_t, size_t, generator=generator, dtype=torch.float64, requires_grad=True)
     params = 30.0 if name == "rotate" else None
-    assert gradcheck(lambda a, b: attention_consistency(a, b, name, params, distance="relative"), (m, m_t), eps=1e-6, atol=1e-8)
+    assert gradcheck(
+        lambda a, b: attention_consistency(a, b, name, params, distance="relative"), (m, m_t), eps=1e-6, atol=1e-8
+    )
 
 
 def test_relative_distance_has_no_gradient_that_shrinks_the_maps():
@@ -278,8 +294,12 @@ def test_relative_distance_in_views_and_the_module(model):
     paper = AttentionConsistencyLoss(diagnostics=False)
     relative = AttentionConsistencyLoss(distance="relative", diagnostics=False)
     with CAMHook(model) as cam:
-        a = paper.views(model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0))
-        b = relative.views(model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0))
+        a = paper.views(
+            model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0)
+        )
+        b = relative.views(
+            model, cam, images, ["flip", "scale"], mode="product", generator=torch.Generator().manual_seed(0)
+        )
         model(images)
         model(images.flip(-1))
         m, m_t = cam.pop()
@@ -504,12 +524,28 @@ def test_triggered_ramp_starts_at_the_same_step_on_every_replica():
     "call, error, match",
     [
         (lambda: ConsistencyDiagnostics().update([1], torch.tensor(1.0)), TypeError, "heatmaps must be a torch.Tensor"),
-        (lambda: ConsistencyDiagnostics().update(torch.randn(2, 3, 4), torch.tensor(1.0)), ValueError, "heatmaps must be 4-D"),
-        (lambda: ConsistencyDiagnostics().update(torch.randn(2, 3, 4, 4), 1.0), TypeError, "consistency must be a torch.Tensor"),
-        (lambda: AttentionConsistencyLoss(schedule=Ramp), TypeError, "schedule must be callable .*, e.g. Ramp\\(1000\\), got type"),
+        (
+            lambda: ConsistencyDiagnostics().update(torch.randn(2, 3, 4), torch.tensor(1.0)),
+            ValueError,
+            "heatmaps must be 4-D",
+        ),
+        (
+            lambda: ConsistencyDiagnostics().update(torch.randn(2, 3, 4, 4), 1.0),
+            TypeError,
+            "consistency must be a torch.Tensor",
+        ),
+        (
+            lambda: AttentionConsistencyLoss(schedule=Ramp),
+            TypeError,
+            "schedule must be callable .*, e.g. Ramp\\(1000\\), got type",
+        ),
         (lambda: heatmap_variance([1], torch.randn(1, 1, 2, 2)), TypeError, "heatmaps must be a torch.Tensor"),
         (lambda: Ramp(10)(2.5), TypeError, "step must be an int"),
-        (lambda: Ramp(10, trigger=0.5).observe(torch.tensor([1.0, 2.0])), ValueError, "observe\\(\\) takes the step's loss as one number"),
+        (
+            lambda: Ramp(10, trigger=0.5).observe(torch.tensor([1.0, 2.0])),
+            ValueError,
+            "observe\\(\\) takes the step's loss as one number",
+        ),
         (lambda: Ramp(10, trigger=0.5).observe(float("nan")), ValueError, "loss must be a finite number"),
         (lambda: ConsistencyDiagnostics(every=-1), ValueError, "every must be >= 1, got -1"),
     ],

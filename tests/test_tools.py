@@ -33,7 +33,21 @@ def test_the_repository_passes(command: tuple[str, ...]) -> None:
 
 def sphinx(source: Path, out: Path) -> subprocess.CompletedProcess[str]:
     """The build command of the README, with the repository's configuration over ``source``."""
-    return run("sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html", "-c", str(REPO / "docs"), "-d", str(out / "doctrees"), str(source), str(out / "html"))
+    return run(
+        "sphinx",
+        "-W",
+        "--keep-going",
+        "-n",
+        "-q",
+        "-b",
+        "html",
+        "-c",
+        str(REPO / "docs"),
+        "-d",
+        str(out / "doctrees"),
+        str(source),
+        str(out / "html"),
+    )
 
 
 def test_the_documentation_builds_strictly(tmp_path: Path) -> None:

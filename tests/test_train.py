@@ -46,7 +46,17 @@ from examples.train import (
 REPO = Path(__file__).resolve().parents[1]
 
 LABEL_KEYS = {"mAP", "mA", "P-C", "R-C", "F1-C", "F1-C-harmonic", "P-O", "R-O", "F1-O"}
-TRAIN_KEYS = {"epoch", "lr", "loss", "cls_loss", "ac_loss", "ac_ratio", "ac_multiplier", "inconsistency-flip", "inconsistency-scale"}
+TRAIN_KEYS = {
+    "epoch",
+    "lr",
+    "loss",
+    "cls_loss",
+    "ac_loss",
+    "ac_ratio",
+    "ac_multiplier",
+    "inconsistency-flip",
+    "inconsistency-scale",
+}
 EXTRA_KEYS = {
     "wider": set(),
     "pa100k": {"Acc", "Prec", "Recall", "F1"},
@@ -114,11 +124,22 @@ def write_pa100k_root(root: Path) -> Path:
 def write_coco_root(root: Path) -> Path:
     for offset, split in enumerate(("train", "val")):
         images = [
-            {"id": 100 * offset + k, "file_name": f"COCO_{split}2014_{100 * offset + k:012d}.jpg", "width": 16, "height": 12}
+            {
+                "id": 100 * offset + k,
+                "file_name": f"COCO_{split}2014_{100 * offset + k:012d}.jpg",
+                "width": 16,
+                "height": 12,
+            }
             for k in range(4)
         ]
         annotations = [
-            {"id": 10 * k + j, "image_id": image["id"], "category_id": category["id"], "bbox": [0, 0, 4, 4], "iscrowd": 0}
+            {
+                "id": 10 * k + j,
+                "image_id": image["id"],
+                "category_id": category["id"],
+                "bbox": [0, 0, 4, 4],
+                "iscrowd": 0,
+            }
             for k, image in enumerate(images)
             for j, category in enumerate(COCO_CATEGORIES)
             if LABELS[k][j]
@@ -189,7 +210,9 @@ def check_run(preset: str, out: Path, history: list[dict]) -> None:
     stage_keys = {k for k in row if k not in terms and "/" in k}
     stages = settings.get("stages", ())
     assert {k.partition("/")[2] for k in stage_keys} == ({*stages, "output"} if stages else set())  # output: mAP only
-    per_stage = {"mAP", "inconsistency-flip", "inconsistency-scale"} | ({"pointing-game"} if dataset == "synthetic" else set())
+    per_stage = {"mAP", "inconsistency-flip", "inconsistency-scale"} | (
+        {"pointing-game"} if dataset == "synthetic" else set()
+    )
     assert {k.partition("/")[0] for k in stage_keys} == (per_stage if stages else set())
     assert set(row) - terms - stage_keys - {"ac_grad_ratio"} == TRAIN_KEYS | LABEL_KEYS | EXTRA_KEYS[dataset]
     assert row["epoch"] == 1 and row["lr"] == settings.get("lr", 1e-3)
@@ -214,7 +237,11 @@ def check_run(preset: str, out: Path, history: list[dict]) -> None:
     assert state["epoch"] == 0
     assert json.loads(state["history"]) == written
     config = json.loads(state["config"])
-    assert (config["arch"], config["dataset"], tuple(config["transforms"])) == (arch, dataset, settings.get("transforms", ()))
+    assert (config["arch"], config["dataset"], tuple(config["transforms"])) == (
+        arch,
+        dataset,
+        settings.get("transforms", ()),
+    )
     labels = {"wider": 14, "pa100k": 4, "coco": 4, "csv": 4, "synthetic": settings.get("synthetic_classes", 6)}[dataset]
     assert state["model"]["fc.weight"].shape == (labels, FEATURES[arch])
     if arch in LAYER3_BLOCKS:
@@ -243,7 +270,9 @@ def test_preset_trains_one_step_and_writes_metrics_and_checkpoint(preset: str, d
 
 
 @pytest.mark.parametrize("preset", ["wider-r50-acfs", "coco-r101-acfs", "wider-r50-s"])
-def test_scaled_view_is_resized_from_the_image_file_as_the_authors_loader(preset: str, data_roots, tmp_path: Path) -> None:
+def test_scaled_view_is_resized_from_the_image_file_as_the_authors_loader(
+    preset: str, data_roots, tmp_path: Path
+) -> None:
     config = TrainConfig(**(PRESETS[preset] | tiny_settings(preset, data_roots, tmp_path)))
     train_set, test_set = build_datasets(config)
     (large, small), target = train_set[1]
@@ -295,7 +324,9 @@ def test_random_view_applies_each_transform_half_the_time() -> None:
 
 
 def test_augmentation_only_row_with_random_augmentation_trains(data_roots, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(AttentionConsistencyLoss, "views", lambda *a, **k: pytest.fail("random augmentation runs one view"))
+    monkeypatch.setattr(
+        AttentionConsistencyLoss, "views", lambda *a, **k: pytest.fail("random augmentation runs one view")
+    )
     settings = tiny_settings("wider-r50-f", data_roots, tmp_path) | {"arch": "small_resnet", "augmentation": "random"}
     (row,) = train(TrainConfig(**(PRESETS["wider-r50-f"] | settings)), device="cpu")
     assert row["ac_loss"] == 0 and row["cls_loss"] > 0 and math.isfinite(row["mAP"])
@@ -330,10 +361,21 @@ def test_parse_args_gives_the_preset_and_the_overrides(preset: str) -> None:
 
 def test_paper_settings_of_the_presets() -> None:
     r50, r101, coco = (parse_args(["--preset", name])[0] for name in ("wider-r50-acfs", "wider-r101", "coco-r101-acfs"))
-    assert (r50.arch, r50.image_size, r50.scale_size, r50.transforms, r50.consistency) == ("resnet50", 224, 192, ("flip", "scale"), True)
+    assert (r50.arch, r50.image_size, r50.scale_size, r50.transforms, r50.consistency) == (
+        "resnet50",
+        224,
+        192,
+        ("flip", "scale"),
+        True,
+    )
     assert (r50.lr, r50.lr_step, r50.lr_gamma, r50.epochs, r50.batch_size) == (1e-3, 3, 0.5, 12, 16)
     assert (r101.arch, r101.transforms) == ("resnet101", ())
-    assert (coco.arch, coco.image_size, coco.scale_size, coco.weights) == ("resnet101", 288, 256, {"flip": 0.6, "scale": 0.8})
+    assert (coco.arch, coco.image_size, coco.scale_size, coco.weights) == (
+        "resnet101",
+        288,
+        256,
+        {"flip": 0.6, "scale": 0.8},
+    )
     assert (coco.lr_step, coco.lr_gamma, coco.epochs, coco.batch_size) == (6, 0.1, 14, 24)
     assert parse_args(["--preset", "wider-r50-t"])[0].consistency is False
 
@@ -343,7 +385,14 @@ def test_paper_settings_of_the_presets() -> None:
 
 def resume_config(out: Path, epochs: int) -> TrainConfig:
     # lr_step=1: the second epoch runs at another learning rate, which a resumed run must restore
-    settings = {"scale_size": 24, "max_steps": None, "lr_step": 1, "synthetic_train": 16, "out": str(out), "epochs": epochs}
+    settings = {
+        "scale_size": 24,
+        "max_steps": None,
+        "lr_step": 1,
+        "synthetic_train": 16,
+        "out": str(out),
+        "epochs": epochs,
+    }
     return TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | settings))
 
 
@@ -440,7 +489,9 @@ def test_checkpoint_without_a_later_setting_resumes_with_its_default(tmp_path: P
     assert [row["epoch"] for row in train(resume_config(tmp_path, 2), device="cpu", resume=True)] == [1, 2]
 
 
-def test_training_step_feeds_the_file_resized_batch_to_the_scaled_views(data_roots, tmp_path: Path, monkeypatch) -> None:
+def test_training_step_feeds_the_file_resized_batch_to_the_scaled_views(
+    data_roots, tmp_path: Path, monkeypatch
+) -> None:
     seen = []
     views = AttentionConsistencyLoss.views
 
@@ -453,7 +504,10 @@ def test_training_step_feeds_the_file_resized_batch_to_the_scaled_views(data_roo
     train(TrainConfig(**(PRESETS["wider-r50-acfs"] | settings)), device="cpu")
     assert seen == [((4, 3, 32, 32), [(4, 3, 24, 24)])]
     seen.clear()
-    train(TrainConfig(**(PRESETS["wider-r50-acfs"] | settings | {"scale_source": "resize", "out": str(tmp_path / "b")})), device="cpu")
+    train(
+        TrainConfig(**(PRESETS["wider-r50-acfs"] | settings | {"scale_source": "resize", "out": str(tmp_path / "b")})),
+        device="cpu",
+    )
     assert seen == [((4, 3, 32, 32), [])]
 
 
@@ -511,7 +565,9 @@ def test_full_disk_names_the_path_and_keeps_the_previous_files(tmp_path: Path, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match=re.escape(f"cannot write checkpoint {path}: {os.strerror(errno.ENOSPC)}")) as error:
+    with pytest.raises(
+        OSError, match=re.escape(f"cannot write checkpoint {path}: {os.strerror(errno.ENOSPC)}")
+    ) as error:
         save_atomic({"x": torch.arange(7), "epoch": 2}, path)
     assert error.value.errno == errno.ENOSPC
     monkeypatch.setattr(os, "fsync", full)  # the text files fail where a full disk shows: on flush to disk
@@ -523,7 +579,9 @@ def test_full_disk_names_the_path_and_keeps_the_previous_files(tmp_path: Path, m
     assert json.loads((tmp_path / "metrics.json").read_text()) == history
 
 
-def test_interrupted_write_leaves_the_checkpoint_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_write_leaves_the_checkpoint_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "last.pt"
     save_atomic({"x": torch.arange(3), "epoch": 1}, path)
 
@@ -585,7 +643,9 @@ def test_killed_writer_leaves_the_checkpoint_and_a_temporary_the_next_write_remo
     path = tmp_path / "last.pt"
     save_atomic({"epoch": 1}, path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    process = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], cwd=REPO, env=env, capture_output=True, text=True)
+    process = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert process.returncode == -signal.SIGKILL, process.stderr
     leftover = [name for name in os.listdir(tmp_path) if name != "last.pt"]
     assert len(leftover) == 1 and leftover[0].startswith(".last.pt.tmp"), leftover
@@ -598,7 +658,9 @@ def test_resume_refuses_weights_that_do_not_fit_the_run_naming_the_file(tmp_path
     train(resume_config(tmp_path, 1), device="cpu")
     state = load_checkpoint(tmp_path / "last.pt")
     save_atomic(state | {"model": SmallResNet(3).state_dict()}, tmp_path / "last.pt")  # 3 labels, the run has 6
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'last.pt'}: its weights or optimizer state do not fit this run")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'last.pt'}: its weights or optimizer state do not fit this run")
+    ):
         train(resume_config(tmp_path, 2), device="cpu", resume=True)
 
 
@@ -717,14 +779,34 @@ def test_csv_dataset_needs_both_csv_files(given: list[str], tmp_path: Path) -> N
 def test_missing_pretrained_file_names_the_path(data_roots, tmp_path: Path) -> None:
     path = tmp_path / "weights" / "resnet50-11ad3fa6.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
-        main(["--preset", "wider-r50", "--data-root", str(data_roots["wider"]), "--pretrained", str(path), "--out", str(tmp_path)])
+        main(
+            [
+                "--preset",
+                "wider-r50",
+                "--data-root",
+                str(data_roots["wider"]),
+                "--pretrained",
+                str(path),
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_pretrained_file_of_another_arch_names_the_file(data_roots, tmp_path: Path) -> None:
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     # batch 4: the preset's 16 is more than the 4 people of the fixture, which is refused first
-    argv = ["--preset", "wider-r50", "--data-root", str(data_roots["wider"]), "--pretrained", str(path), "--batch-size", "4"]
+    argv = [
+        "--preset",
+        "wider-r50",
+        "--data-root",
+        str(data_roots["wider"]),
+        "--pretrained",
+        str(path),
+        "--batch-size",
+        "4",
+    ]
     with pytest.raises(ValueError, match=re.escape(f"{path} does not hold weights of resnet50")):
         main(argv + ["--out", str(tmp_path)])
 
@@ -762,7 +844,11 @@ def test_torchvision_model_starts_from_a_checkpoint_with_another_head(arch: str,
     trained = build_model(arch, 5)
     torch.save({"model": trained.state_dict(), "epoch": 3}, tmp_path / "last.pt")
     state = build_model(arch, 3, str(tmp_path / "last.pt")).state_dict()
-    changed = {key for key, value in trained.state_dict().items() if value.shape != state[key].shape or not torch.equal(value, state[key])}
+    changed = {
+        key
+        for key, value in trained.state_dict().items()
+        if value.shape != state[key].shape or not torch.equal(value, state[key])
+    }
     assert changed and all(key.startswith(("fc.", "classifier.")) for key in changed), changed
 
 

@@ -60,7 +60,11 @@ def test_the_strength_settings_are_flags() -> None:
     config, _ = parse_args(["--preset", "synthetic-acfs", "--distance", "relative", "--warmup", "0.25",
                             "--warmup-shape", "cosine", "--stop-gradient", "original", "--diagnostics", "false"])  # fmt: skip
     assert (config.distance, config.warmup, config.warmup_shape, config.stop_gradient, config.diagnostics) == (
-        "relative", 0.25, "cosine", "original", False
+        "relative",
+        0.25,
+        "cosine",
+        "original",
+        False,
     )
 
 

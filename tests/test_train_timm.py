@@ -52,7 +52,10 @@ def test_timm_arch_parsing() -> None:
         ("vit_tiny_patch16_224(global_pool=avg)", r"global_pool= is not a literal; quote strings"),
         ("convnext_atto(bogus=1)", r"arch 'convnext_atto\(bogus=1\)'.*refuses the arguments \{'bogus': 1\}"),
         ("timm/not_a_model", r"unknown arch 'timm/not_a_model'"),
-        ("aamn_not_a_model", r"arch 'aamn_not_a_model': an AAMN head on an unknown backbone: unknown arch 'not_a_model'"),
+        (
+            "aamn_not_a_model",
+            r"arch 'aamn_not_a_model': an AAMN head on an unknown backbone: unknown arch 'not_a_model'",
+        ),
     ],
 )
 def test_bad_timm_arch_names_it(arch: str, message: str) -> None:

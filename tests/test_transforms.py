@@ -268,7 +268,11 @@ def test_unknown_transform_lists_available():
         (lambda: Scale(factor=-1.5), ValueError, r"factor must be > 0"),
         (lambda: Scale(factor=0.5, size=100), ValueError, "either factor or size"),
         (lambda: Scale(size=(0, 5)), ValueError, "size must be a positive int"),
-        (lambda: Rotate(degrees="ninety"), TypeError, r"degrees must be a number or a \(min, max\) pair of numbers, got str"),
+        (
+            lambda: Rotate(degrees="ninety"),
+            TypeError,
+            r"degrees must be a number or a \(min, max\) pair of numbers, got str",
+        ),
         (lambda: Rotate(degrees=(30, -30)), ValueError, "min <= max"),
         (lambda: Translate(dx=1.5), ValueError, r"dx must lie in \(-1, 1\)"),
         (lambda: Flip(p=2), ValueError, r"p must be in \[0, 1\], got 2"),
@@ -416,13 +420,21 @@ def test_zero_sized_maps_and_images_are_refused(name, params, shape, shape_t, em
     transform = get_transform(name)
     bad, good = torch.randn(2, 3, *empty), torch.randn(2, 3, *shape_t)
     shape_text = re.escape(str((2, 3, *empty)))
-    with pytest.raises(ValueError, match=rf"heatmaps must have a non-empty spatial size \(h, w\), got shape {shape_text}"):
+    with pytest.raises(
+        ValueError, match=rf"heatmaps must have a non-empty spatial size \(h, w\), got shape {shape_text}"
+    ):
         transform.apply_heatmaps(bad, params)
-    with pytest.raises(ValueError, match=rf"images must have a non-empty spatial size \(H, W\), got shape {shape_text}"):
+    with pytest.raises(
+        ValueError, match=rf"images must have a non-empty spatial size \(H, W\), got shape {shape_text}"
+    ):
         transform.apply_image(bad, params)
-    with pytest.raises(ValueError, match=rf"^heatmaps must have a non-empty spatial size \(h, w\), got shape {shape_text}"):
+    with pytest.raises(
+        ValueError, match=rf"^heatmaps must have a non-empty spatial size \(h, w\), got shape {shape_text}"
+    ):
         transform.consistency(bad, good, params)
-    with pytest.raises(ValueError, match=rf"heatmaps_t must have a non-empty spatial size \(h, w\), got shape {shape_text}"):
+    with pytest.raises(
+        ValueError, match=rf"heatmaps_t must have a non-empty spatial size \(h, w\), got shape {shape_text}"
+    ):
         transform.consistency(torch.randn(2, 3, *shape), bad, params)
 
 
@@ -430,7 +442,9 @@ def test_zero_sized_maps_and_images_are_refused(name, params, shape, shape_t, em
 def test_scale_term_with_one_cell_maps_equals_materialised(shape, shape_t, generator):
     m = torch.randn(3, 2, *shape, generator=generator, dtype=torch.float64)
     m_t = torch.randn(3, 2, *shape_t, generator=generator, dtype=torch.float64)
-    assert torch.allclose(transforms_module.scale_consistency(m, m_t).mean(), materialised_scale_mse(m, m_t), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        transforms_module.scale_consistency(m, m_t).mean(), materialised_scale_mse(m, m_t), rtol=1e-12, atol=0
+    )
 
 
 def test_scale_sizes_round_to_at_least_one_cell():
@@ -455,8 +469,16 @@ def test_scale_term_of_mixed_dtypes_is_computed_in_the_wider_one(generator):
 @pytest.mark.parametrize(
     ("m", "m_t", "match"),
     [
-        (torch.randn(2, 3, 7, 7), torch.randn(3, 3, 6, 6), r"same batch size and number of labels, got \(N, L\) = \(2, 3\) and \(3, 3\)"),
-        (torch.randn(2, 3, 7, 7), torch.randn(2, 3, 6, 6, device="meta"), r"heatmaps and heatmaps_t must be on one device, got cpu and meta"),
+        (
+            torch.randn(2, 3, 7, 7),
+            torch.randn(3, 3, 6, 6),
+            r"same batch size and number of labels, got \(N, L\) = \(2, 3\) and \(3, 3\)",
+        ),
+        (
+            torch.randn(2, 3, 7, 7),
+            torch.randn(2, 3, 6, 6, device="meta"),
+            r"heatmaps and heatmaps_t must be on one device, got cpu and meta",
+        ),
     ],
 )
 def test_scale_term_refuses_unmatched_batches(m, m_t, match):
@@ -467,7 +489,9 @@ def test_scale_term_refuses_unmatched_batches(m, m_t, match):
 
 
 def test_scale_to_a_fixed_size_gives_no_heatmap_size():
-    with pytest.raises(ValueError, match=r"scale params: a scale to the fixed image size \(96, 128\) has no heatmap size"):
+    with pytest.raises(
+        ValueError, match=r"scale params: a scale to the fixed image size \(96, 128\) has no heatmap size"
+    ):
         Scale(size=(96, 128)).apply_heatmaps(torch.randn(2, 3, 7, 7))
     with pytest.raises(ValueError, match=r"fixed image size \(4, 4\) has no heatmap size"):
         Scale().apply_heatmaps(torch.randn(2, 3, 7, 7), (4, 4))
@@ -481,13 +505,37 @@ def test_scale_to_a_fixed_size_gives_no_heatmap_size():
         (lambda: Scale(antialias=None), TypeError, r"antialias must be a bool, got NoneType"),
         (lambda: Scale(factor=True), TypeError, r"factor must be a number or a \(min, max\) pair of numbers, got bool"),
         (lambda: Scale(factor=(0.5, "0.9")), TypeError, r"factor must be a number, got str"),
-        (lambda: Scale(size=2.5), TypeError, r"size must be a positive int or an \(H, W\) pair of positive ints, got float 2.5"),
-        (lambda: Scale(size="ab"), TypeError, r"size must be a positive int or an \(H, W\) pair of positive ints, got str"),
+        (
+            lambda: Scale(size=2.5),
+            TypeError,
+            r"size must be a positive int or an \(H, W\) pair of positive ints, got float 2.5",
+        ),
+        (
+            lambda: Scale(size="ab"),
+            TypeError,
+            r"size must be a positive int or an \(H, W\) pair of positive ints, got str",
+        ),
         (lambda: Scale(size=(True, 4)), TypeError, r"size must be a positive int or an \(H, W\) pair"),
-        (lambda: Scale(size=(3, 4, 5)), ValueError, r"size must be a positive int or an \(H, W\) pair of positive ints, got \(3, 4, 5\)"),
-        (lambda: Scale(size=-3), ValueError, r"size must be a positive int or an \(H, W\) pair of positive ints, got -3"),
-        (lambda: Scale().output_size((0, 5)), ValueError, r"size must be a positive int or an \(H, W\) pair of positive ints, got \(0, 5\)"),
-        (lambda: Translate(dy=(0.5, 1.0)), ValueError, r"dy must lie in \(-1, 1\) \(a fraction of the size; .*\), got \(0.5, 1.0\)"),
+        (
+            lambda: Scale(size=(3, 4, 5)),
+            ValueError,
+            r"size must be a positive int or an \(H, W\) pair of positive ints, got \(3, 4, 5\)",
+        ),
+        (
+            lambda: Scale(size=-3),
+            ValueError,
+            r"size must be a positive int or an \(H, W\) pair of positive ints, got -3",
+        ),
+        (
+            lambda: Scale().output_size((0, 5)),
+            ValueError,
+            r"size must be a positive int or an \(H, W\) pair of positive ints, got \(0, 5\)",
+        ),
+        (
+            lambda: Translate(dy=(0.5, 1.0)),
+            ValueError,
+            r"dy must lie in \(-1, 1\) \(a fraction of the size; .*\), got \(0.5, 1.0\)",
+        ),
         (lambda: Flip(p=-0.1), ValueError, r"p must be in \[0, 1\], got -0.1"),
         (lambda: Flip(p=True), TypeError, r"p must be a number, got bool"),
     ],
@@ -500,10 +548,20 @@ def test_invalid_constructor_arguments(build, error, match):
 @pytest.mark.parametrize(
     ("transform", "params", "error", "match"),
     [
-        (Translate(), (0.1, 0.1, 0.1), ValueError, r"translate params must be a \(dx, dy\) pair of fractions, got \(0.1, 0.1, 0.1\)"),
+        (
+            Translate(),
+            (0.1, 0.1, 0.1),
+            ValueError,
+            r"translate params must be a \(dx, dy\) pair of fractions, got \(0.1, 0.1, 0.1\)",
+        ),
         (Translate(), "ab", TypeError, r"translate params must be a \(dx, dy\) pair of fractions, got 'ab'"),
         (Translate(), (0.1, "0"), TypeError, r"translate params \(dy\) must be a number, got str"),
-        (Scale(), (0, 5), ValueError, r"scale params \(size\) must be a positive int or an \(H, W\) pair of positive ints, got \(0, 5\)"),
+        (
+            Scale(),
+            (0, 5),
+            ValueError,
+            r"scale params \(size\) must be a positive int or an \(H, W\) pair of positive ints, got \(0, 5\)",
+        ),
         (Scale(), "ab", TypeError, r"scale params \(factor\) must be a number, got str"),
         (Scale(), True, TypeError, r"scale params \(factor\) must be a number, got bool"),
         (Rotate(), True, TypeError, r"rotate params \(angle in degrees\) must be a number, got bool"),
@@ -514,7 +572,9 @@ def test_invalid_params_types_and_lengths(transform, params, error, match):
         transform.apply_image(torch.randn(1, 3, 8, 8), params)
 
 
-@pytest.mark.parametrize("transform", [Transform(), Flip(p=0.5), Rotate((-30, 30)), Scale((0.5, 0.9)), Translate((-0.1, 0.1))])
+@pytest.mark.parametrize(
+    "transform", [Transform(), Flip(p=0.5), Rotate((-30, 30)), Scale((0.5, 0.9)), Translate((-0.1, 0.1))]
+)
 def test_generator_of_the_wrong_type_is_refused(transform):
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
         transform.sample(3)
@@ -533,9 +593,14 @@ def test_integer_images_exact_paths_work_and_sampled_paths_are_refused():
     assert torch.equal(Rotate().apply_image(images, 90.0), torch.rot90(images, 1, (-2, -1)))
     shifted = Translate(dx=1 / 8).apply_image(images)
     assert shifted.dtype == torch.uint8 and torch.equal(shifted[..., 1:], images[..., :-1])
-    with pytest.raises(TypeError, match=r"images must be a floating-point tensor for a rotation by 30 degrees \(bilinear sampling\), got torch.uint8"):
+    with pytest.raises(
+        TypeError,
+        match=r"images must be a floating-point tensor for a rotation by 30 degrees \(bilinear sampling\), got torch.uint8",
+    ):
         Rotate().apply_image(images, 30.0)
-    with pytest.raises(TypeError, match=r"images must be a floating-point tensor for a shift of \(0.8, 0\) pixels, not whole"):
+    with pytest.raises(
+        TypeError, match=r"images must be a floating-point tensor for a shift of \(0.8, 0\) pixels, not whole"
+    ):
         Translate().apply_image(images, (0.1, 0.0))
 
 
@@ -562,7 +627,12 @@ def test_registered_name_is_the_transform_name(generator):
         assert _MyFlip().name == "myflip" and _NamedVerticalFlip().name == "vertical"
         direct = AttentionConsistencyLoss(weights={"myflip": 0.0})
         assert float(direct(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), _MyFlip())) == 0.0
-        assert [get_transform(n).name for n in ("flip", "rotate", "scale", "translate")] == ["flip", "rotate", "scale", "translate"]
+        assert [get_transform(n).name for n in ("flip", "rotate", "scale", "translate")] == [
+            "flip",
+            "rotate",
+            "scale",
+            "translate",
+        ]
         m = torch.randn(2, 3, 7, 7, generator=generator)
         m_t = torch.randn(2, 3, 7, 7, generator=generator)
         weighted = AttentionConsistencyLoss(weights={"myflip": 0.25})(m, m_t, "myflip")
@@ -581,7 +651,12 @@ def test_registered_name_is_the_transform_name(generator):
         ((" flip", Flip), {}, ValueError, r"name must be .*, got ' flip'"),
         (("2flip", Flip), {}, ValueError, r"got '2flip'"),
         (("notcallable", 3), {}, TypeError, r"factory must be a Transform subclass or a callable, got int"),
-        (("notatransform", int), {}, TypeError, r"factory must be a Transform subclass or a callable, got the class int"),
+        (
+            ("notatransform", int),
+            {},
+            TypeError,
+            r"factory must be a Transform subclass or a callable, got the class int",
+        ),
         (("anything", Flip), {"overwrite": 1}, TypeError, r"overwrite must be a bool, got int 1"),
     ],
 )
@@ -592,7 +667,9 @@ def test_register_refuses_bad_names_and_factories(args, kwargs, error, match):
 
 
 def test_get_transform_refuses_a_class_and_other_types():
-    with pytest.raises(TypeError, match=r"transform must be a name or a Transform instance, got the class Flip: pass Flip\(\)"):
+    with pytest.raises(
+        TypeError, match=r"transform must be a name or a Transform instance, got the class Flip: pass Flip\(\)"
+    ):
         get_transform(Flip)
     with pytest.raises(TypeError, match=r"transform must be a name or a Transform, got int"):
         get_transform(3)
