@@ -23,6 +23,7 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
     "command",
     [
         pytest.param(("ruff", "check", "--no-cache", "."), id="ruff-lint"),
+        pytest.param(("ruff", "format", "--check", "--no-cache", "."), id="ruff-format"),
         pytest.param(("mypy",), id="mypy"),
     ],
 )
