@@ -605,6 +605,20 @@ class CAMHook(_Recording):
         True
     """
 
+    # declared here: methods read them before mypy has seen __init__ assign them
+    _module: nn.Module
+    _model_name: str
+    activation: Callable[[Tensor], Tensor] | None
+    detach_classifier: bool
+    method: str
+    prefix_tokens: int
+    check: bool
+    _features_named: bool
+    _classifier_named: bool
+    _resolved: bool
+    _pending: bool
+    _warned_outside: bool
+
     def __init__(
         self,
         model: nn.Module,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +84,14 @@ def _check_recorder(cam: object) -> None:
             f"cam must be a CAMHook attached to the model, or a recorder of heatmaps at several stages "
             f"(MultiScaleHeads), got {type(cam).__name__}"
         )
+
+
+def _mean(losses: list[Tensor]) -> Tensor:
+    """The mean of the views' losses, added in order (as ``sum()`` would) then divided."""
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total / len(losses)
 
 
 def _stacked(maps: list[Tensor]) -> Tensor:
@@ -326,15 +334,17 @@ class AttentionConsistencyLoss(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         diagnostics = self.diagnostics.state_dict() if self.diagnostics is not None else None
-        schedule = self.schedule.state_dict() if callable(getattr(self.schedule, "state_dict", None)) else None
+        state_dict = getattr(self.schedule, "state_dict", None)  # a Ramp's; any callable may be a schedule
+        schedule = state_dict() if callable(state_dict) else None
         return {"steps": self.steps, "diagnostics": diagnostics, "schedule": schedule}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         if self.diagnostics is not None and state.get("diagnostics") is not None:
             self.diagnostics.load_state_dict(state["diagnostics"])
-        if state.get("schedule") is not None and callable(getattr(self.schedule, "load_state_dict", None)):
-            self.schedule.load_state_dict(state["schedule"])
+        load_state_dict = getattr(self.schedule, "load_state_dict", None)
+        if state.get("schedule") is not None and callable(load_state_dict):
+            load_state_dict(state["schedule"])
 
     def _weight(self, transform: Transform) -> float:
         return self.weights.get(transform.name, 1.0)
@@ -364,8 +374,9 @@ class AttentionConsistencyLoss(nn.Module):
         """The weighted consistency of ``heatmaps_t`` with ``transform(heatmaps)``, times the schedule."""
         transform = get_transform(transform)
         self._check_keys([transform])
-        trigger = getattr(self.schedule, "trigger", None)
-        if trigger is not None and self.steps >= self.schedule.window and self.schedule.observed == 0:
+        schedule: Any = self.schedule  # a Ramp with a trigger has a window and counts what it observed
+        trigger = getattr(schedule, "trigger", None)
+        if trigger is not None and self.steps >= schedule.window and schedule.observed == 0:
             # without the losses the ramp never starts: the term would stay at weight 0 unnoticed
             raise ValueError(
                 f"the schedule starts when the classification loss has fallen (Ramp(trigger={trigger})), but after "
@@ -462,8 +473,9 @@ class AttentionConsistencyLoss(nn.Module):
         chosen = self._transforms(transforms, mode)
         self._check_keys(chosen)
         params = {t.name: t.sample(generator) for t in chosen}
+        views: list[tuple[str, ...]]
         if mode == "independent":
-            views = [()] + [(t.name,) for t in chosen]
+            views = [(), *((t.name,) for t in chosen)]
         else:
             views = [tuple(t.name for i, t in enumerate(chosen) if mask >> i & 1) for mask in range(2 ** len(chosen))]
         by_name = {t.name: t for t in chosen}
@@ -479,7 +491,8 @@ class AttentionConsistencyLoss(nn.Module):
                 f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})"
             )
         logits, heatmaps, stage_logits = self._forward_by_size(model, cam, view_images)
-        stages = () if isinstance(cam, CAMHook) else cam.stages
+        recorder = None if isinstance(cam, CAMHook) else cam
+        stages = () if recorder is None else recorder.stages
 
         terms: dict[str, Tensor] = {}
         loss = images.new_zeros((), dtype=torch.promote_types(images.dtype, torch.float32))
@@ -511,7 +524,7 @@ class AttentionConsistencyLoss(nn.Module):
                     )
                     loss = loss + weight * terms[name]
                 for stage in stages:
-                    stage_weight = cam.stage_weight(stage)
+                    stage_weight = recorder.stage_weight(stage) if recorder is not None else 1.0
                     if stage_weight == 0.0:
                         continue
                     original = _stacked([heatmaps[v][stage] for v, _ in group])
@@ -528,25 +541,28 @@ class AttentionConsistencyLoss(nn.Module):
                     loss = loss + weight * stage_weight * term
         # a schedule at 0 (the start of a warm-up) still reports the terms
         loss = loss * multiplier if multiplier != 1.0 else loss
-        if stages:
-            view_logits = [cam.prediction(logits[v], stage_logits[v]) for v in views]
+        if recorder is not None and stages:
+            view_logits = [recorder.prediction(logits[v], stage_logits[v]) for v in views]
         else:
             view_logits = [logits[v] for v in views]
         classification = None
-        if criterion is not None and stages:  # deep supervision of every head, averaged over the views
-            classification = sum(
-                cam.classification(logits[v], stage_logits[v], targets, criterion) for v in views
-            ) / len(views)
-        elif criterion is not None:
-            classification = sum(criterion(x, targets) for x in view_logits) / len(view_logits)
+        # targets and criterion come together (checked above)
+        if criterion is not None and targets is not None and recorder is not None and stages:
+            # deep supervision of every head, averaged over the views
+            classification = _mean(
+                [recorder.classification(logits[v], stage_logits[v], targets, criterion) for v in views]
+            )
+        elif criterion is not None and targets is not None:
+            classification = _mean([criterion(x, targets) for x in view_logits])
         if torch.is_grad_enabled():
-            if getattr(self.schedule, "trigger", None) is not None:
+            schedule: Any = self.schedule  # a Ramp with a trigger observes the classification loss
+            if getattr(schedule, "trigger", None) is not None:
                 if classification is None:
                     raise ValueError(
                         "the schedule starts when the classification loss has fallen (Ramp(trigger=...)): give views() "
                         "targets= and criterion=, or call schedule.observe(loss) at each step yourself"
                     )
-                self.schedule.observe(classification)
+                schedule.observe(classification)
             if self.diagnostics is not None and not torch.compiler.is_compiling():
                 gradients = None
                 # with stages: each stage's maps against its own logits, the deepest stage's spread
@@ -597,7 +613,7 @@ class AttentionConsistencyLoss(nn.Module):
                     f"resized[{i}] must be on the device and of the dtype of images ({images.device}, {images.dtype}), "
                     f"got {batch.device}, {batch.dtype}"
                 )
-            size = tuple(batch.shape[-2:])
+            size = (int(batch.shape[-2]), int(batch.shape[-1]))
             if size in sources:
                 raise ValueError(f"resized holds two batches of size {size}")
             sources[size] = batch
@@ -638,9 +654,9 @@ class AttentionConsistencyLoss(nn.Module):
         stage_logits: dict[tuple[str, ...], dict[str, Tensor]] = {}
         cam.clear()
         for views in by_size.values():
-            batch = [view_images[v] for v in views]
-            first = batch[0]
-            batch = torch.cat(batch) if len(batch) > 1 else first
+            parts = [view_images[v] for v in views]
+            first = parts[0]
+            batch = torch.cat(parts) if len(parts) > 1 else first
             if first.is_contiguous(memory_format=torch.channels_last):
                 batch = batch.contiguous(memory_format=torch.channels_last)
             out = model(batch)
@@ -668,8 +684,8 @@ class AttentionConsistencyLoss(nn.Module):
                     f"recorded heatmaps for {recorded[0].shape[1]} labels {tuple(recorded[0].shape)}: the hook is not on "
                     "the head that makes these logits; pass features= and classifier= to CAMHook"
                 )
-            for view, view_logits, view_maps in zip(views, out.split(size), recorded[0].split(size)):
-                logits[view], heatmaps[view] = view_logits, view_maps
+            for view, view_logits, maps in zip(views, torch.split(out, size), torch.split(recorded[0], size)):
+                logits[view], heatmaps[view] = view_logits, maps
         return logits, heatmaps, stage_logits
 
     @staticmethod
@@ -689,11 +705,11 @@ class AttentionConsistencyLoss(nn.Module):
                 f"the model returned logits of shape {tuple(out.shape)} for {batch} images, but the side heads recorded "
                 f"heatmaps for {maps.shape[1]} labels {tuple(maps.shape)}: build them with num_labels= the model's labels"
             )
-        split_maps = {s: m.split(size) for s, m in record.heatmaps.items()}
-        split_logits = {s: x.split(size) for s, x in record.logits.items()}
+        split_maps = {s: torch.split(m, size) for s, m in record.heatmaps.items()}
+        split_logits = {s: torch.split(x, size) for s, x in record.logits.items()}
         return [
             (view_logits, {s: m[i] for s, m in split_maps.items()}, {s: x[i] for s, x in split_logits.items()})
-            for i, view_logits in enumerate(out.split(size))
+            for i, view_logits in enumerate(torch.split(out, size))
         ]
 
 
@@ -739,10 +755,11 @@ def attention_inconsistency(
     """
     _check_recorder(cam)
     several = isinstance(transform, Sequence) and not isinstance(transform, str)
-    transforms = [get_transform(t) for t in (transform if several else [transform])]
+    items: Sequence[Any] = cast(Sequence[Any], transform) if several else [transform]
+    transforms = [get_transform(t) for t in items]
     if not transforms:
         raise ValueError("transform must name at least one transform")
-    stages = (None,) if isinstance(cam, CAMHook) else cam.stages
+    stages: tuple[str | None, ...] = (None,) if isinstance(cam, CAMHook) else cam.stages
     totals: dict[tuple[int, str | None], Tensor] = {}
     count = 0
     for images in batches:
@@ -763,7 +780,7 @@ def attention_inconsistency(
                 f"{1 + len(transforms)} forwards recorded {len(recorded)} heatmap batches; is the {type(cam).__name__} "
                 "attached to this model (and, for a compiled model, attached before its first call)?"
             )
-        maps = [{None: r} if stages == (None,) else r.heatmaps for r in recorded]
+        maps: list[Mapping[str | None, Tensor]] = [{None: r} if stages == (None,) else r.heatmaps for r in recorded]
         for k, (t, p) in enumerate(zip(transforms, params)):
             for stage in stages:
                 per_map = attention_consistency(maps[0][stage], maps[1 + k][stage], t, p, reduction="sum")
