@@ -93,13 +93,25 @@ def _is_classifier(module: nn.Module) -> bool:
     )
 
 
+def _weight_parameter(classifier: nn.Module) -> Tensor:
+    weight = classifier.weight
+    assert isinstance(weight, Tensor)  # a Linear's or a Conv2d's (_is_classifier)
+    return weight
+
+
+def _bias(classifier: nn.Module) -> Tensor | None:
+    bias = getattr(classifier, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
+
+
 def _weight(classifier: nn.Module) -> Tensor:
     """The classifier's weight as a matrix ``(L, C)``."""
-    return classifier.weight.reshape(classifier.weight.shape[0], -1)
+    weight = _weight_parameter(classifier)
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _labels(classifier: nn.Module) -> int:
-    return int(classifier.weight.shape[0])
+    return int(_weight(classifier).shape[0])
 
 
 def _norm_stats(norm: nn.Module, pooled: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
@@ -112,10 +124,11 @@ def _norm_stats(norm: nn.Module, pooled: Tensor) -> tuple[Tensor | None, Tensor,
     dtype = pooled.dtype
     gamma, beta = getattr(norm, "weight", None), getattr(norm, "bias", None)
     if isinstance(norm, nn.BatchNorm1d):
-        if norm.training or norm.running_mean is None:
+        running_mean, running_var = norm.running_mean, norm.running_var
+        if norm.training or running_mean is None or running_var is None:
             mu, var = pooled.mean(0, keepdim=True), pooled.var(0, unbiased=False, keepdim=True)
         else:
-            mu, var = norm.running_mean.to(dtype)[None], norm.running_var.to(dtype)[None]
+            mu, var = running_mean.to(dtype)[None], running_var.to(dtype)[None]
         return mu, torch.rsqrt(var + norm.eps), gamma, beta
     eps = getattr(norm, "eps", None)
     if eps is None:
@@ -147,8 +160,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner
         else:
             return model
 
@@ -185,22 +198,20 @@ def _static_head(
     layer registered) only names the head until the first forward shows which modules feed the
     output; the features may be ``None`` (a model that pools with ``Tensor.mean``).
     """
-    if callable(getattr(model, "get_classifier", None)):  # timm
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):  # timm
         pools = [m for name, m in model.named_modules() if name.split(".")[-1] == "global_pool"]
-        classifier = model.get_classifier()
+        classifier = get_classifier()
         if isinstance(classifier, nn.Module) and _is_classifier(classifier):
             return (pools[-1] if pools else None), classifier, None, bool(pools)
-    if (
-        type(model).__name__ == "DenseNet"
-        and isinstance(getattr(model, "features", None), nn.Module)
-        and isinstance(getattr(model, "classifier", None), nn.Linear)
-    ):
+    features, linear = getattr(model, "features", None), getattr(model, "classifier", None)
+    if type(model).__name__ == "DenseNet" and isinstance(features, nn.Module) and isinstance(linear, nn.Linear):
         # torchvision's DenseNet applies its last ReLU functionally, between the
         # `features` block and the (functional) pooling.
-        return model.features, model.classifier, F.relu, True
+        return features, linear, F.relu, True
     pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
     pools = pools or [m for m in model.modules() if _is_pool(m) and m is not model]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Linear)]
     linears = linears or [m for m in model.modules() if _is_classifier(m)]
     return (pools[-1] if pools else None), (linears[-1] if linears else None), None, False
 
@@ -363,7 +374,7 @@ class _WeakHook:
 
     # Eager even under torch.compile: the one-off hooks read values, and the recording one
     # keeps a Python list, whose length a compiled graph would guard on (a recompilation per length).
-    @torch.compiler.disable
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch's decorator keeps the signature
     def __call__(self, *args: Any) -> None:
         owner = self._ref() if self._ref is not None else None
         if owner is None:
@@ -640,8 +651,9 @@ class CAMHook(_Recording):
         for name, flag in (("detach_classifier", detach_classifier), ("check", check)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
-        if isinstance(max_stored, bool) or not isinstance(max_stored, numbers.Integral):
-            raise TypeError(f"max_stored must be a positive int, got {type(max_stored).__name__} {max_stored!r}")
+        given: object = max_stored  # checked as any object: callers need not be typed
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"max_stored must be a positive int, got {type(given).__name__} {given!r}")
         if max_stored < 1:
             raise ValueError(f"max_stored must be a positive int, got {max_stored!r}")
         if method not in ("cam", "gradcam"):
@@ -686,7 +698,7 @@ class CAMHook(_Recording):
                 f"features must run before the classifier, got a {type(head_features).__name__} that holds it; "
                 "name the pooling module or the module whose output is pooled"
             )
-        if resolved and nn.parameter.is_lazy(head_classifier.weight):
+        if resolved and nn.parameter.is_lazy(_weight_parameter(head_classifier)):
             raise ValueError(
                 f"the classifier {type(head_classifier).__name__} is not initialized yet; run one forward "
                 "of the model before attaching the CAMHook"
@@ -756,12 +768,13 @@ class CAMHook(_Recording):
         return f" ('{parent}' also holds {', '.join(others)})" if others else ""
 
     def _attach_features(self) -> None:
-        if self._hooks["features"]:
+        features = self.features
+        if self._hooks["features"] or features is None:
             return
-        if _is_pool(self.features):
-            handle = self.features.register_forward_pre_hook(_WeakHook(self, "_on_pool_input"))
+        if _is_pool(features):
+            handle = features.register_forward_pre_hook(_WeakHook(self, "_on_pool_input"))
         else:
-            handle = self.features.register_forward_hook(_WeakHook(self, "_on_features_output"))
+            handle = features.register_forward_hook(_WeakHook(self, "_on_features_output"))
         self._hooks["features"].append(handle)
 
     def _remove_hooks(self, kind: str) -> None:
@@ -839,6 +852,7 @@ class CAMHook(_Recording):
                     ValueError if isinstance(activated, Tensor) else TypeError,
                 )
             features = activated
+        assert isinstance(features, Tensor)
         return features
 
     def _shape_layout(self, features: Tensor) -> tuple[str, int]:
@@ -966,11 +980,13 @@ class CAMHook(_Recording):
             return
         model = self._module
         modules = [m for m in model.modules() if m is not model]
+        pools: list[nn.Module]
         if self._resolved:
             pools, linears = [], [self.classifier, *(classifier for _, classifier in self.other_heads)]
         else:
             # the modules of this forward: the user may have replaced some since the hook was attached
-            pools = [self.features] if self._features_named else [m for m in modules if _is_pool(m)]
+            named = [self.features] if self.features is not None else []
+            pools = named if self._features_named else [m for m in modules if _is_pool(m)]
             linears = [self.classifier] if self._classifier_named else [m for m in modules if _is_classifier(m)]
         self._forward = _Forward(pools, linears)
         handles = self._hooks["forward"]
@@ -1096,10 +1112,11 @@ class CAMHook(_Recording):
             if _version(tensor) != version or _contains(module, self.classifier):
                 continue  # changed in place since (its values are not those pooled), or the head itself
             for layout, prefix in self._layouts(tensor, target):
-                cells = (
-                    tensor.shape[1] - prefix if layout == "tokens" else tensor.shape[-2 if layout == "nchw" else 1 :]
-                )
-                if (cells if layout == "tokens" else math.prod(cells)) <= 1:
+                if layout == "tokens":
+                    cells = tensor.shape[1] - prefix
+                else:
+                    cells = tensor.shape[2] * tensor.shape[3] if layout == "nchw" else tensor.shape[1] * tensor.shape[2]
+                if cells <= 1:
                     continue  # one cell: the pooled vector itself (after the head's pooling), not a map of it
                 if self._pools_to(tensor, layout, prefix, target, dropout):
                     if layout == "tokens" and self._model_name not in _RASTER_TOKENS:
@@ -1124,8 +1141,8 @@ class CAMHook(_Recording):
             calls = forward.linears
             if not calls:
                 self._fail(f"the classifier '{self._classifier_name}' did not run in the forward of {model}")
-            found = self._classifier_call(forward, output)
-            event = found[0] if found is not None else calls[-1]  # the check reports a mismatch
+            named = self._classifier_call(forward, output)
+            event = named[0] if named is not None else calls[-1]  # the check reports a mismatch
         else:
             if not isinstance(output, Tensor):
                 self._fail(
@@ -1136,12 +1153,12 @@ class CAMHook(_Recording):
             relations = [
                 (call, _same_values(call[2], output)) for call in forward.linears if isinstance(call[2], Tensor)
             ]
-            found = [call for call, same in relations if same]
-            indices = sorted({call[0] for call in found})
+            matching = [call for call, same in relations if same]
+            indices = sorted({call[0] for call in matching})
             if len(indices) > 1:
                 names = ", ".join(f"'{self._name(forward.linear_candidates[i])}'" for i in indices)
                 self._fail(f"the output of {model} is that of several linear layers ({names}); pass classifier=")
-            if not found:
+            if not matching:
                 averaged = self._averaged_heads(forward, output)
                 if averaged is not None:
                     return self._detect_averaged(forward, output, averaged)
@@ -1153,7 +1170,7 @@ class CAMHook(_Recording):
                     "followed by one linear layer whose output the model returns. Pass features= and classifier= "
                     "to name them"
                 )
-            event = found[-1]
+            event = matching[-1]
         classifier = forward.linear_candidates[event[0]]
         self._set_head(self.features, classifier)
         x = event[1]
@@ -1170,18 +1187,19 @@ class CAMHook(_Recording):
                 self._fail(f"the features '{self._features_name}' did not run in the forward of {model}")
             if len(calls) > 1:
                 self._fail(self._runs_more_than_once(len(calls)))
-            _, features, pooled = calls[0]
-            if pooled is not None:  # a named pooling: its input, not yet activated
-                features = self._activate(features)
+            _, named_features, pooled = calls[0]
+            features = self._activate(named_features) if pooled is not None else named_features  # a pooling's input
             if not self._set_layout(features, target, dropout):
                 self.layout, self.prefix_tokens = self._shape_layout(features)  # the check reports it
         else:
-            relations = [(call, _feeds(call[2], target)) for call in forward.pools]
-            found = {call[0] for call, feeds in relations if feeds}
+            pool_relations = [
+                (call, _feeds(call[2], target) if call[2] is not None else False) for call in forward.pools
+            ]
+            feeding = {call[0] for call, feeds in pool_relations if feeds}
             # a pooling nested in another one that feeds the classifier has the same input: keep the outer one
             candidates = forward.pool_candidates
             outer = sorted(
-                i for i in found if not any(j != i and _contains(candidates[j], candidates[i]) for j in found)
+                i for i in feeding if not any(j != i and _contains(candidates[j], candidates[i]) for j in feeding)
             )
             if len(outer) > 1:
                 names = ", ".join(f"'{self._name(candidates[i])}'" for i in outer)
@@ -1189,24 +1207,25 @@ class CAMHook(_Recording):
                     f"several poolings of {model} feed its classifier '{self._classifier_name}' ({names}); "
                     "pass features="
                 )
-            features = None
+            found: Tensor | None = None
             if outer:
                 calls = [call for call in forward.pools if call[0] == outer[0]]
                 self._set_head(candidates[outer[0]], classifier)
                 if len(calls) > 1:
                     self._fail(self._runs_more_than_once(len(calls)))
-                features = self._activate(calls[0][1])
-                if not self._set_layout(features, target, dropout):
-                    self.layout, self.prefix_tokens = self._shape_layout(features)  # the check reports it
+                found = self._activate(calls[0][1])
+                if not self._set_layout(found, target, dropout):
+                    self.layout, self.prefix_tokens = self._shape_layout(found)  # the check reports it
             else:
                 searched = self._search_outputs(forward, target, dropout)
                 if searched is not None:
                     self._set_head(searched[0], classifier)
-                    features = self._activate(searched[1])
-            if features is None:
-                if any(feeds is None for _, feeds in relations) or not bool(_wide(target).isfinite().any()):
+                    found = self._activate(searched[1])
+            if found is None:
+                if any(feeds is None for _, feeds in pool_relations) or not bool(_wide(target).isfinite().any()):
                     self._undecided(_no_evidence(target))
                 self._fail(self._not_pooled(forward, target))
+            features = found
         self._check_channels(features)
         self._resolved = True
         if self.features is not None:
@@ -1255,7 +1274,7 @@ class CAMHook(_Recording):
         self.norm = heads[0][0]
         self.other_heads = [(norm, other) for norm, other, _ in heads[1:]]
         searched = None
-        for call in (c for c in forward.pools if _feeds(c[2], target)):
+        for call in (c for c in forward.pools if c[2] is not None and _feeds(c[2], target)):
             self._set_head(forward.pool_candidates[call[0]], classifier)
             features = self._activate(call[1])
             if self._set_layout(features, target, dropout=False):
@@ -1405,6 +1424,7 @@ class CAMHook(_Recording):
         if not isinstance(x, Tensor):
             self._fail(f"the classifier '{classifier}' of {model} must be called with its input as a positional tensor")
         features, dtype = forward.features[0]
+        assert features is not None  # with check=True the features' copy is kept
         if features.shape[0] == 0 or not all(bool(t.isfinite().all()) for t in (features, x, y)):
             return False
         norm = self._find_norm(forward, x) if self.norm is None else None
@@ -1434,6 +1454,7 @@ class CAMHook(_Recording):
             self._fail(f"{self._model_name} does not return the mean of its heads' logits")
         self._check_labels(logits, _labels(self.classifier))
         features, dtype = forward.features[0]
+        assert features is not None  # with check=True the features' copy is kept
         if features.shape[0] == 0 or not all(bool(t.isfinite().all()) for c in calls for t in (c[1], c[2])):
             return False
         for (norm, classifier), call in zip(heads, calls):
@@ -1524,18 +1545,19 @@ class CAMHook(_Recording):
                 f"for features of mean magnitude {float(grid.abs().mean()):.3g}){advice}"
             )
         weight = _wide(_weight(classifier)).to(x32.dtype)
-        bias = None if classifier.bias is None else _wide(classifier.bias).to(x32.dtype)
+        given_bias = _bias(classifier)
+        bias = None if given_bias is None else _wide(given_bias).to(x32.dtype)
         expected = F.linear(x32, weight, bias)
         magnitude = x32.abs() @ weight.abs().T
         if bias is not None:
             magnitude = magnitude + bias.abs()
         if y.numel() != expected.numel():
             self._fail(f"{head}: the classifier's output has shape {tuple(y.shape)}, expected {tuple(expected.shape)}")
-        error = (_wide(y).reshape(expected.shape).to(expected) - expected).abs()
-        if not bool((error <= _matmul_rtol(x.dtype, y.dtype) * magnitude).all()):
+        deviation = (_wide(y).reshape(expected.shape).to(expected) - expected).abs()
+        if not bool((deviation <= _matmul_rtol(x.dtype, y.dtype) * magnitude).all()):
             self._fail(
                 f"{head}: the output of '{name}' is not input @ weight.T + bias (off by up to "
-                f"{float(error.max()):.3g}); is it a Linear subclass, or changed by another hook?{advice[1:]}"
+                f"{float(deviation.max()):.3g}); is it a Linear subclass, or changed by another hook?{advice[1:]}"
             )
 
     # --- public API ----------------------------------------------------------------------
@@ -1556,7 +1578,7 @@ class CAMHook(_Recording):
         with torch.no_grad():
             for norm, classifier in [(self.norm, self.classifier), *self.other_heads]:
                 weight = _weight(classifier)
-                bias = classifier.bias
+                bias = _bias(classifier)
                 offset = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
                 beta = getattr(norm, "bias", None) if norm is not None else None
                 if beta is not None:
