@@ -867,6 +867,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# settings that take a list of names on the command line, with their help
+_NAME_LISTS = {
+    "transforms": "views: flip scale rotate translate",
+    "stages": "side heads (MSAC), e.g. layer2 layer3 layer4",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a table row")
@@ -876,21 +883,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
-        if field.name == "transforms":
+        if field.name in _NAME_LISTS:
             parser.add_argument(
-                flag,
-                nargs="*",
-                type=argument_type(field.name, str),
-                default=None,
-                help="views: flip scale rotate translate",
-            )
-        elif field.name == "stages":
-            parser.add_argument(
-                flag,
-                nargs="*",
-                type=argument_type(field.name, str),
-                default=None,
-                help="side heads (MSAC), e.g. layer2 layer3 layer4",
+                flag, nargs="*", type=argument_type(field.name, str), default=None, help=_NAME_LISTS[field.name]
             )
         elif field.name == "synthetic_sizes":
             parser.add_argument(
