@@ -299,28 +299,17 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     train_transform = transform
     if "scale" in config.transforms and config.scale_size is not None and source == "original":
         train_transform = _TwoSizes(transform, _image_transform(config.scale_size))
-    if config.dataset == "wider":
-        return (
-            datasets.WiderAttribute(config.data_root, "trainval", train_transform),
-            datasets.WiderAttribute(config.data_root, "test", transform),
-        )
-    if config.dataset == "pa100k":
-        # The paper trains on train (+ val for model selection, unused here) and reports test.
-        return datasets.PA100K(config.data_root, "train", train_transform), datasets.PA100K(
-            config.data_root, "test", transform
-        )
-    if config.dataset == "coco":
-        return datasets.COCO2014(config.data_root, "train", train_transform), datasets.COCO2014(
-            config.data_root, "val", transform
-        )
-    if config.dataset == "voc":
-        return datasets.VOC2007(config.data_root, "trainval", train_transform), datasets.VOC2007(
-            config.data_root, "test", transform
-        )
-    if config.dataset == "vg500":
-        return datasets.VG500(config.data_root, "train", train_transform), datasets.VG500(
-            config.data_root, "test", transform
-        )
+    # reader, training split, test split (PA-100K: the paper trains on train, val unused, and reports test)
+    readers = {
+        "wider": (datasets.WiderAttribute, "trainval", "test"),
+        "pa100k": (datasets.PA100K, "train", "test"),
+        "coco": (datasets.COCO2014, "train", "val"),
+        "voc": (datasets.VOC2007, "trainval", "test"),
+        "vg500": (datasets.VG500, "train", "test"),
+    }
+    if config.dataset in readers:
+        reader, train_split, test_split = readers[config.dataset]
+        return reader(config.data_root, train_split, train_transform), reader(config.data_root, test_split, transform)
     if config.dataset == "csv":
         if config.csv_train is None or config.csv_test is None:
             raise ValueError("dataset 'csv' needs --csv-train and --csv-test")

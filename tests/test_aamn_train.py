@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 from fixtures import VOC_NAMES, write_vg500, write_voc
-from test_train import TINY, as_argv, write_coco_root
+from test_train import TINY, as_argv, resume_config, write_coco_root
 from torch import nn
 
 from attn_consistency import AAMN
@@ -162,16 +162,7 @@ def test_build_model_aamn_loads_the_backbone_from_a_checkpoint_of_it(tmp_path: P
 
 
 def _resume_config(out: Path, epochs: int) -> TrainConfig:
-    settings = {
-        "arch": "aamn_small_resnet",
-        "scale_size": 24,
-        "max_steps": None,
-        "lr_step": 1,
-        "synthetic_train": 16,
-        "out": str(out),
-        "epochs": epochs,
-    }
-    return TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | settings))
+    return resume_config(out, epochs, arch="aamn_small_resnet")
 
 
 def test_resumed_aamn_run_is_bit_identical_to_an_uninterrupted_one(tmp_path: Path) -> None:

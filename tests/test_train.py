@@ -383,7 +383,7 @@ def test_paper_settings_of_the_presets() -> None:
 # ---------------------------------------------------------------- resume
 
 
-def resume_config(out: Path, epochs: int) -> TrainConfig:
+def resume_config(out: Path, epochs: int, **extra: object) -> TrainConfig:
     # lr_step=1: the second epoch runs at another learning rate, which a resumed run must restore
     settings = {
         "scale_size": 24,
@@ -393,7 +393,7 @@ def resume_config(out: Path, epochs: int) -> TrainConfig:
         "out": str(out),
         "epochs": epochs,
     }
-    return TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | settings))
+    return TrainConfig(**(PRESETS["synthetic-acfs"] | TINY | settings | extra))
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
