@@ -109,23 +109,49 @@ def _check_distance(distance: str) -> str:
     return distance
 
 
+# The energy floor of distance="relative": the share of the maps' mean square that the
+# normaliser never falls below (see heatmap_variance).
+_RELATIVE_EPS = 1e-3
+
+
 def heatmap_variance(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
-    r"""The normaliser of ``distance="relative"``: the heatmaps' own spatial variance.
+    r"""The normaliser of ``distance="relative"``: the heatmaps' own spatial variance, floored by their energy.
 
     .. math:: s = \tfrac12 \big(\overline{\mathrm{Var}}(M) + \overline{\mathrm{Var}}(M')\big)
+       + \varepsilon \cdot \tfrac12 \big(\overline{M^2} + \overline{M'^2}\big),
+       \qquad \varepsilon = 10^{-3}
 
-    where :math:`\overline{\mathrm{Var}}` is the variance of each map over its cells,
-    averaged over samples and labels. Each map is centred on its own mean, so neither the
-    large constant of an absent label's logit nor the spread of the logits across the batch
-    counts: only the spatial structure that the consistency term compares. Multiplying both
-    batches by :math:`c` multiplies :math:`s` by :math:`c^2`. It is 1 where every map is
-    flat (no scale to take); elsewhere it stays in the graph (see
+    where :math:`\overline{\mathrm{Var}}` is the variance of each map over its cells and
+    :math:`\overline{M^2}` the mean square of each map, both averaged over samples and
+    labels. The variance centres each map on its own mean, so neither the large constant of
+    an absent label's logit nor the spread of the logits across the batch counts: only the
+    spatial structure that the consistency term compares.
+
+    The floor, :math:`\varepsilon` times the maps' mean square, keeps :math:`s` away from 0
+    where the maps are flat (every cell of a map equal: a collapse, or 1x1 maps). Their
+    variance is 0 while Eq. 5 still counts the gap between the two views' map means (their
+    logits): without the floor the relative distance has a pole there. With it the value is
+    bounded (at most :math:`4/\varepsilon` for a flip or a scale, whose Eq. 5 is at most
+    twice the sum of the two mean squares) and continuous, also into exactly flat maps.
+    Both parts scale as :math:`c^2` when both batches are multiplied by :math:`c`, so the
+    quotient stays scale-free, on flat and 1x1 maps too. On maps with spatial structure the
+    floor is small: with :math:`V` the variance part and :math:`E` the mean-square part, it
+    divides the value by :math:`1 + \varepsilon E / V` (1.001 for maps centred on 0, 1.017
+    for maps whose mean is 4 times their spatial standard deviation).
+
+    :math:`s` is 0 only where every cell of both batches is 0; it is then 1, and the
+    relative distance (of two zero batches) 0. Elsewhere it stays in the graph (see
     :func:`attention_consistency`).
     """
     check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
     check_tensor("heatmaps_t", heatmaps_t, 4, "(N, L, h', w')", floating=True)
-    variance = 0.5 * (heatmaps.var((2, 3), unbiased=False).mean() + heatmaps_t.var((2, 3), unbiased=False).mean())
-    return torch.where(variance > 0, variance, torch.ones_like(variance))
+    parts = []
+    for maps in (heatmaps, heatmaps_t):
+        variance, mean = torch.var_mean(maps, (2, 3), unbiased=False)
+        # the mean square of a map is its variance plus its squared mean: no second pass over the cells
+        parts.append(variance.mean() + _RELATIVE_EPS * (variance + mean.square()).mean())
+    normaliser = 0.5 * (parts[0] + parts[1])
+    return torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
 
 
 def attention_consistency(
@@ -141,10 +167,17 @@ def attention_consistency(
 
     With ``distance="mse"`` (the paper) the per-map terms are the mean squared difference
     of Eq. 5, in the heatmaps' own units. With ``distance="relative"`` they are divided by
-    :func:`heatmap_variance` :math:`s` of the two batches: the value is unchanged when both
-    batches are multiplied by a constant, 0 for exactly equivariant maps and about 2 for
-    unrelated maps of equal variance, so one weight means the same strength on any model
-    and at any stage of training.
+    :func:`heatmap_variance` :math:`s` of the two batches, their spatial variance plus
+    :math:`10^{-3}` times their mean square:
+
+    .. math:: \ell_{a,\mathrm{rel}} = \frac{\ell_a}{\tfrac12 \big(\overline{\mathrm{Var}}(M)
+       + \overline{\mathrm{Var}}(M')\big) + \varepsilon\, \tfrac12 \big(\overline{M^2}
+       + \overline{M'^2}\big)}
+
+    The value is unchanged when both batches are multiplied by a constant, 0 for exactly
+    equivariant maps and about 2 for unrelated maps of equal variance, so one weight means
+    the same strength on any model and at any stage of training. The floor keeps it finite
+    and continuous where the maps are flat (see :func:`heatmap_variance`).
 
     :math:`s` stays in the gradient, on purpose. Eq. 5 falls quadratically when the maps
     shrink, so its gradient always has a part that shrinks every map, the flat, small maps

@@ -166,14 +166,22 @@ def test_schedule_values_are_checked():
 # --------------------------------------------------------------------------- relative distance
 
 
-def relative_oracle(m, m_t, transform, params=None):
-    """Hand-written: Eq. 5 of the materialised transform over the per-label variance of both batches."""
-    warped, _ = transform.apply_heatmaps(m, params)
-    mse = ((warped - m_t) ** 2).mean()
+RELATIVE_EPS = 1e-3  # the energy floor of the relative distance (heatmap_variance's docstring)
+
+
+def oracle_normaliser(m, m_t):
+    """Hand-written: the per-map spatial variance of both batches plus 1e-3 times their mean square."""
     var = lambda x: torch.stack(  # noqa: E731
         [x[n, l].flatten().var(unbiased=False) for n in range(x.shape[0]) for l in range(x.shape[1])]
     ).mean()
-    return mse / (0.5 * (var(m) + var(m_t)))
+    return 0.5 * (var(m) + var(m_t)) + RELATIVE_EPS * 0.5 * ((m**2).mean() + (m_t**2).mean())
+
+
+def relative_oracle(m, m_t, transform, params=None):
+    """Hand-written: Eq. 5 of the materialised transform over the normaliser of both batches."""
+    warped, _ = transform.apply_heatmaps(m, params)
+    mse = ((warped - m_t) ** 2).mean()
+    return mse / oracle_normaliser(m, m_t)
 
 
 @pytest.mark.parametrize("name, params", [("flip", None), ("rotate", 90.0), ("translate", (1 / 7, 0.0))])
@@ -199,8 +207,7 @@ def test_relative_distance_of_the_scale_term_equals_the_materialised_oracle():
     m = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64)
     m_t = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64)
     big, big_t = (torch.nn.functional.interpolate(x, size=42, mode="nearest") for x in (m, m_t))
-    var = lambda x: x.var((2, 3), unbiased=False).mean()  # noqa: E731
-    expected = ((big - big_t) ** 2).mean() / (0.5 * (var(m) + var(m_t)))
+    expected = ((big - big_t) ** 2).mean() / oracle_normaliser(m, m_t)
     torch.testing.assert_close(
         attention_consistency(m, m_t, "scale", distance="relative"), expected, rtol=1e-12, atol=0
     )
@@ -227,9 +234,11 @@ def test_relative_distance_is_unchanged_when_both_batches_are_scaled(name, param
 
 
 @pytest.mark.parametrize("name", ["flip", "scale"])
-def test_relative_distance_ignores_a_constant_added_to_each_map(name):
+def test_relative_distance_sees_a_constant_added_to_each_map_only_through_the_floor(name):
     # a per-(sample, label) constant (the logit's level) changes neither Eq. 5's spatial
-    # comparison under flip nor the normaliser: spreading the logits cannot lower the term
+    # comparison under flip nor the variance part of the normaliser; only the energy floor
+    # (1e-3 of the mean square) sees it, so spreading the logits lowers the term by at most
+    # that share
     generator = torch.Generator().manual_seed(9)
     m = torch.randn(8, 3, 7, 7, generator=generator, dtype=torch.float64)
     m_t = torch.randn(
@@ -238,7 +247,15 @@ def test_relative_distance_ignores_a_constant_added_to_each_map(name):
     offsets = 10.0 * torch.randn(8, 3, 1, 1, generator=generator, dtype=torch.float64)
     base = attention_consistency(m, m_t, name, distance="relative")
     shifted = attention_consistency(m + offsets, m_t + offsets, name, distance="relative")
-    torch.testing.assert_close(shifted, base, rtol=1e-9, atol=0)
+    eq5 = attention_consistency(m, m_t, name)
+    torch.testing.assert_close(attention_consistency(m + offsets, m_t + offsets, name), eq5, rtol=1e-9, atol=0)
+    torch.testing.assert_close(shifted, eq5 / oracle_normaliser(m + offsets, m_t + offsets), rtol=1e-9, atol=0)
+    variance = 0.5 * (m.var((2, 3), unbiased=False).mean() + m_t.var((2, 3), unbiased=False).mean())
+    torch.testing.assert_close(base, eq5 / oracle_normaliser(m, m_t), rtol=1e-9, atol=0)
+    # the floor's share: E / V grew from about 1 to about 100, so the value fell by about 10%
+    energy = 0.5 * (((m + offsets) ** 2).mean() + ((m_t + offsets) ** 2).mean())
+    assert float(shifted) == pytest.approx(float(eq5 / (variance + RELATIVE_EPS * energy)), rel=1e-9)
+    assert 0.8 < float(shifted / base) < 1.0
 
 
 def test_relative_distance_of_unrelated_maps_is_about_two():
@@ -257,10 +274,19 @@ def test_relative_distance_is_zero_for_exactly_equivariant_maps():
     assert float(attention_consistency(fine, coarse, "scale", distance="relative")) == 0.0
 
 
-def test_relative_distance_of_flat_equal_maps_falls_back_to_their_units():
-    m, m_t = torch.full((2, 3, 4, 4), 2.0), torch.full((2, 3, 3, 3), 2.5)
-    assert heatmap_variance(m, m_t) == 1.0
-    torch.testing.assert_close(attention_consistency(m, m_t, "scale", distance="relative"), torch.tensor(0.25))
+def test_relative_distance_of_flat_maps_is_relative_to_their_energy():
+    # flat maps have no variance: the floor, 1e-3 of their mean square, is the whole normaliser
+    # (it used to fall back to 1, the maps' own units: neither scale-free nor continuous)
+    m, m_t = torch.full((2, 3, 4, 4), 2.0, dtype=torch.float64), torch.full((2, 3, 3, 3), 2.5, dtype=torch.float64)
+    normaliser = RELATIVE_EPS * 0.5 * (2.0**2 + 2.5**2)
+    torch.testing.assert_close(heatmap_variance(m, m_t), torch.tensor(normaliser, dtype=torch.float64))
+    value = attention_consistency(m, m_t, "scale", distance="relative")
+    torch.testing.assert_close(value, torch.tensor(0.25 / normaliser, dtype=torch.float64))
+    torch.testing.assert_close(attention_consistency(7 * m, 7 * m_t, "scale", distance="relative"), value)
+    # two batches of zeros: nothing to compare, 0 (the normaliser is 1 there)
+    zeros = torch.zeros(2, 3, 4, 4)
+    assert heatmap_variance(zeros, zeros) == 1.0
+    assert float(attention_consistency(zeros, zeros, "flip", distance="relative")) == 0.0
 
 
 @pytest.mark.parametrize("name, size_t", [("flip", 5), ("scale", 4), ("rotate", 5)])
