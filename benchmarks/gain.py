@@ -32,6 +32,14 @@ from examples.train import TrainConfig
 __all__ = ["main"]
 
 
+# TrainConfig settings that run_row sets for every run: a row giving one would be silently replaced
+_OWNED = {
+    "out": "is set by the harness (each run is written under --out/<regime>/<row>/seed<k>: give --out)",
+    "seed": "is set by the harness (give --seeds)",
+    "pretrained": "is set by the regime (finetune loads the stand-in pretraining, scratch loads nothing)",
+}
+
+
 def _row_option(text: str) -> tuple[str, dict[str, Any]]:
     name, sep, settings = text.partition("=")
     if not sep or not name:
@@ -45,6 +53,10 @@ def _row_option(text: str) -> tuple[str, dict[str, Any]]:
     unknown = set(value) - {f for f in TrainConfig.__dataclass_fields__}
     if unknown:
         raise argparse.ArgumentTypeError(f"--row {name}: unknown settings {sorted(unknown)}")
+    owned = sorted(set(value) & set(_OWNED))
+    if owned:
+        reasons = "; ".join(f"{key!r} {_OWNED[key]}" for key in owned)
+        raise argparse.ArgumentTypeError(f"--row {name}: settings the harness sets itself cannot be given: {reasons}")
     return name, VIEWS | value
 
 
