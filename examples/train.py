@@ -24,7 +24,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,15 @@ __all__ = ["PRESETS", "TrainConfig", "main", "train"]
 class TrainConfig:
     """Every setting of a run; the presets fill in the paper's values."""
 
-    dataset: str = "synthetic"  # wider | pa100k | coco | voc | vg500 | csv | synthetic
+    dataset: str = "synthetic"  # wider | pa100k | coco | voc | vg500 | csv | synthetic | digits
     data_root: str | None = None
     csv_train: str | None = None
     csv_test: str | None = None
     arch: str = "small_resnet"
     pretrained: str | None = None  # None | "imagenet" | path to a local state dict
+    # modules (names, and everything under them) left as pretrained: no gradient, no weight decay;
+    # a fine-tuning run on a CPU freezes the early, high-resolution blocks
+    freeze: tuple[str, ...] = ()
     image_size: int = 64
     scale_size: int | None = None  # input size of the scaled view (the paper: 192 for 224)
     # Where the scaled view comes from: 'original' resizes each image file to scale_size, as the
@@ -124,6 +127,8 @@ class TrainConfig:
     # per epoch, the Figure-5 heatmaps of this many test images per epoch
     tensorboard: str | None = None
     tensorboard_images: int = 4
+    # the generated datasets: 'synthetic' (examples.synthetic) and 'digits' (examples.digits, which
+    # has 10 classes and reads train/test/objects/sizes)
     synthetic_train: int = 1200
     synthetic_test: int = 400
     synthetic_classes: int = 6
@@ -266,13 +271,26 @@ class _TwoSizes:
         return self.large(image), self.small(image)
 
 
+#: the datasets made by code (one image size; boxes for the pointing game)
+GENERATED = ("synthetic", "digits")
+
+
+def freeze(model: nn.Module, names: Sequence[str]) -> None:
+    """Turn off the gradient of the modules ``names`` of ``model`` (and all they contain)."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules or not name:
+            raise ValueError(f"freeze names {name!r}, which is not a module of the model ({type(model).__name__})")
+        modules[name].requires_grad_(False)
+
+
 def scale_source(config: TrainConfig) -> str:
     """``'original'`` or ``'resize'``: see :attr:`TrainConfig.scale_source`."""
-    source = config.scale_source or ("resize" if config.dataset == "synthetic" else "original")
+    source = config.scale_source or ("resize" if config.dataset in GENERATED else "original")
     if source not in ("original", "resize"):
         raise ValueError(f"scale_source must be 'original' or 'resize', got {source!r}")
-    if source == "original" and config.dataset == "synthetic":
-        raise ValueError("the synthetic images exist at one size only: use --scale-source resize")
+    if source == "original" and config.dataset in GENERATED:
+        raise ValueError(f"the {config.dataset} images exist at one size only: use --scale-source resize")
     return source
 
 
@@ -289,6 +307,14 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         low, high = config.synthetic_sizes
         make = lambda n, split: SyntheticShapes(  # noqa: E731
             n, config.image_size, config.synthetic_classes, config.synthetic_objects, low, high, config.seed, split
+        )
+        return make(config.synthetic_train, "train"), make(config.synthetic_test, "test")
+    if config.dataset == "digits":
+        from examples.digits import DigitMosaics
+
+        low, high = config.synthetic_sizes
+        make = lambda n, split: DigitMosaics(  # noqa: E731
+            n, config.image_size, config.synthetic_objects, low, high, config.seed, split
         )
         return make(config.synthetic_train, "train"), make(config.synthetic_test, "test")
     from examples import datasets
@@ -318,7 +344,9 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
             datasets.ImageFolderCSV(root, config.csv_train, train_transform),
             datasets.ImageFolderCSV(root, config.csv_test, transform),
         )
-    raise ValueError(f"unknown dataset {config.dataset!r}: use wider, pa100k, coco, voc, vg500, csv or synthetic")
+    raise ValueError(
+        f"unknown dataset {config.dataset!r}: use wider, pa100k, coco, voc, vg500, csv, synthetic or digits"
+    )
 
 
 class _EpochSampler(Sampler[int]):
@@ -506,7 +534,7 @@ def evaluate(
     scores, heatmaps = [], []
     stage_maps: dict[str, list[Tensor]] = {stage: [] for stage in (heads.stages if heads is not None else ())}
     head_scores: dict[str, list[Tensor]] = {head: [] for head in (*stage_maps, "output")} if heads is not None else {}
-    pointing = config.dataset == "synthetic"  # the only dataset with boxes: keep its heatmaps
+    pointing = config.dataset in GENERATED  # the datasets with boxes: keep their heatmaps
     memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
     for images, _ in _progress(loader, config, "test"):
         images = images.to(device, memory_format=memory_format)
@@ -645,7 +673,10 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     if _use(config.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
         heads = heads.to(memory_format=torch.channels_last) if heads is not None else None
-    parameters = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
+    freeze(model, config.freeze)
+    parameters = [
+        p for p in (*model.parameters(), *(heads.parameters() if heads is not None else ())) if p.requires_grad
+    ]
     encoding = getattr(train_set, "encoding", "binary")
     ratio = positive_ratio(train_set.targets, encoding, config.ignore_unspecified)
     classification = WeightedBCEWithLogitsLoss(ratio, encoding, config.ignore_unspecified).to(device)
@@ -860,6 +891,7 @@ def _parse_bool(text: str) -> bool:
 _NAME_LISTS = {
     "transforms": "views: flip scale rotate translate",
     "stages": "side heads (MSAC), e.g. layer2 layer3 layer4",
+    "freeze": "modules kept as pretrained, e.g. _conv_stem _bn0 _blocks.0",
 }
 
 
@@ -900,7 +932,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name)
         if given is not None:
-            settings[field.name] = tuple(given) if field.name in ("transforms", "stages", "synthetic_sizes") else given
+            settings[field.name] = tuple(given) if field.name in (*_NAME_LISTS, "synthetic_sizes") else given
     return TrainConfig(**settings), args
 
 

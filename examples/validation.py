@@ -35,7 +35,7 @@ __all__ = [
     "validate_config",
 ]
 
-DATASETS = ("wider", "pa100k", "coco", "voc", "vg500", "csv", "synthetic")
+DATASETS = ("wider", "pa100k", "coco", "voc", "vg500", "csv", "synthetic", "digits")
 
 Rule = Callable[[Any], None]
 """Raises ValueError (TypeError for a wrong type) with a message that reads after the flag."""
@@ -174,6 +174,7 @@ _RULES: dict[str, Rule] = {
     "mode": _choice("product", "independent"),
     "weights": _weights,
     "stages": _stages,
+    "freeze": _names("module names", _text),
     "supervision": _head_weights,
     "stage_weights": _head_weights,
     "translate_fraction": _interval(-1, 1, low_open=True, high_open=True, why=" (a fraction of the width)"),
@@ -305,7 +306,12 @@ def _converter(parse: Callable[[str], Any], rule: Rule | None) -> Callable[[str]
 
 _KINDS: dict[Callable[[str], Any], str] = {int: "an integer", float: "a number"}
 # Settings given as several values (nargs): the type sees one value at a time.
-_ONE_OF_SEVERAL: dict[str, Rule] = {"transforms": _transform_name, "synthetic_sizes": _real, "stages": _text}
+_ONE_OF_SEVERAL: dict[str, Rule] = {
+    "transforms": _transform_name,
+    "synthetic_sizes": _real,
+    "stages": _text,
+    "freeze": _text,
+}
 # Checked by validate_config only: an unknown name is a ValueError of train(), as it always was.
 _NOT_AT_PARSE = {"dataset", "arch"}
 
