@@ -18,3 +18,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SLIM_WIDTH = 4  # torchvision's width_per_group: 64 in ResNet-50 and -101
+
+
+@pytest.fixture
+def slim_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's randomly initialised ResNet-50 and ResNet-101, as ``build_model`` gets them
+    for the presets, at 1/16 of their bottleneck width: the same blocks (23 in ResNet-101's
+    layer3), the same state-dict keys and the same 2048-wide features for the head, with 6M
+    parameters instead of 26-45M. A preset's one-step run then writes a checkpoint of 25 MB, not
+    180-400 MB, and its step and evaluation take a fraction of the time. ImageNet weights
+    (``weights="DEFAULT"``) keep the real width; a weights file must be written at this width."""
+    import torchvision
+
+    get_model = torchvision.models.get_model
+
+    def slim(name: str, **config: object) -> torch.nn.Module:
+        if name in ("resnet50", "resnet101") and config.get("weights") is None:
+            config.setdefault("width_per_group", SLIM_WIDTH)
+        return get_model(name, **config)
+
+    monkeypatch.setattr(torchvision.models, "get_model", slim)

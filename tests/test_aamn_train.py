@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from examples.train import PRESETS, TrainConfig, load_checkpoint, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# every dataset and both variants, each ResNet-101 step a few seconds
+# every dataset and both variants (ResNet-101 at 1/16 width: the slim_resnets fixture of conftest.py)
 AAMN_PRESETS = ["voc-r101-aamn", "voc-r101-aamn-acfs", "vg500-r101-aamn", "coco-r101-aamn-acfs"]
 
 
@@ -93,22 +94,29 @@ def test_preset_sgd_steps_equal_ml_gcns_on_its_label_averaged_loss():
         torch.testing.assert_close(ours, ml_gcn, rtol=1e-9, atol=1e-12, msg=dataset)
 
 
-@pytest.fixture(scope="module")
-def r101_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def r101_weights(tmp_path: Path) -> Iterator[Path]:
     """A local ResNet-101 state dict as torchvision distributes it (random weights: no download)."""
-    path = tmp_path_factory.mktemp("weights") / "resnet101-63fe2227.pth"
+    path = tmp_path / "weights" / "resnet101-63fe2227.pth"
+    path.parent.mkdir()
     torch.save(torchvision.models.resnet101().state_dict(), path)
-    return path
+    yield path
+    path.unlink()  # 170 MB
 
 
 @pytest.mark.parametrize("preset", AAMN_PRESETS)
-def test_aamn_preset_runs_end_to_end_at_tiny_size(preset: str, roots, r101_weights: Path, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("slim_resnets")  # ResNet-101's blocks and 2048 features at 1/16 width: 25 MB, not 400
+def test_aamn_preset_runs_end_to_end_at_tiny_size(preset: str, roots, tmp_path: Path) -> None:
     settings = PRESETS[preset]
     dataset = settings["dataset"]
     # 64 px (2x2 maps): at 32 px a random ResNet-101's 1x1 maps with BatchNorm over 4 values went NaN in
     # one step at lr 0.01, the baseline's as well as AAMN's
     tiny = dict(TINY, image_size=64, scale_size=56, out=str(tmp_path))
-    tiny["pretrained"] = str(r101_weights) if preset == "voc-r101-aamn" else None
+    r101_weights = tmp_path / "weights" / "resnet101-63fe2227.pth"
+    if preset == "voc-r101-aamn":  # a ResNet-101 state dict in torchvision's format, at the slim width
+        r101_weights.parent.mkdir()
+        torch.save(torchvision.models.get_model("resnet101", weights=None).state_dict(), r101_weights)
+        tiny["pretrained"] = str(r101_weights)
     argv = ["--preset", preset, "--data-root", str(roots[dataset]), "--device", "cpu"] + as_argv(tiny)
     (row,) = main(argv)
     assert all(isinstance(v, (int, float)) for v in row.values())
@@ -130,6 +138,8 @@ def test_aamn_preset_runs_end_to_end_at_tiny_size(preset: str, roots, r101_weigh
     assert torch.equal(filled, model["head.memory.slots"].abs().sum(1) > 0)
     if preset == "voc-r101-aamn":
         assert json.loads(state["config"])["pretrained"] == str(r101_weights) and state["pretrained_sha256"]
+        r101_weights.unlink()
+    (tmp_path / "last.pt").unlink()  # checked: nothing reads it again
 
 
 def test_build_model_aamn_resnet101_takes_the_torchvision_file(r101_weights: Path) -> None:

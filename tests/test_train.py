@@ -260,6 +260,7 @@ TRAINED = sorted(set(PRESETS) - set(R101_PRESETS)) + ["coco-r101-acfs"]
 
 
 @pytest.mark.parametrize("preset", TRAINED)
+@pytest.mark.usefixtures("slim_resnets")  # the ResNets' blocks and 2048 features at 1/16 width: 25 MB, not 180
 def test_preset_trains_one_step_and_writes_metrics_and_checkpoint(preset: str, data_roots, tmp_path: Path) -> None:
     settings = tiny_settings(preset, data_roots, tmp_path / preset)
     if preset == "wider-r50-acfs":  # through the command line
@@ -267,6 +268,7 @@ def test_preset_trains_one_step_and_writes_metrics_and_checkpoint(preset: str, d
     else:
         history = train(TrainConfig(**(PRESETS[preset] | settings)), device="cpu")
     check_run(preset, tmp_path / preset, history)
+    (tmp_path / preset / "last.pt").unlink()  # checked: nothing reads it again
 
 
 @pytest.mark.parametrize("preset", ["wider-r50-acfs", "coco-r101-acfs", "wider-r50-s"])
@@ -809,6 +811,7 @@ def test_pretrained_file_of_another_arch_names_the_file(data_roots, tmp_path: Pa
     ]
     with pytest.raises(ValueError, match=re.escape(f"{path} does not hold weights of resnet50")):
         main(argv + ["--out", str(tmp_path)])
+    path.unlink()  # 47 MB
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
@@ -823,6 +826,7 @@ def test_pretrained_file_loads_the_backbone_and_replaces_the_head(wrapped: bool,
     for key, value in imagenet.items():
         if not key.startswith("fc."):
             assert torch.equal(state[key], value), key
+    path.unlink()  # 47 MB
 
 
 def test_small_resnet_starts_from_a_checkpoint_of_train(tmp_path: Path) -> None:
@@ -850,6 +854,7 @@ def test_torchvision_model_starts_from_a_checkpoint_with_another_head(arch: str,
         if value.shape != state[key].shape or not torch.equal(value, state[key])
     }
     assert changed and all(key.startswith(("fc.", "classifier.")) for key in changed), changed
+    (tmp_path / "last.pt").unlink()  # 16-45 MB
 
 
 def test_small_resnet_rejects_other_weights(tmp_path: Path) -> None:
@@ -859,6 +864,7 @@ def test_small_resnet_rejects_other_weights(tmp_path: Path) -> None:
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(ValueError, match=re.escape(f"{path} does not hold weights of small_resnet")):
         build_model("small_resnet", 3, str(path))
+    path.unlink()  # 47 MB
     wide = tmp_path / "wide.pth"
     torch.save(SmallResNet(3, widths=(16, 32, 64, 256)).state_dict(), wide)
     with pytest.raises(ValueError, match=re.escape(f"{wide} does not hold weights of small_resnet")):
