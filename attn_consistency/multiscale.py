@@ -53,6 +53,7 @@ OUTPUT = "output"
 """The name of the backbone's own logits among the heads (supervision weights, fusion)."""
 
 _FUSIONS = ("mean", "last", OUTPUT)
+_LAYOUTS = ("nchw", "nhwc")
 
 
 class AttentionModule(nn.Module):
@@ -195,6 +196,11 @@ def _available(model: nn.Module) -> str:
 
 def _static_channels(stage: nn.Module) -> int | None:
     """Output channels of a stage from its last convolution or norm layer, or None."""
+    last = _last_of_sequence(stage)
+    if type(last) is nn.Linear:
+        return last.out_features
+    if type(last) is nn.LayerNorm and len(last.normalized_shape) == 1:
+        return last.normalized_shape[0]
     for module in reversed(list(stage.modules())):
         if isinstance(module, nn.Conv2d):
             return module.out_channels
@@ -202,6 +208,46 @@ def _static_channels(stage: nn.Module) -> int | None:
             return module.num_features
         if isinstance(module, nn.GroupNorm):
             return module.num_channels
+    return None
+
+
+# modules that keep their input's layout: a Sequential ending in one has the layout of what precedes it
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout
+)  # fmt: skip
+
+
+def _last_of_sequence(stage: nn.Module) -> nn.Module:
+    """The module whose output is ``stage``'s output up to an activation, through nested ``nn.Sequential``."""
+    while type(stage) is nn.Sequential and len(stage) > 0:
+        children = list(stage)
+        while len(children) > 1 and type(children[-1]) in _ELEMENTWISE:
+            children.pop()
+        stage = children[-1]
+    return stage
+
+
+def _known_layout(model: nn.Module, name: str, stage: nn.Module) -> tuple[str, str] | None:
+    """``(layout, why)`` where the modules say how the stage's output is laid out, else None.
+
+    Only what cannot be wrong: the module giving the output (through ``nn.Sequential``) is a
+    convolution or a batch/group norm (NCHW), or exactly ``nn.Linear`` / ``nn.LayerNorm``, which work
+    on the last dimension (NHWC); timm's ``output_fmt`` of the stage, or of the model for its
+    ``feature_info`` stages. (A timm model without ``output_fmt`` may still give NHWC stages,
+    as VOLO: the shape tells those.)
+    """
+    last = _last_of_sequence(stage)
+    if isinstance(last, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return "nchw", f"its output is that of a {type(last).__name__}, which gives (N, C, h, w)"
+    if type(last) is nn.Linear or (type(last) is nn.LayerNorm and len(last.normalized_shape) == 1):
+        return "nhwc", f"its output is that of a {type(last).__name__}, which works on the last dimension"
+    for owner, where in ((stage, "the stage's"), (model, f"{type(model).__name__}'s")):
+        if owner is model and name not in {entry["module"] for entry in _feature_info(model) or []}:
+            continue
+        fmt = getattr(owner, "output_fmt", None)
+        fmt = getattr(fmt, "value", fmt)
+        if isinstance(fmt, str) and fmt.upper() in ("NCHW", "NHWC"):
+            return fmt.lower(), f"{where} output_fmt is {fmt.upper()!r}"
     return None
 
 
@@ -267,7 +313,8 @@ class MultiScaleHeads(_Recording, nn.Module):
     The heads follow the backbone's device only when moved with it (``heads.to(device)``).
 
     Args:
-        model: the backbone (any module whose stages give 4-D maps ``(N, C, h, w)``).
+        model: the backbone (any module whose stages give 4-D maps ``(N, C, h, w)``, or
+            ``(N, h, w, C)`` as timm's Swin: see ``layouts``).
         stages: names of the stage modules (dotted names relative to ``model``, e.g.
             ``"layer2"`` or timm's ``"stages.1"``) or, for a timm model, indices into its
             ``feature_info``; shallow to deep, as the model runs them.
@@ -275,6 +322,13 @@ class MultiScaleHeads(_Recording, nn.Module):
         channels: stage name -> channels of its output, where they cannot be read from
             timm's ``feature_info`` or the stage's last convolution or norm layer. Checked at
             the first forward.
+        layouts: stage name -> ``"nchw"`` (maps ``(N, C, h, w)``) or ``"nhwc"`` (``(N, h, w, C)``,
+            permuted for the side head; its heatmaps are ``(N, L, h, w)`` either way). By default
+            the layout is what the modules say (the module giving the stage's output: a
+            convolution or a batch norm is NCHW, an ``nn.Linear`` or ``nn.LayerNorm`` NHWC; timm's
+            ``output_fmt``), else what the shape says at the first forward: the one of dims 1
+            and 3 that holds the stage's channels. A map where both or neither do is refused,
+            named, rather than read over the wrong axes.
         width, reduction, kernel_size: of each :class:`SideHead`.
         supervision: head name (stage or ``"output"``) -> weight of its classification loss.
         consistency_weights: stage name -> weight of its consistency terms.
@@ -289,8 +343,9 @@ class MultiScaleHeads(_Recording, nn.Module):
         ValueError: a stage that names no submodule (the message lists the model's stages),
             the model itself or a module holding its classifier, a repeated stage, unknown
             weight keys, a fusion that names no head or an untrained one; at a forward, a
-            stage whose output is not a 4-D map, or not of the channels its head was built for
-            (named with its shape; the hooks are removed first).
+            stage whose output is not a 4-D map, or not of the channels its head was built for,
+            or whose layout the shape cannot tell (named with its shape; the hooks are removed
+            first).
 
     Example:
         >>> import torchvision
@@ -315,6 +370,7 @@ class MultiScaleHeads(_Recording, nn.Module):
         num_labels: int | None = None,
         *,
         channels: Mapping[str, int] | None = None,
+        layouts: Mapping[str, str] | None = None,
         width: int | None = None,
         reduction: int = 16,
         kernel_size: int = 7,
@@ -342,6 +398,24 @@ class MultiScaleHeads(_Recording, nn.Module):
         unknown = [key for key in channels if key not in names]
         if unknown:
             raise ValueError(f"channels key {unknown[0]!r} names no stage of these heads ({', '.join(names)})")
+        if layouts is not None and not isinstance(layouts, Mapping):
+            raise TypeError(
+                f"layouts must be a mapping of stage name -> 'nchw' or 'nhwc', got {type(layouts).__name__}"
+            )
+        layouts = dict(layouts or {})
+        unknown = [key for key in layouts if key not in names]
+        if unknown:
+            raise ValueError(f"layouts key {unknown[0]!r} names no stage of these heads ({', '.join(names)})")
+        for key, value in layouts.items():
+            if not isinstance(value, str) or value.lower() not in _LAYOUTS:
+                raise ValueError(f"layouts[{key!r}] must be 'nchw' or 'nhwc', got {value!r}")
+        # stage -> (layout, why): given, or what the modules say; the others are settled by the shape
+        self._layouts: list[tuple[str, str] | None] = [
+            (layouts[name].lower(), f"layouts={{{name!r}: {layouts[name]!r}}}")
+            if name in layouts
+            else _known_layout(module, name, stage)
+            for name, stage in zip(names, modules)
+        ]
         info = {entry["module"]: entry.get("num_chs") for entry in _feature_info(module) or []}
         built = []
         for name, stage in zip(names, modules):
@@ -369,7 +443,6 @@ class MultiScaleHeads(_Recording, nn.Module):
         self.__dict__["_stage_modules"] = tuple(modules)
         self._stored: list[StageRecord] = []
         self._current: StageRecord | None = None
-        self._checked = False
         self._warned_overflow = False
         self._handles: list[RemovableHandle] = []
         weakref.finalize(self, _remove_handles, self._handles)
@@ -521,12 +594,7 @@ class MultiScaleHeads(_Recording, nn.Module):
                     f"got {shape}; name a stage whose output is a feature map"
                 )
             head = cast(SideHead, self.heads[index])
-            expected = cast(nn.Conv2d, head.project[0]).in_channels
-            if output.shape[1] != expected:
-                raise ValueError(
-                    f"stage {name!r} gives maps of shape {tuple(output.shape)}, with {output.shape[1]} channels, but its "
-                    f"side head was built for {expected}; pass channels={{{name!r}: {output.shape[1]}}}"
-                )
+            layout = self._layout(index, output, cast(nn.Conv2d, head.project[0]).in_channels)
             if name in record.heatmaps:
                 raise ValueError(
                     f"stage {name!r} ran twice in one forward (a shared module?); name a stage that runs once"
@@ -534,7 +602,40 @@ class MultiScaleHeads(_Recording, nn.Module):
         except ValueError:
             self.remove()
             raise
-        record.heatmaps[name], record.logits[name] = head(output, self.detach_classifier)
+        features = output.permute(0, 3, 1, 2) if layout == "nhwc" else output
+        record.heatmaps[name], record.logits[name] = head(features, self.detach_classifier)
+
+    def _layout(self, index: int, output: Tensor, expected: int) -> str:
+        """The layout of stage ``index``'s 4-D ``output`` (settled at its first forward); checked."""
+        name, shape = self.stages[index], tuple(output.shape)
+        known = self._layouts[index]
+        if known is not None:
+            layout, why = known
+            dim = 1 if layout == "nchw" else 3
+            if shape[dim] != expected:
+                other = "nhwc" if layout == "nchw" else "nchw"
+                raise ValueError(
+                    f"stage {name!r} gives maps of shape {shape}, {layout.upper()} ({why}), so with {shape[dim]} "
+                    f"channels, but its side head was built for {expected}; pass channels={{{name!r}: {shape[dim]}}}, "
+                    f"or layouts={{{name!r}: {other!r}}} if the map is {other.upper()}"
+                )
+            return layout
+        nchw, nhwc = shape[1] == expected, shape[3] == expected
+        if nchw and nhwc:
+            raise ValueError(
+                f"stage {name!r} gives maps of shape {shape}: its side head's {expected} channels could be dim 1 "
+                f"(N, C, h, w) or dim 3 (N, h, w, C), and nothing in the model tells which; pass "
+                f"layouts={{{name!r}: 'nchw'}} or layouts={{{name!r}: 'nhwc'}}"
+            )
+        if not nchw and not nhwc:
+            raise ValueError(
+                f"stage {name!r} gives maps of shape {shape}, but its side head was built for {expected} channels, "
+                f"at neither dim 1 (N, C, h, w) nor dim 3 (N, h, w, C); pass channels={{{name!r}: {shape[1]}}} if "
+                f"the map is NCHW, or channels={{{name!r}: {shape[3]}}} and layouts={{{name!r}: 'nhwc'}} if it is NHWC"
+            )
+        layout = "nchw" if nchw else "nhwc"
+        self._layouts[index] = (layout, f"its {expected} channels are dim {1 if nchw else 3} at the first forward")
+        return layout
 
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         record, self._current = self._current, None

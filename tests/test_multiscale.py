@@ -532,7 +532,9 @@ def test_wrong_channels_are_reported_at_the_first_forward():
     heads = MultiScaleHeads(model, STAGES, channels={"stage2": 5})
     with pytest.raises(
         ValueError,
-        match=r"stage 'stage2' gives maps of shape \(2, 12, 8, 8\), with 12 channels, but its side head was built for 5",
+        match=r"stage 'stage2' gives maps of shape \(2, 12, 8, 8\), NCHW \(its output is that of a BatchNorm2d, "
+        r"which gives \(N, C, h, w\)\), so with 12 channels, but its side head was built for 5; "
+        r"pass channels=\{'stage2': 12\}",
     ):
         model(images())
     assert len(heads) == 0 and all(not m._forward_hooks for m in model.modules())
@@ -720,3 +722,136 @@ def test_a_user_transform_gives_a_term_per_stage_equal_to_the_oracle():
         torch.testing.assert_close(out.terms[f"vflip/{stage}"], expected, rtol=1e-10, atol=0)
         expected = (original[stage].rot90(1, (-2, -1)) - rotated[stage]).square().mean()
         torch.testing.assert_close(out.terms[f"rotate/{stage}"], expected, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------- NHWC stages (issue 18, item 3)
+
+
+class ToNHWC(nn.Module):
+    """A stage that says nothing of its layout: a convolution's map, permuted to (N, h, w, C)."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).permute(0, 2, 3, 1)
+
+
+class NHWCNet(nn.Module):
+    """An NHWC trunk: ``stage`` (no layout cue) then ``norm``, an ``nn.LayerNorm`` over the channels."""
+
+    def __init__(self, channels: int = 16, labels: int = 4) -> None:
+        super().__init__()
+        self.stage = ToNHWC(channels)
+        self.norm = nn.LayerNorm(channels)
+        self.fc = nn.Linear(channels, labels)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.stage(x)).mean((1, 2)))
+
+
+def nhwc_net(**kwargs) -> NHWCNet:
+    torch.manual_seed(0)
+    return NHWCNet(**kwargs)
+
+
+def side_head_on(heads, stage, nhwc):
+    """The stage's side head applied by the test itself to the map permuted to NCHW."""
+    return heads.head(stage)(nhwc.permute(0, 3, 1, 2), heads.detach_classifier)
+
+
+@pytest.mark.parametrize("stage", ["norm", "stage"])
+def test_an_nhwc_stage_gives_maps_over_its_cells(stage):
+    model = nhwc_net()
+    heads = MultiScaleHeads(model, [stage], channels=None if stage == "norm" else {"stage": 16})
+    seen, handles = capture(model, [stage])
+    model(torch.randn(2, 3, 8, 12))
+    (record,) = heads.pop()
+    assert seen[stage].shape == (2, 8, 12, 16)
+    assert record.heatmaps[stage].shape == (2, 4, 8, 12)  # (N, L, h, w): not over (w, C)
+    maps, logits = side_head_on(heads, stage, seen[stage])
+    torch.testing.assert_close(record.heatmaps[stage], maps, rtol=0, atol=0)
+    torch.testing.assert_close(record.logits[stage], logits, rtol=0, atol=0)
+    bias = heads.head(stage).classifier.bias
+    torch.testing.assert_close(record.heatmaps[stage].mean((2, 3)) + bias, record.logits[stage], rtol=1e-5, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+
+
+def test_the_height_of_an_nhwc_stage_passed_as_its_channels_is_refused():
+    model = nhwc_net()
+    heads = MultiScaleHeads(model, ["norm"], channels={"norm": 8})  # what the old message said: 8 is the height
+    with pytest.raises(ValueError) as error:
+        model(torch.randn(2, 3, 8, 12))
+    message = str(error.value)
+    assert "stage 'norm' gives maps of shape (2, 8, 12, 16), NHWC" in message
+    assert "LayerNorm, which works on the last dimension" in message and "pass channels={'norm': 16}" in message
+    assert len(heads) == 0 and all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_square_nhwc_map_without_a_cue_is_refused_by_name_unless_its_layout_is_given():
+    model = nhwc_net()
+    heads = MultiScaleHeads(model, ["stage"], channels={"stage": 16})
+    with pytest.raises(ValueError, match=r"stage 'stage' gives maps of shape \(2, 16, 16, 16\).*could be dim 1.*"
+                       r"pass layouts=\{'stage': 'nchw'\} or layouts=\{'stage': 'nhwc'\}"):  # fmt: skip
+        model(torch.randn(2, 3, 16, 16))
+    heads = MultiScaleHeads(model, ["stage", "norm"], channels={"stage": 16}, layouts={"stage": "nhwc"})
+    seen, handles = capture(model, ["stage", "norm"])
+    model(torch.randn(2, 3, 16, 16))
+    (record,) = heads.pop()
+    for stage in ("stage", "norm"):  # 'norm' knows its layout (a LayerNorm over the channels)
+        torch.testing.assert_close(record.heatmaps[stage], side_head_on(heads, stage, seen[stage])[0], rtol=0, atol=0)
+    for handle in handles:
+        handle.remove()
+
+
+def test_a_layout_settled_at_the_first_forward_is_kept():
+    model = nhwc_net()
+    heads = MultiScaleHeads(model, ["stage"], channels={"stage": 16})
+    model(torch.randn(2, 3, 8, 12))  # dim 3 holds the 16 channels: NHWC
+    model(torch.randn(2, 3, 16, 16))  # square now, but the stage's layout is known
+    first, second = heads.pop()
+    assert first.heatmaps["stage"].shape == (2, 4, 8, 12) and second.heatmaps["stage"].shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("layouts", "error", "match"),
+    [
+        ({"stage9": "nhwc"}, ValueError, "layouts key 'stage9' names no stage"),
+        ({"stage1": "hwc"}, ValueError, r"layouts\['stage1'\] must be 'nchw' or 'nhwc', got 'hwc'"),
+        (["nhwc"], TypeError, "layouts must be a mapping"),
+    ],
+)
+def test_bad_layouts(layouts, error, match):
+    with pytest.raises(error, match=match):
+        MultiScaleHeads(net(), STAGES, layouts=layouts)
+
+
+def test_a_layout_given_against_the_shape_is_refused_by_name():
+    model = net()
+    heads = MultiScaleHeads(model, ["stage1"], layouts={"stage1": "nhwc"})
+    with pytest.raises(ValueError, match=r"stage 'stage1' gives maps of shape \(2, 8, 16, 16\), NHWC \(layouts="):
+        model(images())
+    assert len(heads) == 0
+
+
+def test_timm_swin_stages_are_read_as_nhwc():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, embed_dim=24, depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1), img_size=64, window_size=4,
+    )  # fmt: skip
+    heads = MultiScaleHeads(model, ["layers.1", "layers.2"])
+    assert [h.project[0].in_channels for h in heads.heads] == [48, 96]
+    seen, handles = capture(model, ["layers.1", "layers.2"])
+    model(torch.randn(2, 3, 64, 64))
+    (record,) = heads.pop()
+    assert seen["layers.1"].shape == (2, 8, 8, 48)
+    shapes = {s: tuple(m.shape) for s, m in record.heatmaps.items()}
+    assert shapes == {"layers.1": (2, 3, 8, 8), "layers.2": (2, 3, 4, 4)}
+    for stage in ("layers.1", "layers.2"):
+        torch.testing.assert_close(record.heatmaps[stage], side_head_on(heads, stage, seen[stage])[0], rtol=0, atol=0)
+    for handle in handles:
+        handle.remove()
