@@ -496,7 +496,7 @@ class CAMHook(_Recording):
     the last call, in order. The maps stay in the autograd graph, so a loss on them trains
     the backbone, and ``heatmaps.mean((2, 3)) + cam.offset`` is the model's logits.
 
-    **Heads with exact maps** (DESIGN.md §8). Average pooling of a map ``F`` (NCHW, or NHWC
+    **Heads with exact maps** (affine in the pooled features). Average pooling of a map ``F`` (NCHW, or NHWC
     as Swin's), or of the patch tokens of a vision transformer (prefix tokens dropped, the
     rest laid out on the patch grid of each image), then optionally a LayerNorm, RMSNorm
     or BatchNorm1d of the pooled vector (ConvNeXt's ``LayerNorm2d``, ViT's ``fc_norm``) and

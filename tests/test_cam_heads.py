@@ -1,7 +1,7 @@
 """CAMHook on heads beyond GAP-FC (issue 9): affine heads after pooling, token models, Grad-CAM.
 
 The oracle of every exact head is the invariant ``heatmaps.mean((2, 3)) + cam.offset == logits``
-and, for hand-made heads, the maps written out from the formula of DESIGN.md §8 without the
+and, for hand-made heads, the maps written out from the formula in CAMHook's docstring without the
 library's helpers.
 """
 
