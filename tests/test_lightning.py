@@ -22,7 +22,13 @@ from examples.train import RECOMMENDED
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # Lightning 2.6's own _pytree builds torch's LeafSpec, which the torch installed here deprecates: not ours
+    pytest.mark.filterwarnings(
+        r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning:lightning\.pytorch\.utilities\._pytree"
+    ),
+]
 
 
 def loaders(size: int = 64, batch: int = 4) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
