@@ -40,15 +40,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import check_positive_int, check_tensor
+from ._validation import (
+    check_bool,
+    check_finite_number,
+    check_positive_int,
+    check_spatial,
+    check_tensor,
+    data_checks_enabled,
+)
 
 __all__ = ["AAMN", "AAMNHead", "CategoricalMemory", "ChannelRelation", "SpatialRelation"]
 
@@ -57,7 +63,14 @@ def _check_map(name: str, x: object, channels: int) -> Tensor:
     tensor = check_tensor(name, x, 4, "(N, C, H, W)", floating=True)
     if tensor.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels, got shape {tuple(tensor.shape)}")
-    return tensor
+    return check_spatial(name, tensor, "(H, W)")
+
+
+def _rows(rows: Tensor, describe: Callable[[int], str]) -> str:
+    """The first few of ``rows`` (a bool mask), described, for a message."""
+    index = rows.nonzero().flatten().tolist()
+    shown = ", ".join(describe(i) for i in index[:5])
+    return shown + (f" and {len(index) - 5} more" if len(index) > 5 else "")
 
 
 class _Gated(nn.Module):
@@ -116,6 +129,14 @@ class CategoricalMemory(_Gated):
     holds the slots one process would compute on the concatenated batch. The update uses sums
     and a matrix product only: it is deterministic for a given batch.
 
+    **Non-finite values never reach the slots.** A sample whose pooled features or targets hold
+    a nan or inf (one NaN pixel of an image is enough) would make every slot of its labels NaN
+    for good, and with them every later logit, even with the gate at 0. Where data checks run
+    (``check_finite_values``: by default on CPU, where they cost no device synchronisation)
+    such an update is refused with a ``ValueError`` naming the samples and the slots are left
+    as they were; where they do not (an accelerator, by default), the samples are left out of
+    the update without a synchronisation, as a slot whose new value would not be finite.
+
     Where the abstract was silent, we chose:
 
     - *a moving-average memory, not a learned one*: the abstract's memory "excavates the
@@ -136,6 +157,10 @@ class CategoricalMemory(_Gated):
         num_labels: number of labels (slots).
         key_channels: size :math:`d` of queries and keys (default ``max(C // 8, 1)``).
         momentum: :math:`\mu` in (0, 1].
+        check_finite_values: refuse updates from non-finite features or targets (``True``),
+            leave them out silently (``False``), or refuse on CPU and leave out elsewhere
+            (``None``, the default: no device synchronisation), as
+            :class:`~attn_consistency.AttentionConsistencyLoss`.
 
     Attributes:
         slots: ``(num_labels, channels)`` buffer of the prototypes.
@@ -145,16 +170,24 @@ class CategoricalMemory(_Gated):
     slots: Tensor
     updates: Tensor
 
-    def __init__(self, channels: int, num_labels: int, key_channels: int | None = None, momentum: float = 0.1) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_labels: int,
+        key_channels: int | None = None,
+        momentum: float = 0.1,
+        *,
+        check_finite_values: bool | None = None,
+    ) -> None:
         super().__init__(channels)
         self.num_labels = check_positive_int("num_labels", num_labels)
         key = (
             check_positive_int("key_channels", key_channels) if key_channels is not None else max(self.channels // 8, 1)
         )
-        given: object = momentum  # checked as any object: a wrong type gets this message too
-        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 0 < float(given) <= 1:
+        self.momentum = check_finite_number("momentum", momentum)
+        if not 0 < self.momentum <= 1:
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
+        self.check_finite_values = check_bool("check_finite_values", check_finite_values, optional=True)
         self.key_channels = key
         self.query = nn.Conv2d(self.channels, key, 1, bias=False)
         self.key = nn.Linear(self.channels, key, bias=False)
@@ -196,8 +229,10 @@ class CategoricalMemory(_Gated):
 
         Raises:
             RuntimeError: a block opened inside another one.
-            ValueError: targets of the wrong shape, or a forward whose batch is not a whole
-                number of copies of the targets.
+            ValueError: targets of the wrong shape, a forward whose batch is not a whole
+                number of copies of the targets, or (where data checks run: see
+                ``check_finite_values``) non-finite targets or pooled features; the slots are
+                then left as they were.
         """
         self._check_targets(targets)
         if self._observed is not None:
@@ -209,15 +244,17 @@ class CategoricalMemory(_Gated):
         finally:
             self._observed = None
         n = targets.shape[0]
-        bad = [len(g) for g in observed if n == 0 or len(g) % n]
+        bad = [len(g) for g in observed if (len(g) % n if n else len(g))]
         if bad:
             raise ValueError(
                 f"observe(): a forward inside the block ran {bad[0]} samples for targets of {n} rows; each forward "
                 "must hold whole copies of the batch (views concatenated one after the other)"
             )
+        observed = [g for g in observed if len(g)]  # an empty batch updates nothing (but still reduces)
         features = torch.cat(observed) if observed else self.slots.new_zeros(0, self.channels)
         repeated = torch.cat([targets.repeat(len(g) // n, 1) for g in observed]) if observed else targets[:0]
-        self.update(features, repeated, process_group)
+        # row r of the features: sample (r mod n) of the batch, in copy (r div n) of the forwards' views
+        self._update(features, repeated, process_group, lambda r: f"sample {r % n} (view {r // n})", "observe()")
 
     def _check_targets(self, targets: object) -> None:
         tensor = check_tensor("targets", targets, 2, "(N, num_labels)")
@@ -230,11 +267,28 @@ class CategoricalMemory(_Gated):
     def update(self, features: Tensor, targets: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
         """Move each slot toward the mean feature of the samples whose label is present.
 
+        Rows whose features or targets are not finite are refused or left out (see the class's
+        ``check_finite_values``).
+
         Args:
             features: ``(M, channels)`` pooled features (one row per sample and view).
             targets: ``(M, num_labels)`` their labels (present where > 0.5).
             process_group: as in :meth:`observe`.
+
+        Raises:
+            ValueError: arguments of the wrong shape, or (where data checks run) non-finite
+                rows, named; the slots are then left as they were.
         """
+        self._update(features, targets, process_group, lambda r: f"row {r}", "update()")
+
+    def _update(
+        self,
+        features: Tensor,
+        targets: Tensor,
+        process_group: dist.ProcessGroup | None,
+        describe: Callable[[int], str],
+        caller: str,
+    ) -> None:
         check_tensor("features", features, 2, "(M, channels)", floating=True)
         self._check_targets(targets)
         if features.shape != (targets.shape[0], self.channels):
@@ -242,20 +296,55 @@ class CategoricalMemory(_Gated):
                 f"features must be ({targets.shape[0]}, {self.channels}) for targets of shape {tuple(targets.shape)}, "
                 f"got {tuple(features.shape)}"
             )
-        present = (targets.to(self.slots.device) > 0.5).to(self.slots.dtype)
+        targets = targets.to(self.slots.device)
         features = features.to(self.slots)
+        # rows with a nan or inf are left out, without a synchronisation: a 0 weight does not
+        # cancel a NaN in the matrix product (0 * nan is nan), so their features become 0 too
+        bad_features = ~features.isfinite().all(1)
+        bad_targets = ~targets.isfinite().all(1) if targets.is_floating_point() else torch.zeros_like(bad_features)
+        finite = ~(bad_features | bad_targets)
+        present = ((targets > 0.5) & finite[:, None]).to(self.slots.dtype)
+        features = torch.where(finite[:, None], features, torch.zeros_like(features))
         totals = torch.cat([present.t() @ features, present.sum(0)[:, None]], 1)  # (L, C + 1): sums, counts
+        # one more row, the rows left out: every replica then refuses the same step together
+        skipped = torch.zeros(1, totals.shape[1], dtype=totals.dtype, device=totals.device)
+        skipped[0, 0] = (~finite).sum()
+        totals = torch.cat([totals, skipped])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
             dist.all_reduce(totals, group=process_group)
+        if data_checks_enabled(self.check_finite_values, features, targets) and bool(totals[-1, 0] > 0):
+            self._refuse(bad_features, bad_targets, int(totals[-1, 0]), describe, caller)
+        totals = totals[:-1]
         sums, counts = totals[:, :-1], totals[:, -1]
-        seen = counts > 0
         mean = sums / counts.clamp_min(1)[:, None]
         moved = torch.where((self.updates > 0)[:, None], (1 - self.momentum) * self.slots + self.momentum * mean, mean)
+        seen = (counts > 0) & moved.isfinite().all(1)  # finite features can still sum past the dtype's range
         self.slots.copy_(torch.where(seen[:, None], moved, self.slots))
         self.updates += seen.long()
 
+    def _refuse(
+        self, bad_features: Tensor, bad_targets: Tensor, total: int, describe: Callable[[int], str], caller: str
+    ) -> None:
+        parts = []
+        if bool(bad_features.any()):
+            parts.append(
+                f"the pooled features of {_rows(bad_features, describe)} (the memory's input: a non-finite input "
+                "batch or weights?)"
+            )
+        if bool(bad_targets.any()):
+            parts.append(f"the targets of {_rows(bad_targets, describe)}")
+        local = "; ".join(parts) if parts else "no row of this process (another replica's)"
+        raise ValueError(
+            f"CategoricalMemory.{caller}: {total} of the rows to update the memory with hold nan or inf: {local}. "
+            "The slots were left as they were (a non-finite slot would make every later logit NaN); "
+            "check_finite_values=False leaves such rows out silently"
+        )
+
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_labels={self.num_labels}, key_channels={self.key_channels}, momentum={self.momentum}"
+        return (
+            f"channels={self.channels}, num_labels={self.num_labels}, key_channels={self.key_channels}, "
+            f"momentum={self.momentum}, check_finite_values={self.check_finite_values}"
+        )
 
 
 class ChannelRelation(_Gated):
@@ -347,7 +436,7 @@ class SpatialRelation(_Gated):
         phi = phi - phi.mean(2, keepdim=True)
         g = g - g.mean(2, keepdim=True)
         covariance = g @ phi.transpose(1, 2) / (h * w)  # (N, d, d)
-        out: Tensor = self.out((covariance @ theta).reshape(n, -1, h, w))
+        out: Tensor = self.out((covariance @ theta).reshape(n, theta.shape[1], h, w))  # n may be 0
         return out
 
 
@@ -366,7 +455,7 @@ class AAMNHead(nn.Module):
         channels: channels of the backbone's feature map.
         num_labels: outputs of the classifier (and slots of the memory).
         memory, channel_relation, spatial_relation: whether each module is used.
-        key_channels, momentum: of :class:`CategoricalMemory`.
+        key_channels, momentum, check_finite_values: of :class:`CategoricalMemory`.
         channel_reduction: of :class:`ChannelRelation`.
         spatial_reduction: of :class:`SpatialRelation`.
     """
@@ -383,11 +472,17 @@ class AAMNHead(nn.Module):
         momentum: float = 0.1,
         channel_reduction: int = 16,
         spatial_reduction: int = 8,
+        check_finite_values: bool | None = None,
     ) -> None:
         super().__init__()
         channels, num_labels = check_positive_int("channels", channels), check_positive_int("num_labels", num_labels)
+        memory = check_bool("memory", memory)
+        channel_relation = check_bool("channel_relation", channel_relation)
+        spatial_relation = check_bool("spatial_relation", spatial_relation)
         self.memory: nn.Module = (
-            CategoricalMemory(channels, num_labels, key_channels, momentum) if memory else nn.Identity()
+            CategoricalMemory(channels, num_labels, key_channels, momentum, check_finite_values=check_finite_values)
+            if memory
+            else nn.Identity()
         )
         self.channel_relation: nn.Module = (
             ChannelRelation(channels, channel_reduction) if channel_relation else nn.Identity()

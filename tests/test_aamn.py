@@ -263,6 +263,15 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
+def _nan_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four images, the third with one NaN pixel, and targets that give every label to it."""
+    images, targets = _batches()[0]
+    images, targets = images.clone(), targets.clone()
+    images[2, 0, 3, 3] = float("nan")
+    targets[2] = 1.0
+    return images, targets
+
+
 def _ddp_memory_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -282,6 +291,24 @@ def _ddp_memory_worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(
             {"slots": model.head.memory.slots, "updates": model.head.memory.updates}, Path(out_dir) / f"rank{rank}.pt"
         )
+        # a NaN pixel in one replica's batch (issue 18): refused by both replicas at the same step
+        # (no replica left waiting in the reduction), or left out by both, which stay identical
+        images, targets = _nan_batch()
+        local = slice(2 * rank, 2 * rank + 2)
+        memory = model.head.memory
+        before = memory.slots.clone()
+        refused = ""
+        try:
+            with torch.no_grad(), model.observe(targets[local]):
+                ddp(images[local])
+        except ValueError as error:
+            refused = str(error)
+        unchanged = torch.equal(memory.slots, before)
+        memory.check_finite_values = False
+        with torch.no_grad(), model.observe(targets[local]):
+            ddp(images[local])
+        result = {"refused": refused, "unchanged": unchanged, "slots": memory.slots, "updates": memory.updates}
+        torch.save(result, Path(out_dir) / f"nan{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -303,6 +330,21 @@ def test_ddp_two_replicas_hold_identical_slots_equal_to_one_process_on_the_whole
     assert torch.equal(ranks[0]["updates"], model.head.memory.updates)
     assert int((model.head.memory.updates > 0).sum()) > 0
     torch.testing.assert_close(ranks[0]["slots"], model.head.memory.slots, rtol=1e-5, atol=1e-6)
+
+    nan = [torch.load(tmp_path / f"nan{r}.pt", weights_only=True) for r in range(2)]
+    assert all(result["unchanged"] for result in nan)
+    assert "the pooled features of sample 0 (view 0)" in nan[1]["refused"]  # rank 1's local sample 0 is image 2
+    assert "no row of this process (another replica's)" in nan[0]["refused"]
+    assert all("1 of the rows to update the memory with hold nan or inf" in result["refused"] for result in nan)
+    assert torch.equal(nan[0]["slots"], nan[1]["slots"]) and torch.equal(nan[0]["updates"], nan[1]["updates"])
+    assert nan[0]["slots"].isfinite().all()
+    images, targets = _nan_batch()
+    memory = model.head.memory
+    memory.check_finite_values = False
+    with torch.no_grad(), model.observe(targets):
+        model(images)
+    torch.testing.assert_close(nan[0]["slots"], memory.slots, rtol=1e-5, atol=1e-6)
+    assert torch.equal(nan[0]["updates"], memory.updates)
 
 
 def test_state_dict_round_trip_restores_the_memory_exactly(tmp_path):
@@ -380,3 +422,114 @@ def test_timm_backbone_trunk():
         (heatmaps,) = cam.pop()
     assert heatmaps.shape == (2, L, 2, 2)
     torch.testing.assert_close(heatmaps.mean((2, 3)) + model.head.fc.bias, logits, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- hostile inputs (issue 18)
+
+
+def test_a_nan_pixel_inside_observe_is_refused_by_name_and_leaves_the_memory_clean():
+    model = _tiny_aamn()
+    images, targets = _nan_batch()
+    clean = torch.cat([images[:2], images[3:]])
+    with model.observe(targets[:2]):
+        model(images[:2])
+    memory = model.head.memory
+    before, updates = memory.slots.clone(), memory.updates.clone()
+    with pytest.raises(ValueError) as error, model.observe(targets):
+        model(torch.cat([images, images.flip(-1)]))  # two views: the NaN image is rows 2 and 6
+    message = str(error.value)
+    assert message.startswith("CategoricalMemory.observe(): 2 of the rows to update the memory with hold nan or inf")
+    assert "the pooled features of sample 2 (view 0), sample 2 (view 1)" in message and "left as they were" in message
+    assert torch.equal(memory.slots, before) and torch.equal(memory.updates, updates)
+    assert model(clean).isfinite().all()  # every later clean batch: finite logits
+
+
+def test_with_checks_off_non_finite_samples_are_left_out_of_the_update():
+    images, targets = _nan_batch()
+    keep = [0, 1, 3]
+    reference, model = _tiny_aamn(), _tiny_aamn()
+    model.head.memory.check_finite_values = False
+    with model.observe(targets):
+        model(images)
+    with reference.observe(targets[keep]):
+        reference(images[keep])
+    memory = model.head.memory
+    assert torch.equal(memory.updates, reference.head.memory.updates) and memory.slots.isfinite().all()
+    torch.testing.assert_close(memory.slots, reference.head.memory.slots, rtol=0, atol=0)
+    assert model(images[keep]).isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "value", "what"),
+    [(1, 3, float("nan"), "the pooled features of row 1"), (0, 0, float("inf"), "the pooled features of row 0"),
+     (2, -1, float("nan"), "the targets of row 2")],
+)  # fmt: skip
+def test_update_refuses_non_finite_features_or_targets_by_row(row, column, value, what):
+    memory = _filled_memory()
+    before = memory.slots.clone()
+    features, targets = torch.randn(3, C), torch.ones(3, L)
+    (features if what.startswith("the pooled") else targets)[row, column] = value
+    with pytest.raises(ValueError, match=r"CategoricalMemory\.update\(\): 1 of the rows .*" + what):
+        memory.update(features, targets)
+    assert torch.equal(memory.slots, before)
+    memory.check_finite_values = False
+    memory.update(features, targets)
+    assert memory.slots.isfinite().all()
+
+
+def test_nan_targets_given_to_observe_are_refused():
+    model = _tiny_aamn()
+    images, targets = _batches()[0]
+    targets = targets.clone()
+    targets[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"observe\(\): 1 of the rows .*the targets of sample 1 \(view 0\)"):
+        with model.observe(targets):
+            model(images)
+    assert model.head.memory.updates.sum() == 0
+
+
+def test_an_empty_batch_gives_empty_logits_and_updates_nothing():
+    model = _tiny_aamn()
+    images, targets = _batches()[0]
+    with model.observe(targets):
+        model(images)
+    memory = model.head.memory
+    before, updates = memory.slots.clone(), memory.updates.clone()
+    empty = images[:0]
+    with model.observe(targets[:0]):
+        logits = model(torch.cat([empty, empty]))
+    assert logits.shape == (0, L)
+    assert torch.equal(memory.slots, before) and torch.equal(memory.updates, updates)
+    with pytest.raises(ValueError, match=r"ran 2 samples for targets of 0 rows"):
+        with model.observe(targets[:0]):
+            model(images[:2])
+    for module in (model.head.memory, model.head.channel_relation, model.head.spatial_relation):
+        assert module(torch.randn(0, C, 3, 3)).shape == (0, C, 3, 3)
+    with pytest.raises(ValueError, match=r"x must have a non-empty spatial size \(H, W\), got shape \(2, 8, 0, 3\)"):
+        model.head(torch.randn(2, C, 0, 3))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: AAMNHead(16, 4, memory="no"), TypeError, "memory must be a bool, got str 'no'"),
+        (lambda: AAMNHead(16, 4, channel_relation=1), TypeError, "channel_relation must be a bool, got int 1"),
+        (lambda: AAMNHead(16, 4, spatial_relation=None), TypeError, "spatial_relation must be a bool"),
+        (lambda: CategoricalMemory(C, L, momentum="0.1"), TypeError, "momentum must be a number, got str '0.1'"),
+        (lambda: CategoricalMemory(C, L, momentum=None), TypeError, "momentum must be a number, got NoneType"),
+        (lambda: AAMNHead(C, L, momentum=True), TypeError, "momentum must be a number, got bool True"),
+        (lambda: CategoricalMemory(C, L, momentum=float("nan")), ValueError, "momentum must be a finite number"),
+        (lambda: CategoricalMemory(C, L, momentum=1.5), ValueError, r"momentum must be a number in \(0, 1\]"),
+        (lambda: AAMNHead(C, L, check_finite_values="yes"), TypeError, "check_finite_values must be a bool or None"),
+    ],
+)
+def test_arguments_of_the_wrong_type_or_value(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_memory_false_leaves_the_memory_out():
+    head = AAMNHead(C, L, memory=False)
+    assert isinstance(head.memory, nn.Identity)
+    with head.observe(torch.ones(2, L)):
+        assert head(torch.randn(2, C, 3, 3)).shape == (2, L)
