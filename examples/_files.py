@@ -23,7 +23,7 @@ import pickle
 import re
 import socket
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, Any
 from xml.etree import ElementTree
 
@@ -41,6 +41,7 @@ __all__ = [
     "read_xml",
     "remove_stale_temporaries",
     "save_torch_atomic",
+    "shown",
     "write_atomic",
     "write_text_atomic",
 ]
@@ -48,15 +49,35 @@ __all__ = [
 StrPath = str | os.PathLike[str]
 
 
+def shown(path: StrPath) -> str:
+    """``path`` as a message shows it: as it is, or quoted (``repr``) where that would hide
+    something, a name with whitespace at one of its ends (``'labels.csv '``) or a character
+    that does not print."""
+    text = os.fspath(path)
+    if text.isprintable() and all(part == part.strip() for part in PurePath(text).parts):
+        return text
+    return repr(text)
+
+
+def not_found(what: str, path: StrPath, suffix: str = "") -> str:
+    """``"<what> not found: <path>"``, and the file meant when only whitespace at a name's end differs."""
+    path = Path(path)
+    message = f"{what} not found: {shown(path)}{suffix}"
+    stripped = Path(*(part.strip() for part in path.parts)) if path.parts else path
+    if stripped != path and stripped.exists():
+        message += f"; {shown(stripped)} exists: a name in the path has whitespace at one of its ends"
+    return message
+
+
 def malformed(path: StrPath, problem: str) -> ValueError:
     """The error for a file that is there but does not hold what it should."""
-    return ValueError(f"{path}: {problem}")
+    return ValueError(f"{shown(path)}: {problem}")
 
 
 def _naming(error: OSError, action: str, what: str, path: StrPath) -> OSError:
     """``error`` reworded to name the file, keeping its errno (hence its subclass)."""
     reason = error.strerror or str(error)
-    message = f"cannot {action} {what} {path}: {reason}"
+    message = f"cannot {action} {what} {shown(path)}: {reason}"
     return OSError(error.errno, message) if error.errno is not None else OSError(message)
 
 
@@ -64,7 +85,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+        raise FileNotFoundError(not_found(what, path)) from None
     except OSError as error:
         raise _naming(error, "read", what, path) from error
 
@@ -144,7 +165,7 @@ def open_image(path: StrPath, entry: str) -> Image.Image:
         with Image.open(path) as image:
             return _rgb(image)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path} (from {entry})") from None
+        raise FileNotFoundError(not_found("image", path, f" (from {entry})")) from None
     except OSError as error:
         if error.errno is not None:  # the system's error (permissions, I/O), not PIL's decoder's
             raise _naming(error, "read", f"image (from {entry})", path) from error
@@ -174,7 +195,7 @@ def load_torch(path: StrPath, what: str) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise FileNotFoundError(not_found(what, path))
     if not path.is_file():
         raise malformed(path, f"not a file, expected a {what}")
     try:

@@ -55,7 +55,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from examples._files import malformed, open_image, read_csv_rows, read_json, read_lines, read_xml
+from attn_consistency._validation import check_positive_int
+from examples._files import malformed, not_found, open_image, read_csv_rows, read_json, read_lines, read_xml
 
 __all__ = ["COCO2014", "ImageFolderCSV", "PA100K", "VG500", "VOC2007", "VOC_CLASSES", "WiderAttribute"]
 
@@ -399,7 +400,7 @@ class PA100K(_MultiLabelImages):
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
         if not path.exists():
-            raise FileNotFoundError(f"annotation file not found: {path}")
+            raise FileNotFoundError(not_found("annotation file", path))
         try:
             return scipy.io.loadmat(path)
         except OSError as error:
@@ -627,6 +628,8 @@ class VOC2007(_MultiLabelImages):
                 if image_path is not None:
                     ids.append(fields[0])
                     samples.add(f"line {line}", image_path, None)
+        if not ids:  # the split file is at fault, not the first class file that lists an id
+            samples.report()
         if source == "imagesets":
             columns = [self._class_file(main / f"{name}_{split}.txt", ids, listed) for name in VOC_CLASSES]
         else:
@@ -712,6 +715,7 @@ class VG500(_MultiLabelImages):
         num_labels: int = 500,
     ) -> None:
         _check_split(split, self.splits)
+        num_labels = check_positive_int("num_labels", num_labels)
         root = Path(root)
         path = root / f"{split}_list_500.txt"
         labels_path = root / "vg_category_500_labels_index.json"

@@ -789,3 +789,23 @@ def test_split_without_a_sample_is_refused(csv_root: Path, coco_root: Path) -> N
         COCO2014(coco_root, "val")
     with pytest.raises(TypeError, match="strict must be a bool, got str"):
         COCO2014(coco_root, "val", strict="yes")
+
+
+def test_a_name_with_whitespace_at_an_end_is_shown_quoted_with_the_file_meant(csv_root: Path) -> None:
+    path = write_csv(csv_root, "filename,cat\na.png ,1\n")
+    with pytest.raises(FileNotFoundError) as error:
+        ImageFolderCSV(csv_root, f"{path} ")
+    assert str(error.value) == (
+        f"label file not found: {str(path) + ' '!r}; {path} exists: a name in the path has whitespace at one of its ends"
+    )
+    data = ImageFolderCSV(csv_root, path)  # the image's name in the file ends with a space
+    with pytest.raises(FileNotFoundError) as error:
+        data[0]
+    assert str(error.value).startswith(f"image not found: {str(csv_root / 'a.png ')!r} (from {path}: line 2); ")
+    assert str(error.value).endswith(
+        f"{csv_root / 'a.png'} exists: a name in the path has whitespace at one of its ends"
+    )
+    tab = csv_root / "labels\t.csv"
+    tab.write_text("filename,cat\n")
+    with pytest.raises(ValueError, match=re.escape(f"{str(tab)!r}: holds no sample")):
+        ImageFolderCSV(csv_root, tab)

@@ -221,3 +221,29 @@ def test_vg500_missing_files_repeats_and_empty_lists(vg_root: Path) -> None:
     (vg_root / "vg_category_500_labels_index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="vg_category_500_labels_index.json: the top level is a JSON list"):
         VG500(vg_root, "train")
+
+
+# ---------------------------------------------------------------- issue 18: the file or argument at fault
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_voc_empty_image_set_is_blamed_not_the_first_class_file(voc_root: Path, content: str) -> None:
+    (_main(voc_root) / "trainval.txt").write_text(content)
+    with pytest.raises(ValueError) as error:
+        VOC2007(voc_root, "trainval")
+    assert str(error.value) == f"{_main(voc_root) / 'trainval.txt'}: holds no sample"
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "error", "message"),
+    [
+        (0, ValueError, "num_labels must be a positive int, got 0"),
+        (-1, ValueError, "num_labels must be a positive int, got -1"),
+        ("500", TypeError, "num_labels must be a positive int, got str '500'"),
+        (500.0, TypeError, "num_labels must be a positive int, got float 500.0"),
+    ],
+)
+def test_vg500_num_labels_is_checked_by_name(vg_root: Path, num_labels, error, message: str) -> None:
+    with pytest.raises(error) as raised:
+        VG500(vg_root, "train", num_labels=num_labels)
+    assert str(raised.value) == message
