@@ -115,14 +115,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# What the workers' server imports once per test session: a spawned worker spent most of its time
+# importing torch and torch._dynamo (which DDP and the package load), about 10 s on an idle 2-core
+# machine and 30-40 s on a busy one, and each test started two.
+WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "attn_consistency"]
+
+
 def run_workers(worker: Callable[..., None], args: tuple, processes: int = 2, timeout: float = 120) -> None:
-    """``worker(rank, *args)`` in ``processes`` spawned processes; fails the test after ``timeout`` s."""
+    """``worker(rank, *args)`` in ``processes`` new processes; fails the test after ``timeout`` s.
+
+    The processes are forked from a server ("forkserver") that was started, without threads, at
+    the first call and imported ``WORKER_PRELOAD``: like a spawned process each starts afresh but
+    for those imports, and nothing of the test's process (its threads, its patches) goes with it."""
+    import multiprocessing
+
     import pytest
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(worker, args=args, nprocs=processes, join=False, start_method="spawn")
-    # Most of the time is each worker importing torch (and torch._dynamo, which DDP loads):
-    # about 10 s on an idle 2-core machine, 30-40 s on a busy one.
+    multiprocessing.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts
+    context = mp.start_processes(worker, args=args, nprocs=processes, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
