@@ -1,6 +1,7 @@
 """Writers of tiny dataset fixtures in each dataset's real file format, shared by the test modules."""
 
 import json
+import multiprocessing
 import socket
 import time
 from collections.abc import Callable
@@ -121,18 +122,23 @@ def free_port() -> int:
 WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "attn_consistency"]
 
 
+def worker_context() -> multiprocessing.context.ForkServerContext:
+    """The multiprocessing context of :func:`run_workers`: processes forked from a server that
+    imports ``WORKER_PRELOAD`` when the first of them starts."""
+    multiprocessing.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts
+    return multiprocessing.get_context("forkserver")
+
+
 def run_workers(worker: Callable[..., None], args: tuple, processes: int = 2, timeout: float = 120) -> None:
     """``worker(rank, *args)`` in ``processes`` new processes; fails the test after ``timeout`` s.
 
     The processes are forked from a server ("forkserver") that was started, without threads, at
     the first call and imported ``WORKER_PRELOAD``: like a spawned process each starts afresh but
     for those imports, and nothing of the test's process (its threads, its patches) goes with it."""
-    import multiprocessing
-
     import pytest
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts
+    worker_context()
     context = mp.start_processes(worker, args=args, nprocs=processes, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):

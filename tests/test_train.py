@@ -24,7 +24,7 @@ import pytest
 import scipy.io
 import torch
 import torchvision
-from fixtures import WIDER_NAMES, attribute, cell, noise, save, write_coco, write_wider
+from fixtures import WIDER_NAMES, attribute, cell, noise, save, worker_context, write_coco, write_wider
 
 import examples._files as files_module
 import examples.train as train_module
@@ -627,28 +627,27 @@ def test_stale_temporaries_of_dead_writers_are_removed_at_the_next_write(tmp_pat
     assert f".last.pt.tmp{live.pid}@{files_module._HOST}" not in os.listdir(tmp_path)
 
 
-KILLED_WRITER = """
-import os, signal, sys, torch
-from examples.train import save_atomic
+def _killed_writer(path: str) -> None:
+    def killed(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a zip file")
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between the write and the rename
 
-def killed(obj, handle, *args, **kwargs):
-    handle.write(b"PK\\x03\\x04 half a zip file")
-    handle.flush()
-    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between the write and the rename
-
-torch.save = killed
-save_atomic({"epoch": 2}, sys.argv[1])
-"""
+    torch.save = killed  # in the writer's own process
+    save_atomic({"epoch": 2}, path)
 
 
 def test_killed_writer_leaves_the_checkpoint_and_a_temporary_the_next_write_removes(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     save_atomic({"epoch": 1}, path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    process = subprocess.run(
-        [sys.executable, "-c", KILLED_WRITER, str(path)], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert process.returncode == -signal.SIGKILL, process.stderr
+    # another process, forked from the DDP tests' server (which has imported torch: a new
+    # interpreter spent 5-8 s importing it and examples.train)
+    writer = worker_context().Process(target=_killed_writer, args=(str(path),))
+    writer.start()
+    writer.join(timeout=120)
+    if writer.is_alive():
+        writer.kill()
+    assert writer.exitcode == -signal.SIGKILL
     leftover = [name for name in os.listdir(tmp_path) if name != "last.pt"]
     assert len(leftover) == 1 and leftover[0].startswith(".last.pt.tmp"), leftover
     assert load_checkpoint(path) == {"epoch": 1}
