@@ -1,8 +1,9 @@
 """Tests of the reproduction script examples/train.py on tiny datasets in their real file formats.
 
-Each preset trains one step at 32 px (ResNet maps 1x1, the small net's 4x4 and 3x3) and evaluates,
-except the ResNet-101 ones but one, which are checked to equal their trained ResNet-50 twin but for
-the arch. Resume, atomic checkpoints, a two-process torchrun and the errors of bad inputs are tested too.
+Each preset trains one step at 32 px (ResNet maps 1x1, the small net's 4x4 and 3x3; the ResNets at
+1/16 of their bottleneck width: conftest.py's slim_resnets) and evaluates, except the ResNet-101 ones
+but one, which are checked to equal their trained ResNet-50 twin but for the arch. Resume, atomic
+checkpoints, a two-process torchrun and the errors of bad inputs are tested too.
 """
 
 import argparse
