@@ -9,18 +9,23 @@ them as well.
 Writers are atomic: :func:`write_atomic` writes a temporary file beside the target, flushes it
 to disk and renames it over the target, so that the target is always either the old or the new
 file. A process killed between the two steps leaves its temporary behind; the next write of the
-same target removes the temporaries of processes that no longer exist.
+same target removes the temporaries of processes that no longer exist. A write that fails (a
+full disk: the system's ``ENOSPC``, or torch's writer's ``RuntimeError`` ``unexpected pos``)
+removes its temporary and raises an :class:`OSError` naming the target, saying that it keeps its
+previous content and how much space is left on its file system.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import pickle
 import re
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
@@ -33,12 +38,15 @@ from PIL import Image
 
 __all__ = [
     "load_torch",
+    "make_folder",
     "malformed",
+    "not_found",
     "open_image",
     "read_csv_rows",
     "read_json",
     "read_lines",
     "read_xml",
+    "remove_empty_folders",
     "remove_stale_temporaries",
     "save_torch_atomic",
     "shown",
@@ -276,11 +284,52 @@ def _sync_folder(folder: Path) -> None:
             os.close(descriptor)
 
 
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError  # unreachable
+
+
+# less free space than this after a failed write: the disk is taken as full
+_FULL = 64 * 2**20
+
+
+def _write_failed(error: Exception, what: str, path: Path, tmp: Path) -> OSError:
+    """The failure of a write of ``path`` (through ``tmp``), naming it and the space left."""
+    written = None
+    with contextlib.suppress(OSError):
+        written = tmp.stat().st_size
+    free = None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+    system = isinstance(error, OSError) and error.errno is not None
+    reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error).strip().splitlines()[0]
+    source = "" if isinstance(error, OSError) else f"{type(error).__name__}: "
+    after = f" after {_size(written)}" if written else ""
+    full = (system and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None and free < _FULL)
+    if full:
+        where = f" ({_size(free)} free on {shown(path.parent)} now)" if free is not None else ""
+        space = f"the disk is full or over quota{where}"
+    elif system:
+        space = ""
+    else:  # torch's writer reports a short write as "unexpected pos": a full disk or quota, most often
+        where = f" ({_size(free)} free on {shown(path.parent)} now)" if free is not None else ""
+        space = f"the disk may be full or over quota{where}"
+    kept = f"{shown(path)} keeps its previous content" if path.exists() else f"{shown(path)} was not written"
+    message = f"cannot write {what} {shown(path)}{after}: {source}{reason}; " + "; ".join(filter(None, (space, kept)))
+    code = error.errno if system else (errno.ENOSPC if full else None)
+    return OSError(code, message) if code is not None else OSError(message)
+
+
 def write_atomic(path: StrPath, write: Callable[[IO[bytes]], object], what: str) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     On any failure (a full disk, an interrupt) the temporary is removed and ``path`` keeps its
-    previous content; an :class:`OSError` is reworded to name ``path`` and ``what`` it is.
+    previous content. An :class:`OSError`, or a :class:`RuntimeError` of the writer (torch's
+    ``unexpected pos`` when the disk is full), becomes an :class:`OSError` naming ``path`` and
+    ``what`` it is, and the space left when the disk is (or may be) full.
     """
     path = Path(path)
     remove_stale_temporaries(path)
@@ -291,13 +340,28 @@ def write_atomic(path: StrPath, write: Callable[[IO[bytes]], object], what: str)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        raise _naming(error, "write", what, path) from error
+    except (OSError, RuntimeError) as error:
+        raise _write_failed(error, what, path, tmp) from error
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     if os.name == "posix":
         _sync_folder(path.parent)
+
+
+def make_folder(path: StrPath) -> list[Path]:
+    """``mkdir -p path``; the folders it created, deepest first (for :func:`remove_empty_folders`)."""
+    path = Path(path)
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are still empty: what a failed run created."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty, or gone
+            folder.rmdir()
 
 
 def save_torch_atomic(obj: Any, path: StrPath, what: str = "checkpoint") -> None:

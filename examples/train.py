@@ -51,7 +51,14 @@ from attn_consistency.metrics import (
 )
 from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
 from attn_consistency.strength import heatmap_spread
-from examples._files import load_torch, malformed, save_torch_atomic, write_text_atomic
+from examples._files import (
+    load_torch,
+    make_folder,
+    malformed,
+    remove_empty_folders,
+    save_torch_atomic,
+    write_text_atomic,
+)
 from examples.validation import argument_type, check_training_set, device_type, json_value, validate_config
 
 __all__ = ["PRESETS", "TrainConfig", "main", "train"]
@@ -421,13 +428,33 @@ def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _write_metrics(history: list[dict[str, Any]], out: Path) -> None:
-    _write_text_atomic(json.dumps(history, indent=2), out / "metrics.json")
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    _write_text_atomic(buffer.getvalue(), out / "metrics.csv")
+    # the run's first write creates --out: a run that fails before it (a bad argument, a missing
+    # file) leaves no empty folder, and neither does a first write that fails
+    created = make_folder(out)
+    try:
+        _write_text_atomic(json.dumps(history, indent=2), out / "metrics.json")
+        keys = list(dict.fromkeys(k for row in history for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+        _write_text_atomic(buffer.getvalue(), out / "metrics.csv")
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+
+
+def _load_entry(module: nn.Module, state: dict[str, Any], key: str, path: Path, what: str) -> None:
+    """``module.load_state_dict(state[key])``; a missing or unfitting entry names the file and the entry."""
+    if key not in state:
+        raise malformed(path, f"has no {key!r} entry ({what}), which this run needs")
+    entry = state[key]
+    if not isinstance(entry, dict):
+        raise malformed(path, f"its {key!r} entry ({what}) is a {type(entry).__name__}, expected a state dict")
+    try:
+        module.load_state_dict(entry)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise malformed(path, f"its {key!r} entry ({what}) does not fit this run: {error}") from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -669,8 +696,7 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     if device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.out)  # created at the first write (_write_metrics)
     torch.manual_seed(config.seed)
 
     train_set, test_set = build_datasets(config)
@@ -710,11 +736,11 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         _check_same_run(state, config, pretrained_digest, checkpoint_path)
         try:
             model.load_state_dict(state["model"])
-            if heads is not None:
-                heads.load_state_dict(state["heads"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:  # same settings, other tensors: an edited file
             raise malformed(checkpoint_path, f"its weights or optimizer state do not fit this run ({error})") from None
+        if heads is not None:
+            _load_entry(heads, state, "heads", checkpoint_path, "the side heads' weights")
         start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
         if ddp.main:
             _say(config, f"resuming {checkpoint_path} after epoch {state['epoch'] + 1}", sys.stderr)
@@ -761,7 +787,9 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         diagnostics=config.diagnostics and ddp.main,
     )
     if state is not None and "consistency" in state:  # the schedule and diagnostics of the resumed run
-        consistency.load_state_dict(state["consistency"])
+        _load_entry(
+            consistency, state, "consistency", checkpoint_path, "the consistency loss's schedule and diagnostics"
+        )
     board = None
     if config.tensorboard is not None and ddp.main:
         from examples.tensorboard_log import for_run
@@ -907,6 +935,15 @@ _NAME_LISTS = {
 }
 
 
+#: the help of the JSON flags: an example each accepts (with --stages layer2 layer3 layer4, as ResNets name them)
+JSON_EXAMPLES = {
+    "weights": 'transform name -> weight, JSON, e.g. {"flip": 0.6, "scale": 0.8}',
+    "supervision": 'head (a stage of --stages, or "output") -> classification weight, JSON, '
+    'e.g. {"layer2": 0.5, "output": 1.0}',
+    "stage_weights": 'stage of --stages -> weight of its consistency terms, JSON, e.g. {"layer2": 0.5, "layer4": 1.0}',
+}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a table row")
@@ -924,12 +961,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             parser.add_argument(
                 flag, nargs=2, type=argument_type(field.name, float), default=None, metavar=("MIN", "MAX")
             )
-        elif field.name in ("weights", "supervision", "stage_weights"):
+        elif field.name in JSON_EXAMPLES:
             parser.add_argument(
-                flag,
-                type=argument_type(field.name, json_value),
-                default=None,
-                help='JSON, e.g. {"flip": 0.6, "scale": 0.8}',
+                flag, type=argument_type(field.name, json_value), default=None, help=JSON_EXAMPLES[field.name]
             )
         elif isinstance(value, bool) or field.type in ("bool | None", "bool"):
             parser.add_argument(flag, type=argument_type(field.name, _parse_bool), default=None, metavar="BOOL")
