@@ -155,10 +155,25 @@ def data_checks_enabled(flag: bool | None, *tensors: Tensor) -> bool:
     return flag
 
 
+class NonFiniteError(ValueError):
+    """What :func:`check_finite` raises: a ValueError that a caller can tell from the others."""
+
+
 def check_finite(name: str, value: Tensor) -> None:
     # One reduction in the common case: a finite sum means no nan/inf (an overflowing sum
     # of finite values falls through to the exact count).
     if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
         return
     bad = int((~torch.isfinite(value)).sum())
-    raise ValueError(f"{name} has {bad} non-finite values (nan or inf) out of {value.numel()}")
+    raise NonFiniteError(f"{name} has {bad} non-finite values (nan or inf) out of {value.numel()}")
+
+
+def check_not_meta(name: str, value: Tensor) -> Tensor:
+    """Refuse a tensor on the meta device: it has a shape but no values to compute with."""
+    if value.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device: it has a shape but no values, so nothing can be computed from it; "
+            "materialise the model and the data on a real device first (e.g. model.to_empty(device=...) and "
+            "load the weights)"
+        )
+    return value

@@ -18,9 +18,26 @@ from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_bool, check_finite, check_reduction, check_tensor, check_weight, data_checks_enabled
+from ._validation import (
+    NonFiniteError,
+    check_bool,
+    check_finite,
+    check_not_meta,
+    check_reduction,
+    check_tensor,
+    check_weight,
+    data_checks_enabled,
+)
 from .cam import CAMHook
-from .strength import ConsistencyDiagnostics, gradient_ratio
+from .strength import (
+    ConsistencyDiagnostics,
+    Ramp,
+    _diagnostics_state,
+    _ramp_state,
+    _state_count,
+    _state_entries,
+    gradient_ratio,
+)
 from .transforms import Scale, Transform, _check_pair, available_transforms, get_transform
 
 __all__ = [
@@ -92,6 +109,27 @@ def _mean(losses: list[Tensor]) -> Tensor:
     for loss in losses[1:]:
         total = total + loss
     return total / len(losses)
+
+
+def _scalar_loss(value: object) -> Tensor:
+    """``criterion``'s output, refused unless it is one number (a per-sample mean)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"criterion must return the classification loss as a tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(
+            f"criterion must return the classification loss as one number (a mean over the batch, e.g. "
+            f"reduction='mean'), got a tensor of shape {tuple(value.shape)}"
+        )
+    return value.reshape(()) if value.dim() else value
+
+
+def _scalar_criterion(criterion: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``criterion``, with each of its outputs checked by :func:`_scalar_loss`."""
+
+    def checked(logits: Tensor, targets: Tensor) -> Tensor:
+        return _scalar_loss(criterion(logits, targets))
+
+    return checked
 
 
 def _stacked(maps: list[Tensor]) -> Tensor:
@@ -218,6 +256,8 @@ def attention_consistency(
     check_bool("check_finite_values", check_finite_values, optional=True)
     transform = get_transform(transform)
     _check_pair(heatmaps, heatmaps_t)  # the one pair check, shared with Transform.consistency
+    check_not_meta("heatmaps", heatmaps)
+    check_not_meta("heatmaps_t", heatmaps_t)
     if data_checks_enabled(check_finite_values, heatmaps, heatmaps_t):
         check_finite("heatmaps", heatmaps)
         check_finite("heatmaps_t", heatmaps_t)
@@ -288,7 +328,9 @@ class AttentionConsistencyLoss(nn.Module):
             given to the call (checked at each call: a typo is an error, not weight 1).
         reduction: ``'mean'`` (Eq. 5), ``'sum'`` or ``'none'``, see
             :func:`attention_consistency`.
-        check_finite_values: see :func:`attention_consistency`.
+        check_finite_values: see :func:`attention_consistency`; :meth:`views` checks its
+            ``targets`` the same way, and names ``images`` (or a ``resized`` batch) when
+            non-finite heatmaps come from a non-finite input.
         distance: ``'mse'`` (paper Eq. 5) or ``'relative'`` (Eq. 5 over the heatmaps'
             variance: the same weight means the same strength on any model), see
             :func:`attention_consistency`.
@@ -353,6 +395,7 @@ class AttentionConsistencyLoss(nn.Module):
         else:
             raise TypeError(f"diagnostics must be a bool or a ConsistencyDiagnostics, got {type(diagnostics).__name__}")
         self.steps = 0
+        self._unobserved_since: int | None = None  # the first step forward() ran with a trigger that saw no loss
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (:meth:`views` does it by itself)."""
@@ -372,12 +415,35 @@ class AttentionConsistencyLoss(nn.Module):
         return {"steps": self.steps, "diagnostics": diagnostics, "schedule": schedule}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        if self.diagnostics is not None and state.get("diagnostics") is not None:
-            self.diagnostics.load_state_dict(state["diagnostics"])
+        # every entry is checked before anything is set: a bad checkpoint leaves the loss as it was
+        root = "consistency state"
+        entries = _state_entries(state, root, "", ("steps",), ("diagnostics", "schedule"))
+        steps = _state_count(f"{root} 'steps'", entries["steps"]) or 0
+        diagnostics, schedule = entries.get("diagnostics"), entries.get("schedule")
+        if diagnostics is not None:
+            _diagnostics_state(diagnostics, root, "diagnostics.")
+        if schedule is not None and isinstance(self.schedule, Ramp):
+            _ramp_state(schedule, root, "schedule.")
+        self.steps = steps
+        if self.diagnostics is not None and diagnostics is not None:
+            self.diagnostics.load_state_dict(diagnostics)
         load_state_dict = getattr(self.schedule, "load_state_dict", None)
-        if state.get("schedule") is not None and callable(load_state_dict):
-            load_state_dict(state["schedule"])
+        if schedule is not None and callable(load_state_dict):
+            load_state_dict(schedule)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Restore what :meth:`state_dict` returned: the step count and the schedule's and diagnostics' state.
+
+        Raises:
+            TypeError, ValueError: ``state_dict`` is not a dict, or an entry of its state is
+                missing, unknown or of a wrong type or value (the error names it).
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "consistency state must be a dict (what AttentionConsistencyLoss.state_dict() returned), "
+                f"got {type(state_dict).__name__}"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _weight(self, transform: Transform) -> float:
         return self.weights.get(transform.name, 1.0)
@@ -409,13 +475,18 @@ class AttentionConsistencyLoss(nn.Module):
         self._check_keys([transform])
         schedule: Any = self.schedule  # a Ramp with a trigger has a window and counts what it observed
         trigger = getattr(schedule, "trigger", None)
-        if trigger is not None and self.steps >= schedule.window and schedule.observed == 0:
-            # without the losses the ramp never starts: the term would stay at weight 0 unnoticed
-            raise ValueError(
-                f"the schedule starts when the classification loss has fallen (Ramp(trigger={trigger})), but after "
-                f"{self.steps} steps it has seen no loss: call schedule.observe(loss) at each step, or use views() "
-                "with targets= and criterion="
-            )
+        if trigger is not None and schedule.observed == 0:
+            # without the losses the ramp never starts: the term would stay at weight 0 unnoticed. Counted
+            # from the first step it was used at (a resumed loss may count many steps before it)
+            if self._unobserved_since is None or self._unobserved_since > self.steps:
+                self._unobserved_since = self.steps
+            unobserved = self.steps - self._unobserved_since
+            if unobserved >= schedule.window:
+                raise ValueError(
+                    f"the schedule starts when the classification loss has fallen (Ramp(trigger={trigger})), but after "
+                    f"{unobserved} steps it has seen no loss: call schedule.observe(loss) at each step, or use views() "
+                    "with targets= and criterion="
+                )
         value = attention_consistency(
             *self._pair(heatmaps, heatmaps_t),
             transform,
@@ -476,11 +547,13 @@ class AttentionConsistencyLoss(nn.Module):
                 instead of resampling ``images``; its other transforms apply as usual.
             targets: the labels of ``images``, given with ``criterion``: then the output
                 holds the classification loss too (``.classification``, ``.total``,
-                ``.ratio``) and the diagnostics compare the two terms.
+                ``.ratio``) and the diagnostics compare the two terms. Non-finite values
+                are refused where ``check_finite_values`` checks (CPU tensors by default).
             criterion: a per-sample-mean classification loss ``criterion(logits, targets)``,
                 e.g. :class:`~attn_consistency.WeightedBCEWithLogitsLoss`; it is averaged over
                 the views (each view has the labels of the original), which equals the
-                reference's loss over the concatenated views.
+                reference's loss over the concatenated views. It must return one number: a
+                loss with ``reduction="none"`` is refused.
 
         A call with gradients enabled counts as one training step of the ``schedule``.
 
@@ -490,7 +563,7 @@ class AttentionConsistencyLoss(nn.Module):
         if self.reduction == "none":
             raise ValueError("views() adds up its terms: use reduction='mean' or 'sum'")
         _check_recorder(cam)
-        check_tensor("images", images, 4, "(N, C, H, W)", floating=True)
+        check_not_meta("images", check_tensor("images", images, 4, "(N, C, H, W)", floating=True))
         if mode not in ("independent", "product"):
             raise ValueError(f"mode must be 'independent' or 'product', got {mode!r}")
         if (targets is None) != (criterion is None):
@@ -498,11 +571,14 @@ class AttentionConsistencyLoss(nn.Module):
         if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable as criterion(logits, targets), got {type(criterion).__name__}")
         if targets is not None:
-            check_tensor("targets", targets)
+            check_not_meta("targets", check_tensor("targets", targets))
             if targets.shape[0] != images.shape[0]:
                 raise ValueError(
                     f"targets must hold one row per image ({images.shape[0]}), got shape {tuple(targets.shape)}"
                 )
+            # a NaN target makes every step's loss NaN: checked as the heatmaps are (CPU only by default)
+            if targets.is_floating_point() and data_checks_enabled(self.check_finite_values, targets):
+                check_finite("targets", targets)
         chosen = self._transforms(transforms, mode)
         self._check_keys(chosen)
         params = {t.name: t.sample(generator) for t in chosen}
@@ -547,14 +623,7 @@ class AttentionConsistencyLoss(nn.Module):
                 if not stages:
                     original = _stacked([heatmaps[v] for v, _ in group])
                     moved = _stacked([heatmaps[w] for _, w in group])
-                    terms[name] = attention_consistency(
-                        *self._pair(original, moved),
-                        transform,
-                        params[transform.name],
-                        self.reduction,
-                        self.check_finite_values,
-                        self.distance,
-                    )
+                    terms[name] = self._term(original, moved, transform, params[transform.name], images, sources)
                     loss = loss + weight * terms[name]
                 for stage in stages:
                     stage_weight = recorder.stage_weight(stage) if recorder is not None else 1.0
@@ -562,14 +631,7 @@ class AttentionConsistencyLoss(nn.Module):
                         continue
                     original = _stacked([heatmaps[v][stage] for v, _ in group])
                     moved = _stacked([heatmaps[w][stage] for _, w in group])
-                    term = attention_consistency(
-                        *self._pair(original, moved),
-                        transform,
-                        params[transform.name],
-                        self.reduction,
-                        self.check_finite_values,
-                        self.distance,
-                    )
+                    term = self._term(original, moved, transform, params[transform.name], images, sources)
                     terms[f"{name}/{stage}"] = term
                     loss = loss + weight * stage_weight * term
         # a schedule at 0 (the start of a warm-up) still reports the terms
@@ -582,11 +644,12 @@ class AttentionConsistencyLoss(nn.Module):
         # targets and criterion come together (checked above)
         if criterion is not None and targets is not None and recorder is not None and stages:
             # deep supervision of every head, averaged over the views
+            checked = _scalar_criterion(criterion)
             classification = _mean(
-                [recorder.classification(logits[v], stage_logits[v], targets, criterion) for v in views]
+                [recorder.classification(logits[v], stage_logits[v], targets, checked) for v in views]
             )
         elif criterion is not None and targets is not None:
-            classification = _mean([criterion(x, targets) for x in view_logits])
+            classification = _mean([_scalar_loss(criterion(x, targets)) for x in view_logits])
         if torch.is_grad_enabled():
             schedule: Any = self.schedule  # a Ramp with a trigger observes the classification loss
             if getattr(schedule, "trigger", None) is not None:
@@ -595,7 +658,7 @@ class AttentionConsistencyLoss(nn.Module):
                         "the schedule starts when the classification loss has fallen (Ramp(trigger=...)): give views() "
                         "targets= and criterion=, or call schedule.observe(loss) at each step yourself"
                     )
-                schedule.observe(classification)
+                schedule.observe(classification, step=self.steps)
             if self.diagnostics is not None and not torch.compiler.is_compiling():
                 gradients = None
                 # with stages: each stage's maps against its own logits, the deepest stage's spread
@@ -608,6 +671,33 @@ class AttentionConsistencyLoss(nn.Module):
                 )
             self.step()
         return ConsistencyOutput(view_logits, loss, terms, views, classification)
+
+    def _term(
+        self,
+        original: Tensor,
+        moved: Tensor,
+        transform: Transform,
+        params: Any,
+        images: Tensor,
+        sources: Mapping[tuple[int, int], Tensor],
+    ) -> Tensor:
+        """One consistency term of :meth:`views`; non-finite heatmaps name the input batch when it is the cause."""
+        try:
+            return attention_consistency(
+                *self._pair(original, moved), transform, params, self.reduction, self.check_finite_values, self.distance
+            )
+        except NonFiniteError as error:
+            # the heatmaps' check ran, so the inputs' check costs no sync that was not made anyway
+            inputs = {"images": images, **{f"resized[{i}]": batch for i, batch in enumerate(sources.values())}}
+            for name, batch in inputs.items():
+                if data_checks_enabled(self.check_finite_values, batch):
+                    try:
+                        check_finite(name, batch)
+                    except NonFiniteError as cause:
+                        raise NonFiniteError(
+                            f"{cause}: the input batch is not finite, so neither are the heatmaps ({error})"
+                        ) from error
+            raise
 
     def _transforms(self, transforms: Any, mode: str) -> list[Transform]:
         if isinstance(transforms, (str, Transform)):

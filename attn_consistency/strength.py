@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,66 @@ def _check_steps(name: str, value: object, low: int = 0) -> int:
     return int(value)
 
 
+def _state_entries(
+    state: object, root: str, prefix: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Mapping[str, Any]:
+    """``state`` if it is a dict of the ``required`` (and ``optional``) entries, else an error naming it.
+
+    ``root`` names the whole state (``"consistency state"``), ``prefix`` the path of this
+    part in it (``"schedule."``, or ``""`` for the whole): errors name ``root 'prefix.key'``.
+    """
+    what = f"{root} {prefix[:-1]!r}" if prefix else root
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{what} must be a dict (what state_dict() returned), got {type(state).__name__}")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"{what} lacks the entry {missing[0]!r} (it holds {sorted(map(str, state))})")
+    unknown = sorted(str(key) for key in state if key not in required + optional)
+    if unknown:
+        raise ValueError(f"{what} has the unknown entry {unknown[0]!r} (known: {', '.join(required + optional)})")
+    return state
+
+
+def _state_count(name: str, value: object, optional: bool = False) -> int | None:
+    """An int >= 0 (or None when ``optional``) read from a saved state, else an error naming the entry."""
+    if value is None and optional:
+        return None
+    expected = "None or an int >= 0" if optional else "an int >= 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected} (a number of steps), got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be {expected} (a number of steps), got {value!r}")
+    return int(value)
+
+
+def _state_number(name: str, value: object, optional: bool = False, finite: bool = True) -> float | None:
+    """A real number (finite when ``finite``; None when ``optional``) from a saved state."""
+    if value is None and optional:
+        return None
+    kind = "a finite number" if finite else "a number"
+    expected = f"None or {kind}" if optional else kind
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _ramp_state(state: object, root: str, prefix: str = "") -> tuple[int | None, float | None, int, float]:
+    """The checked ``(start, reference, observed, sum)`` of a :meth:`Ramp.state_dict`."""
+    entries = _state_entries(state, root, prefix, ("start", "reference", "observed", "sum"))
+
+    def name(key: str) -> str:
+        return f"{root} {prefix + key!r}"
+
+    start = _state_count(name("start"), entries["start"], optional=True)
+    reference = _state_number(name("reference"), entries["reference"], optional=True)
+    observed = _state_count(name("observed"), entries["observed"]) or 0
+    # the partial window's sum: a non-finite one is skipped when its window closes
+    total = _state_number(name("sum"), entries["sum"], finite=False) or 0.0
+    return start, reference, observed, total
+
+
 class Ramp:
     r"""A warm-up of the consistency weight: a multiplier that rises from 0 to 1.
 
@@ -54,10 +114,12 @@ class Ramp:
 
     The ramp starts at :math:`s_0 =` ``delay``, or, with ``trigger``, at the first step after
     ``delay`` that ends a window of ``window`` steps whose mean classification loss is below
-    ``trigger`` times the first window's. The term then waits until the classifier has found
-    the labels, however long that takes: a net trained from scratch can sit at chance level
-    for a long, unpredictable time, and a consistency term switched on then keeps it there.
-    The loss is fed by :meth:`observe`, which
+    ``trigger`` times the first window's (counted in the steps the ramp is called with, see
+    :meth:`observe`). A window whose mean is not finite (a NaN or inf loss) is skipped, with
+    a :class:`ConsistencyWarning`: it is neither the reference nor a trigger. The term then
+    waits until the classifier has found the labels, however long that takes: a net trained
+    from scratch can sit at chance level for a long, unpredictable time, and a consistency
+    term switched on then keeps it there. The loss is fed by :meth:`observe`, which
     :meth:`~attn_consistency.AttentionConsistencyLoss.views` calls when it is given
     ``targets`` and ``criterion``; it is read once per window (one device sync), averaged over
     the replicas under ``torch.distributed`` so that every replica starts at the same step.
@@ -100,14 +162,28 @@ class Ramp:
         self.reference: float | None = None
         self._observed = 0
         self._sum: Tensor | float = 0.0
+        self._last_call: int | None = None  # the step of the last call: what observe() counts in
 
     @property
     def observed(self) -> int:
         """Steps whose loss :meth:`observe` has taken (it stops counting once the ramp started)."""
         return self._observed
 
-    def observe(self, loss: Tensor | float) -> None:
-        """Feed one step's classification loss (a tensor is read once per window)."""
+    def observe(self, loss: Tensor | float, step: int | None = None) -> None:
+        """Feed one step's classification loss (a tensor is read once per window).
+
+        Args:
+            loss: the step's loss, one number (a float must be finite; a tensor is read at
+                the end of its window, and a window with a non-finite mean is skipped).
+            step: the step this loss belongs to, in the units the ramp is called with: when
+                it closes the window that triggers, the ramp starts at ``step + 1``.
+                Default: the step of the last call ``ramp(step)`` (a loop that takes the
+                multiplier and then observes the loss, as
+                :class:`~attn_consistency.AttentionConsistencyLoss` does, whatever its step
+                count), or, before any call, the number of losses observed before this one.
+        """
+        if step is not None:
+            step = _check_steps("step", step)
         if self.start is not None:
             return
         if isinstance(loss, Tensor):
@@ -118,6 +194,8 @@ class Ramp:
             value: Tensor | float = loss.detach().float().reshape(())
         else:
             value = check_finite_number("loss", loss)
+        if step is None:
+            step = self._last_call if self._last_call is not None else self._observed
         self._sum = self._sum + value
         self._observed += 1
         if self._observed % self.window:
@@ -129,13 +207,23 @@ class Ramp:
             dist.all_reduce(total)
             total /= dist.get_world_size()
         mean = float(total) / self.window
+        if not math.isfinite(mean):
+            # one NaN reference would never be beaten, one inf would be at once: the window is skipped
+            warnings.warn(
+                f"Ramp.observe: the mean classification loss (loss) of the {self.window} steps up to step {step} is "
+                f"{mean}, not finite; that window is skipped (neither the reference nor a trigger)",
+                ConsistencyWarning,
+                stacklevel=_caller(),
+            )
+            return
         if self.reference is None:
             self.reference = mean
-        elif self.trigger is not None and self._observed > self.delay and mean < self.trigger * self.reference:
-            self.start = self._observed
+        elif self.trigger is not None and step >= self.delay and mean < self.trigger * self.reference:
+            self.start = step + 1
 
     def __call__(self, step: int) -> float:
         step = _check_steps("step", step)
+        self._last_call = step
         if self.start is None or step < self.start:
             return 0.0
         if self.steps == 0:
@@ -152,9 +240,14 @@ class Ramp:
         return {"start": self.start, "reference": self.reference, "observed": self._observed, "sum": float(self._sum)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.start, self.reference = state["start"], state["reference"]
-        self._observed, self._sum = int(state["observed"]), float(state["sum"])
+        """Restore what :meth:`state_dict` returned (checked whole before anything is set).
+
+        Raises:
+            TypeError, ValueError: naming the entry that is missing, unknown or of a wrong
+                type or value.
+        """
+        start, reference, observed, total = _ramp_state(state, "Ramp state")
+        self.start, self.reference, self._observed, self._sum = start, reference, observed, total
 
     def __repr__(self) -> str:
         trigger = f", trigger={self.trigger}, window={self.window}" if self.trigger is not None else ""
@@ -265,9 +358,11 @@ class ConsistencyDiagnostics:
         nan = consistency.new_full((), math.nan, dtype=torch.float32)
         ratio = nan if classification is None else consistency.detach().float() / classification.detach().float()
         grad = nan if gradients is None else gradients.float()
-        self._window.append(
-            torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device), grad.to(nan.device)])
-        )
+        entry = torch.stack([heatmap_spread(heatmaps).to(nan.device), ratio.to(nan.device), grad.to(nan.device)])
+        if self._window and self._window[0].device != entry.device:
+            # a window restored from a checkpoint is on the CPU: one stack needs one device
+            self._window = [e.to(entry.device) for e in self._window]
+        self._window.append(entry)
         self.updates += 1
         # windows end at multiples of `every` updates, so that a resumed run checks at the same steps
         if self.updates % self.every == 0:
@@ -319,12 +414,52 @@ class ConsistencyDiagnostics:
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.updates = int(state["updates"])
-        self.start_spread = state["start_spread"]
-        self.warned = set(state["warned"])
-        self.last = dict(state.get("last", {}))
-        self._window = [torch.tensor(entry) for entry in state.get("window", [])]
+        """Restore what :meth:`state_dict` returned (checked whole before anything is set).
+
+        Raises:
+            TypeError, ValueError: naming the entry that is missing, unknown or of a wrong
+                type, value or shape.
+        """
+        self.updates, self.start_spread, self.warned, self.last, self._window = _diagnostics_state(
+            state, "diagnostics state"
+        )
+
+
+_CAUSES = ("collapse", "dominance")
+
+
+def _diagnostics_state(
+    state: object, root: str, prefix: str = ""
+) -> tuple[int, float | None, set[str], dict[str, float], list[Tensor]]:
+    """The checked ``(updates, start_spread, warned, last, window)`` of a diagnostics state."""
+    entries = _state_entries(state, root, prefix, ("updates", "start_spread", "warned"), ("last", "window"))
+
+    def name(key: str) -> str:
+        return f"{root} {prefix + key!r}"
+
+    updates = _state_count(name("updates"), entries["updates"]) or 0
+    start_spread = _state_number(name("start_spread"), entries["start_spread"], optional=True, finite=False)
+    warned = entries["warned"]
+    if isinstance(warned, str) or not isinstance(warned, (list, tuple, set)):
+        raise TypeError(f"{name('warned')} must be a list of causes among {_CAUSES}, got {warned!r}")
+    if not set(warned) <= set(_CAUSES):
+        raise ValueError(f"{name('warned')} must be a list of causes among {_CAUSES}, got {warned!r}")
+    last = entries.get("last", {})
+    if not isinstance(last, Mapping) or not all(isinstance(k, str) for k in last):
+        raise TypeError(f"{name('last')} must be a dict of numbers by name, got {type(last).__name__} {last!r}")
+    last = {k: _state_number(name(f"last.{k}"), v, finite=False) for k, v in last.items()}
+    window = entries.get("window", [])
+    if isinstance(window, (str, bytes)) or not isinstance(window, Sequence):
+        raise TypeError(f"{name('window')} must be a list of [spread, ratio, gradient ratio] rows, got {window!r}")
+    if len(window) > updates:
+        raise ValueError(f"{name('window')} holds {len(window)} rows, more than its {updates} updates")
+    rows = []
+    for i, row in enumerate(window):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or len(row) != 3:
+            raise ValueError(f"{name('window')} row {i} must be 3 numbers (spread, ratio, gradient ratio), got {row!r}")
+        values = [_state_number(f"{name('window')} row {i}", v, finite=False) for v in row]
+        rows.append(torch.tensor(values, dtype=torch.float32))
+    return updates, start_spread, set(warned), cast(dict[str, float], last), rows
 
 
 def _caller() -> int:

@@ -281,8 +281,11 @@ def _common_segments(size: int, size_t: int) -> tuple[list[int], list[int], list
 
 
 # A dict rather than lru_cache: torch.compile traces through lru_cache wrappers (and warns), but
-# reads a dict lookup of constant tensors as it is.
+# reads a dict lookup of constant tensors as it is. Bounded: beyond _SEGMENT_CACHE_SIZE shape
+# pairs (a run with many input sizes) the oldest entry goes, first in first out, so that a hit
+# stays a plain read.
 _segment_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
+_SEGMENT_CACHE_SIZE = 256
 
 
 def _segment_tensors(shape: tuple[int, int], shape_t: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -308,6 +311,8 @@ def _segment_tensors(shape: tuple[int, int], shape_t: tuple[int, int], like: Ten
             flat(rows_t, cols_t, shape_t[1]),
             (weight.flatten() / area).to(like.device),
         )
+        while len(_segment_cache) >= _SEGMENT_CACHE_SIZE:
+            del _segment_cache[next(iter(_segment_cache))]
         _segment_cache[key] = cached
     return cached
 
@@ -463,10 +468,19 @@ class Scale(Transform):
         return scale_consistency(heatmaps, heatmaps_t)
 
     def commutes_with(self, other: Transform) -> bool:
-        # A resize about the centre commutes with flips, rotations about the centre,
-        # shifts given as fractions of the size, and other resizes; a custom transform
-        # says so itself.
-        return isinstance(other, (Flip, Rotate, Translate, Scale))
+        # A resize by a factor scales both axes alike: it commutes with flips, rotations about
+        # the centre, shifts given as fractions of the size, and other resizes by a factor. A
+        # resize to a fixed size scales the axes by their own factors (anisotropic unless the
+        # image has the size's aspect): it commutes with flips and shifts, with a rotation only
+        # by a multiple of 180 degrees (which maps each axis onto itself), and with no other
+        # resize (the last fixed size wins). A custom transform says so itself.
+        if isinstance(other, (Flip, Translate)):
+            return True
+        if isinstance(other, Scale):
+            return self.size is None and other.size is None
+        if isinstance(other, Rotate):
+            return self.size is None or other._half_turns_only()
+        return False
 
 
 class Rotate(Transform):
@@ -491,6 +505,11 @@ class Rotate(Transform):
 
     def sample(self, generator: torch.Generator | None = None) -> float:
         return _uniform(self.degrees, generator)
+
+    def _half_turns_only(self) -> bool:
+        """Whether every angle this rotation draws is a multiple of 180 degrees (it maps each axis onto itself)."""
+        low, high = self.degrees
+        return low == high and _is_whole(low / 180.0)
 
     def _angle(self, params: Any) -> float:
         if params is None:
@@ -596,7 +615,10 @@ class Translate(Transform):
         from kornia.geometry.transform import translate
 
         with _no_autocast(x):
-            shift = torch.tensor([[sx, sy]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2)
+            # filled on the device (no host tensor to copy, so no wait on the device's queue)
+            shift = x.new_empty((x.shape[0], 2))
+            shift[:, 0].fill_(sx)
+            shift[:, 1].fill_(sy)
 
             def warp(t: Tensor, s: Tensor) -> Tensor:
                 return translate(t, s, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners)
