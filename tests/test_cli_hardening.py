@@ -140,7 +140,7 @@ CONFIG_ERRORS = [
     (
         {"dataset": "imagenet"},
         ValueError,
-        "--dataset unknown dataset 'imagenet': use wider, pa100k, coco, voc, vg500, csv or synthetic",
+        "--dataset unknown dataset 'imagenet': use wider, pa100k, coco, voc, vg500, csv, synthetic or digits",
     ),
     ({"arch": "resnet5000"}, ValueError, "--arch unknown arch 'resnet5000'"),
     ({"optimizer": "rmsprop"}, ValueError, "--optimizer must be 'sgd' or 'adam', got 'rmsprop'"),
