@@ -1,4 +1,9 @@
-"""The README's code runs as written, so it cannot rot."""
+"""The code of the README and of the documentation pages runs as written, so it cannot rot.
+
+Every Python block of README.md and docs/*.md is a named snippet (``<!-- snippet: NAME -->`` before
+it), a snippet that appears on several pages holds the same code on each, and every name is run by a
+test: here, in tests/test_lightning.py (``lightning``), tests/test_aamn_train.py (``aamn``) and
+tests/test_docs_offline.py (the index page's)."""
 
 import re
 from pathlib import Path
@@ -6,17 +11,66 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+SNIPPET = re.compile(r"<!-- snippet: (\S+) -->\s*```python\n(.*?)```", flags=re.S)
+
+# where each snippet is shown: the README's drop-in snippet, the rest on the docs page of its topic
+WHERE = {
+    "README.md": {"setup", "consistency-loop"},
+    "docs/index.md": {"setup", "consistency-loop"},
+    "docs/drop-in.md": {"setup", "plain-loop", "consistency-loop", "one-transform"},
+    "docs/heatmaps.md": {"transformer"},
+    "docs/frameworks.md": {"lightning"},
+    "docs/msac.md": {"msac-loop", "msac-predict"},
+    "docs/aamn.md": {"aamn"},
+}
+# run by this file, except lightning (tests/test_lightning.py) and aamn (tests/test_aamn_train.py)
+EXECUTED = {"setup", "plain-loop", "consistency-loop", "one-transform", "msac-loop", "msac-predict", "transformer"}
+EXECUTED_ELSEWHERE = {"lightning", "aamn"}
+
+
+def page_snippets(path: Path) -> dict[str, str]:
+    return dict(SNIPPET.findall(path.read_text()))
 
 
 def snippets() -> dict[str, str]:
-    text = README.read_text()
-    found = dict(re.findall(r"<!-- snippet: (\S+) -->\s*```python\n(.*?)```", text, flags=re.S))
+    """Every named snippet of the README and the docs pages, by name (the same code wherever it
+    appears: test_a_snippet_holds_the_same_code_on_every_page)."""
+    found: dict[str, str] = {}
+    for path in PAGES:
+        for name, code in page_snippets(path).items():
+            found.setdefault(name, code)
     return found
 
 
-def test_readme_has_the_snippets():
-    assert {"setup", "plain-loop", "consistency-loop", "one-transform"} <= set(snippets())
+def where(name: str) -> str:
+    return next(str(path.relative_to(REPO)) for path in PAGES if name in page_snippets(path))
+
+
+def test_readme_has_the_drop_in_snippet():
+    assert set(page_snippets(README)) == {"setup", "consistency-loop"}
+
+
+def test_each_snippet_is_on_the_page_of_its_topic():
+    shown = {str(path.relative_to(REPO)): set(page_snippets(path)) for path in PAGES}
+    assert {page: names for page, names in shown.items() if names} == WHERE
+
+
+def test_a_snippet_holds_the_same_code_on_every_page():
+    for name in snippets():
+        versions = {str(path.relative_to(REPO)): page_snippets(path).get(name) for path in PAGES}
+        codes = {code for code in versions.values() if code is not None}
+        assert len(codes) == 1, f"the snippet {name!r} differs between {[p for p, c in versions.items() if c]}"
+
+
+def test_every_python_block_is_a_snippet_a_test_runs():
+    for path in PAGES:
+        text = path.read_text()
+        blocks = len(re.findall(r"^```python$", text, flags=re.M))
+        assert blocks == len(SNIPPET.findall(text)), f"{path.name} has a Python block with no snippet marker"
+    assert set(snippets()) == EXECUTED | EXECUTED_ELSEWHERE
 
 
 def test_quick_start_has_exactly_two_commands():
@@ -26,13 +80,16 @@ def test_quick_start_has_exactly_two_commands():
     commands = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 2
     assert "examples.demo" in commands[0] and "pytest" in commands[1]
+    # CI runs the README's test command, as written there
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert ci == [commands[1]]
 
 
 def run(*names: str, namespace: dict | None = None) -> dict:
     code = snippets()
     namespace = {} if namespace is None else namespace
     for name in names:
-        exec(compile(code[name], f"README:{name}", "exec"), namespace)
+        exec(compile(code[name], f"{where(name)}:{name}", "exec"), namespace)
     return namespace
 
 
@@ -110,5 +167,5 @@ def test_transformer_snippet_trains_a_vit_on_two_patch_grids(one_thread):
     vit, cam, out = namespace["vit"], namespace["cam"], namespace["out"]
     assert cam.layout == "tokens" and cam.norm is vit.fc_norm
     assert set(out.terms) == {"flip@224", "flip@192", "scale"}
-    assert all(float(term) > 0 for term in out.terms.values())
+    assert all(float(term.detach()) > 0 for term in out.terms.values())
     assert vit.patch_embed.proj.weight.grad is not None and bool(vit.patch_embed.proj.weight.grad.abs().sum() > 0)
