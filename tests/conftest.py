@@ -9,11 +9,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Run torch on one thread. On a busy 2-core machine OpenMP threads spin against each other:
+    """Run torch on one thread, in every test (a test that needs more sets them; the count is
+    restored after each test). On a busy 2-core machine OpenMP threads spin against each other:
     a 32 px ResNet-50 step took 10-20x longer with 2 threads than with 1, and a tiny model's many
-    small ops slow down the same way."""
+    small ops slow down the same way (test_cam, test_transforms and test_cam_hardening took 70-113 s
+    with torch's 2 threads beside other jobs, 18-44 s with one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
