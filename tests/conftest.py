@@ -1,4 +1,5 @@
-"""Shared pytest setup: makes the repository root importable so tests can import ``examples``."""
+"""Shared pytest setup: makes the repository root importable so tests can import ``examples``,
+runs torch on one thread, and shrinks the ResNets of the preset tests."""
 
 import sys
 from pathlib import Path
@@ -7,15 +8,18 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# one thread for the whole session, the package's doctests included (this file's fixtures reach
+# only the tests under tests/): see one_thread
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Run torch on one thread, in every test (a test that needs more sets them; the count is
-    restored after each test). On a busy 2-core machine OpenMP threads spin against each other:
-    a 32 px ResNet-50 step took 10-20x longer with 2 threads than with 1, and a tiny model's many
-    small ops slow down the same way (test_cam, test_transforms and test_cam_hardening took 70-113 s
-    with torch's 2 threads beside other jobs, 18-44 s with one)."""
+    """Run torch on one thread, in every test (a test that needs more sets them; the session's
+    count is restored after each test). On a busy 2-core machine OpenMP threads spin against each
+    other: a 32 px ResNet-50 step took 10-20x longer with 2 threads than with 1, and a tiny model's
+    many small ops slow down the same way (test_cam, test_transforms and test_cam_hardening took
+    70-113 s with torch's 2 threads beside other jobs, 18-44 s with one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
