@@ -23,6 +23,7 @@ from ._validation import (
     check_bool,
     check_finite,
     check_not_meta,
+    check_positive_int,
     check_reduction,
     check_tensor,
     check_weight,
@@ -314,6 +315,12 @@ class ConsistencyOutput(NamedTuple):
         return self.loss.detach() / self.classification.detach()
 
 
+#: the share of a run's steps over which :meth:`AttentionConsistencyLoss.recommended` ramps the term up
+RECOMMENDED_WARMUP = 0.2
+#: the fraction of its starting value the classification loss falls below before that ramp starts
+RECOMMENDED_TRIGGER = 0.75
+
+
 class AttentionConsistencyLoss(nn.Module):
     r"""Attention consistency loss (paper Eq. 5), summed over transforms (Eq. 7).
 
@@ -396,6 +403,32 @@ class AttentionConsistencyLoss(nn.Module):
             raise TypeError(f"diagnostics must be a bool or a ConsistencyDiagnostics, got {type(diagnostics).__name__}")
         self.steps = 0
         self._unobserved_since: int | None = None  # the first step forward() ran with a trigger that saw no loss
+
+    @classmethod
+    def recommended(
+        cls, epochs: int, steps_per_epoch: int, weights: Mapping[str, float] | None = None
+    ) -> AttentionConsistencyLoss:
+        """The strength this library recommends for a model and data other than the paper's.
+
+        ``distance="relative"`` and a warm-up (:class:`~attn_consistency.Ramp`) that keeps the
+        term at 0 until the classification loss has fallen below :data:`RECOMMENDED_TRIGGER`
+        (0.75) of its start, then ramps it up over :data:`RECOMMENDED_WARMUP` (20%) of the
+        run's optimizer steps. Give the run's length as you know it, e.g.
+        ``steps_per_epoch=len(loader)``: the fraction is worked out here.
+
+        Args:
+            epochs: epochs of the run.
+            steps_per_epoch: optimizer steps per epoch (calls of :meth:`views`).
+            weights: a weight per transform, as in the constructor.
+
+        Example:
+            >>> loss = AttentionConsistencyLoss.recommended(epochs=10, steps_per_epoch=50)
+            >>> loss.distance, loss.schedule.steps, loss.schedule.trigger
+            ('relative', 100, 0.75)
+        """
+        steps = check_positive_int("epochs", epochs) * check_positive_int("steps_per_epoch", steps_per_epoch)
+        schedule = Ramp(round(RECOMMENDED_WARMUP * steps), trigger=RECOMMENDED_TRIGGER)
+        return cls(weights, distance="relative", schedule=schedule)
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (:meth:`views` does it by itself)."""

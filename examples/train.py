@@ -42,6 +42,7 @@ from attn_consistency import (
     get_transform,
     positive_ratio,
 )
+from attn_consistency.consistency import RECOMMENDED_TRIGGER, RECOMMENDED_WARMUP
 from attn_consistency.metrics import (
     attention_inconsistency,
     average_precision,
@@ -199,7 +200,7 @@ PRESETS["synthetic-msac-fs"] = dict(PRESETS["synthetic"], transforms=("flip", "s
 
 # The recommended strength of the term for a model and data other than the paper's (measured:
 # benchmarks/gain.py, README "Does it pay?"): the paper's presets above keep the paper's loss.
-RECOMMENDED: dict[str, Any] = dict(distance="relative", warmup=0.2, warmup_trigger=0.75)
+RECOMMENDED: dict[str, Any] = dict(distance="relative", warmup=RECOMMENDED_WARMUP, warmup_trigger=RECOMMENDED_TRIGGER)
 # Your own data (an image folder with CSV label files): ResNet-50 at the paper's 224/192.
 PRESETS["csv-r50"] = dict(_WIDER, dataset="csv")
 PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale")) | RECOMMENDED

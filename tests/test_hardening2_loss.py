@@ -589,3 +589,21 @@ def test_a_restored_diagnostics_window_closes_on_the_gpu():
         warnings.simplefilter("ignore", ConsistencyWarning)
         loss(torch.randn(2, 3, 7, 7, device="cuda"), torch.randn(2, 3, 7, 7, device="cuda"), "flip")
     assert loss.diagnostics.updates == 4 and "spread" in loss.diagnostics.last
+
+
+def test_the_recommended_loss_is_the_relative_distance_with_the_triggered_ramp_of_the_run():
+    from attn_consistency import AttentionConsistencyLoss, Ramp
+    from examples.train import RECOMMENDED
+
+    loss = AttentionConsistencyLoss.recommended(epochs=3, steps_per_epoch=41, weights={"flip": 0.5})
+    by_hand = Ramp(round(0.2 * 3 * 41), trigger=0.75)
+    assert loss.distance == "relative" and loss.weights == {"flip": 0.5}
+    assert isinstance(loss.schedule, Ramp)
+    assert (loss.schedule.steps, loss.schedule.trigger, loss.schedule.shape) == (25, 0.75, "linear")
+    assert [loss.schedule(s) for s in range(0, 60, 7)] == [by_hand(s) for s in range(0, 60, 7)]
+    # the training script's recommended setting is the same one
+    assert RECOMMENDED == dict(distance="relative", warmup=0.2, warmup_trigger=0.75)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        AttentionConsistencyLoss.recommended(epochs=3, steps_per_epoch=0)
+    with pytest.raises(TypeError, match="epochs"):
+        AttentionConsistencyLoss.recommended(epochs=2.5, steps_per_epoch=10)

@@ -124,12 +124,13 @@ def test_consistency_snippet_uses_the_recommended_setting():
 
     namespace = run("setup", "consistency-loop")
     consistency = namespace["consistency"]
+    steps = len(namespace["loader"])  # the snippet's run: one epoch
     assert consistency.distance == RECOMMENDED["distance"]
     assert consistency.weights == RECOMMENDED.get("weights", {})
-    assert consistency.schedule.steps == round(RECOMMENDED["warmup"] * namespace["steps"])
+    assert consistency.schedule.steps == round(RECOMMENDED["warmup"] * steps)
     assert consistency.schedule.trigger == RECOMMENDED["warmup_trigger"]
-    assert consistency.schedule.delay == round(RECOMMENDED.get("warmup_delay", 0.0) * namespace["steps"])
-    assert consistency.steps == namespace["steps"]  # views() counted every step
+    assert consistency.schedule.delay == round(RECOMMENDED.get("warmup_delay", 0.0) * steps)
+    assert consistency.steps == steps  # views() counted every step
 
 
 @pytest.mark.parametrize("backbone", ["torchvision", "timm"])
