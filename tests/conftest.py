@@ -1,11 +1,14 @@
 """Shared pytest setup: makes the repository root importable so tests can import ``examples``,
-runs torch on one thread, and shrinks the ResNets of the preset tests."""
+runs torch on one thread, shrinks the ResNets of the preset tests and builds the docs once."""
 
+import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
+from fixtures import DOCS, sphinx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # one thread for the whole session, the package's doctests included (this file's fixtures reach
@@ -47,3 +50,16 @@ def slim_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
         return get_model(name, **config)
 
     monkeypatch.setattr(torchvision.models, "get_model", slim)
+
+
+class DocsBuild(NamedTuple):
+    result: subprocess.CompletedProcess[str]
+    html: Path
+
+
+@pytest.fixture(scope="session")
+def docs_build(tmp_path_factory: pytest.TempPathFactory) -> DocsBuild:
+    """The documentation site built once per session with the strict command (fixtures.sphinx),
+    for the tests that check the build and those that read its pages: each build took 10-15 s."""
+    out = tmp_path_factory.mktemp("docs")
+    return DocsBuild(sphinx(DOCS, out), out / "html")

@@ -3,6 +3,8 @@
 import json
 import multiprocessing
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,3 +148,16 @@ def run_workers(worker: Callable[..., None], args: tuple, processes: int = 2, ti
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the workers did not finish within {timeout:.0f} s")
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def sphinx(source: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """The documentation's strict build command of the README (warnings are errors, every
+    reference checked), with the repository's configuration over ``source``, into ``out/html``."""
+    command = ["sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html", "-c", str(DOCS)]
+    command += ["-d", str(out / "doctrees"), str(source), str(out / "html")]
+    return subprocess.run(
+        [sys.executable, "-m", *command], cwd=DOCS.parent, capture_output=True, text=True, timeout=600, check=False
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,12 @@ MATH_PAGES = ["math.html", "api.html", "heatmaps.html"]  # the pages whose math 
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The site, built once for this module with the strict command of tests/test_tools.py."""
-    out = tmp_path_factory.mktemp("site")
-    command = ["sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html", "-c", str(REPO / "docs")]
-    command += ["-d", str(out / "doctrees"), str(REPO / "docs"), str(out / "html")]
-    result = subprocess.run(
-        [sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
-    )
+def site(docs_build) -> Path:
+    """The site, built once per session with the strict command (conftest.py's docs_build, which
+    tests/test_tools.py checks too)."""
+    result = docs_build.result
     assert result.returncode == 0, f"the documentation build failed:\n{result.stdout}{result.stderr}"
-    return out / "html"
+    return docs_build.html
 
 
 class _Page(HTMLParser):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import sphinx
 
 import attn_consistency
 
@@ -32,32 +33,13 @@ def test_the_repository_passes(command: tuple[str, ...]) -> None:
     assert result.returncode == 0, f"{' '.join(command)} found:\n{result.stdout}{result.stderr}"
 
 
-def sphinx(source: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    """The build command of the README, with the repository's configuration over ``source``."""
-    return run(
-        "sphinx",
-        "-W",
-        "--keep-going",
-        "-n",
-        "-q",
-        "-b",
-        "html",
-        "-c",
-        str(REPO / "docs"),
-        "-d",
-        str(out / "doctrees"),
-        str(source),
-        str(out / "html"),
-    )
-
-
-def test_the_documentation_builds_strictly(tmp_path: Path) -> None:
-    result = sphinx(REPO / "docs", tmp_path)
+def test_the_documentation_builds_strictly(docs_build) -> None:
+    result = docs_build.result  # the build of conftest.py, which tests/test_docs_offline.py reads too
     assert result.returncode == 0, f"the documentation build failed:\n{result.stdout}{result.stderr}"
-    api = (tmp_path / "html" / "api.html").read_text()
+    api = (docs_build.html / "api.html").read_text()
     for name in attn_consistency.__all__:  # every public object has its entry in the API reference
         assert f'id="attn_consistency.{getattr(attn_consistency, name).__module__.split(".")[-1]}.{name}"' in api, name
-    presets = (tmp_path / "html" / "reproduction.html").read_text()
+    presets = (docs_build.html / "reproduction.html").read_text()
     assert "wider-r50-acfs" in presets and "coco-r101-acfs" in presets  # the generated table of presets
 
 
