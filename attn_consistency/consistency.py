@@ -411,9 +411,9 @@ class AttentionConsistencyLoss(nn.Module):
         """The strength this library recommends for a model and data other than the paper's.
 
         ``distance="relative"`` and a warm-up (:class:`~attn_consistency.Ramp`) that keeps the
-        term at 0 until the classification loss has fallen below :data:`RECOMMENDED_TRIGGER`
-        (0.75) of its start, then ramps it up over :data:`RECOMMENDED_WARMUP` (20%) of the
-        run's optimizer steps. Give the run's length as you know it, e.g.
+        term at 0 until the classification loss has fallen below 0.75 of its start
+        (``RECOMMENDED_TRIGGER``), then ramps it up over 20% of the run's optimizer steps
+        (``RECOMMENDED_WARMUP``). Give the run's length as you know it, e.g.
         ``steps_per_epoch=len(loader)``: the fraction is worked out here.
 
         Args:
