@@ -9,9 +9,13 @@ with :math:`F` the tensor the model average-pools and :math:`W` the linear weigh
 ``heatmaps.mean((2, 3)) + bias == logits``. The same holds, with ``cam.offset`` for the
 bias, for every head that is affine in the pooled vector once per-sample statistics are
 fixed (a LayerNorm after the pooling, NHWC maps, average-pooled patch tokens of a vision
-transformer, a 1x1 convolution as classifier). :class:`CAMHook` finds the head by following
-the model's first forward, and checks there, in float32, that it really is such a head, so
-a model whose head is not is reported instead of silently giving wrong maps.
+transformer, a 1x1 convolution as classifier). It holds exactly when no dropout between the
+pooling and the classifier is active (eval mode, or a head without dropout): the maps are
+those of the pooled vector before dropout, so in train mode they give the logits with that
+dropout off, which are the logits' expectation over its random mask, not the logits.
+:class:`CAMHook` finds the head by following the model's first forward, and checks there,
+in float32, that it really is such a head, so a model whose head is not is reported instead
+of silently giving wrong maps.
 """
 
 from __future__ import annotations
@@ -480,6 +484,9 @@ class _Forward:
         # (module, output, its version counter then) of every module returning a 3-D or 4-D tensor, in
         # the order they returned: where a model that pools functionally (x.mean(...)) has its features
         self.outputs: list[tuple[nn.Module, Tensor, int]] = []
+        # the distinct 2-D inputs of modules (Grad-CAM only): where a head after a functional pooling
+        # (x.mean(...)) takes the pooled vector, which names the cells of the map it averages
+        self.vectors: list[Tensor] = []
         # (float32 copy or None without check, original dtype) of each recorded feature map
         self.features: list[tuple[Tensor | None, torch.dtype]] = []
         # the feature maps recorded by the features hook, as the model computed them (with the graph)
@@ -494,7 +501,9 @@ class CAMHook(_Recording):
     Attach it to a classifier whose logits are affine in its average-pooled features; after
     each forward, :meth:`pop` returns the heatmaps ``(N, L, h, w)`` of the forwards since
     the last call, in order. The maps stay in the autograd graph, so a loss on them trains
-    the backbone, and ``heatmaps.mean((2, 3)) + cam.offset`` is the model's logits.
+    the backbone, and ``heatmaps.mean((2, 3)) + cam.offset`` is the model's logits in eval
+    mode, or with no dropout between the pooling and the classifier; in train mode with such
+    dropout it is the logits with the dropout off (their expectation over its mask).
 
     **Heads with exact maps** (affine in the pooled features). Average pooling of a map ``F`` (NCHW, or NHWC
     as Swin's), or of the patch tokens of a vision transformer (prefix tokens dropped, the
@@ -518,7 +527,11 @@ class CAMHook(_Recording):
     as Eq. 1's detached :math:`W`) the weights :math:`\alpha` are constants; ``False`` keeps
     them in the graph (``create_graph=True``), so the loss also trains the head and reaches
     the backbone through second derivatives. ``offset`` is ``None``: the maps do not average
-    to the logits. Cost: ``benchmarks/results/cpu-gradcam*.md``.
+    to the logits. Its features are the input of the last global average pooling module,
+    or, for a model that pools with ``Tensor.mean``, the map (or raster tokens, laid out on
+    the patch grid) whose average a later module takes: a tensor whose cells cannot be
+    placed on the image (an attention tensor) is refused by name, as are features the
+    logits have no gradient for. Cost: ``benchmarks/results/cpu-gradcam*.md``.
 
     **Finding the head.** The first call of the model is followed: the classifier is the
     ``nn.Linear`` (or 1x1 ``nn.Conv2d``) whose output the model returns (as is, or through
@@ -532,8 +545,8 @@ class CAMHook(_Recording):
     ``get_classifier()``, else the last average pooling and the last linear layer), and
     :attr:`features` may be ``None``. Name the modules for a model that returns more than
     its logits, and call the model itself (``model(x)``, not its parts) at least once. A
-    forward whose values cannot tell (an empty batch, all values non-finite) raises a
-    ``ValueError`` saying so; the hook stays and the next forward decides.
+    forward whose values cannot tell (an empty batch, all values non-finite, meta tensors)
+    raises a ``ValueError`` saying so; the hook stays and the next forward decides.
 
     **The check.** On the first forward with a non-empty batch and finite values, in
     float32 (float64 for a float64 model), within the rounding of the dtype the model ran
@@ -590,7 +603,8 @@ class CAMHook(_Recording):
         ValueError: a module that is not in the model or cannot be the head; at the first
             forward, a head without exact maps, features that are not a map with the
             classifier's channel count, features that run more than once per forward, or a
-            model whose output is not its classifier's.
+            model whose output is not its classifier's; with ``method='gradcam'``, no map whose
+            cells lie on the image, or features the logits have no gradient for.
         RuntimeError: with ``method='gradcam'``, a forward without gradients (the hook stays).
 
     A CAMHook keeps its hooks on the model until :meth:`remove`, the end of a ``with`` block,
@@ -707,7 +721,10 @@ class CAMHook(_Recording):
         self._model_name = type(module).__name__
         self._set_head(head_features, head_classifier)
         # the activation found with the features applies only when the user named neither
-        self.activation = activation if activation is not None or features is not None else guess_activation
+        # (Grad-CAM differentiates the tensor the model itself pools, which a function applied by the
+        # hook is not; DenseNet's in-place ReLU leaves that tensor as the output of its features)
+        guessed = guess_activation if method == "cam" else None
+        self.activation = activation if activation is not None or features is not None else guessed
         self.detach_classifier = detach_classifier
         self.method = method
         self.norm: nn.Module | None = None
@@ -818,8 +835,9 @@ class CAMHook(_Recording):
             forward.features.append((copy, features.dtype))
             if self._pending:
                 # the maps of the first forward wait for its end, where the head (a norm after the
-                # pooling, the layout) is settled; a copy in the graph, for the same reason as above
-                forward.live.append(features.clone())
+                # pooling, the layout) is settled; a copy in the graph, for the same reason as above,
+                # except for Grad-CAM, which needs the tensor the logits were computed from
+                forward.live.append(features.clone() if self.method == "cam" else features)
                 return
         if not self.enabled:
             return
@@ -952,19 +970,54 @@ class CAMHook(_Recording):
             create_graph = not self.detach_classifier
             flat = logits.reshape(-1, labels)
             basis = torch.eye(labels, dtype=flat.dtype, device=flat.device)[:, None, :].expand(labels, *flat.shape)
+            grad = torch.autograd.grad
+            grads: Tensor | None  # None: the features do not feed the logits
             try:
-                (grads,) = torch.autograd.grad(
-                    flat, live, basis, retain_graph=True, create_graph=create_graph, is_grads_batched=True
+                (grads,) = grad(
+                    flat,
+                    live,
+                    basis,
+                    retain_graph=True,
+                    create_graph=create_graph,
+                    is_grads_batched=True,
+                    allow_unused=True,
                 )
             except RuntimeError:  # an operation without a batching rule: one backward per label
-                grads = torch.stack(
-                    [
-                        torch.autograd.grad(flat, live, basis[label], retain_graph=True, create_graph=create_graph)[0]
-                        for label in range(labels)
-                    ]
-                )
+                per_label = [
+                    grad(flat, live, basis[label], retain_graph=True, create_graph=create_graph, allow_unused=True)[0]
+                    for label in range(labels)
+                ]
+                grads = None if any(g is None for g in per_label) else torch.stack(per_label)
+            if grads is None:
+                self._fail(self._unreached())
+            if self._pending and self.layout == "tokens" and self.prefix_tokens:
+                prefix, patches = grads[:, :, : self.prefix_tokens], grads[:, :, self.prefix_tokens :]
+                if bool(prefix.any()) and not bool(patches.any()):
+                    self._fail(
+                        f"{self._model_name}: only the prefix (class, register) tokens of '{self._features_name}' "
+                        "reach the logits, its patch tokens have no gradient (a head that classifies its class "
+                        "token), so their Grad-CAM maps would be zero; pass features= naming tokens that the class "
+                        "token attends to (the last block's norm1), or build the model with average pooling (timm: "
+                        "global_pool='avg')"
+                    )
             alpha = torch.stack([self._grid(g) for g in grads]).sum((3, 4))  # (L, N, C)
             self._store(torch.einsum("lnc,nchw->nlhw", alpha, self._grid(live)))
+
+    def _unreached(self) -> str:
+        """Why the logits have no gradient with respect to the features."""
+        head = (
+            f"{self._model_name}: the logits have no gradient with respect to the features of '{self._features_name}'"
+        )
+        if self.activation is not None:
+            return (
+                f"{head} after activation=, a function the model does not apply itself (the model computes its "
+                "logits from its own tensors); pass features= naming the module whose output the model pools, "
+                "without activation="
+            )
+        return (
+            f"{head}: they do not feed its classifier '{self._classifier_name}'; pass features= naming the module "
+            "whose output the model pools for its classifier"
+        )
 
     def _store(self, heatmaps: Tensor) -> None:
         self._keep(heatmaps)
@@ -978,6 +1031,7 @@ class CAMHook(_Recording):
         self._live = []
         if not self._pending:
             return
+        self._refuse_meta(args)
         model = self._module
         modules = [m for m in model.modules() if m is not model]
         pools: list[nn.Module]
@@ -1010,8 +1064,10 @@ class CAMHook(_Recording):
                 forward.pools.append((index, args[0], output))
         else:
             features = self._activate(output)
-            # a copy: the model may change its output in place later, after the hook saw it
-            forward.pools.append((index, features.clone() if features is output else features, None))
+            # a copy: the model may change its output in place later, after the hook saw it; Grad-CAM
+            # differentiates the logits with respect to the tensor itself, which a copy is not in the graph of
+            copy = features is output and self.method == "cam"
+            forward.pools.append((index, features.clone() if copy else features, None))
 
     def _on_candidate_linear(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._forward is not None:
@@ -1023,8 +1079,19 @@ class CAMHook(_Recording):
 
     def _on_candidate_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         forward = self._forward
-        if forward is not None and isinstance(output, Tensor) and output.dim() in (3, 4) and output.is_floating_point():
+        if forward is None:
+            return
+        if isinstance(output, Tensor) and output.dim() in (3, 4) and output.is_floating_point():
             forward.outputs.append((module, output, _version(output)))
+        vector = args[0] if args else None
+        if (
+            self.method == "gradcam"
+            and isinstance(vector, Tensor)
+            and vector.dim() == 2
+            and vector.is_floating_point()
+            and not any(vector is seen for seen in forward.vectors)
+        ):
+            forward.vectors.append(vector)
 
     def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._pending:
@@ -1053,6 +1120,24 @@ class CAMHook(_Recording):
             if self.layout != "tokens" and self.method == "cam":  # tokens need each image's size
                 self._remove_hooks("model")
 
+    def _refuse_meta(self, args: tuple[Any, ...]) -> None:
+        """Refuse a first forward on meta tensors, naming them: the head is found and checked from values."""
+        meta = ["its input"] if any(t.is_meta for t in _tensors(list(args))) else []
+        named = [*self._module.named_parameters(), *self._module.named_buffers()]
+        held = [name for name, tensor in named if tensor.is_meta]
+        if held:
+            shown = held if len(held) <= 4 else held[:3]
+            listed = ", ".join(f"'{name}'" for name in shown) + (f" and {len(held) - 3} more" if held != shown else "")
+            meta.append(f"{len(held)} of its {len(named)} parameters and buffers ({listed})")
+        if meta:
+            raise _Undecided(
+                f"CAMHook cannot find or check the head of {self._model_name} on this forward: {' and '.join(meta)} "
+                f"{'is' if meta == ['its input'] else 'are'} on the meta device. Meta tensors carry shapes but no "
+                "values, and the head is found and checked from the values of the first forward. Run it on a real "
+                "device (after model.to_empty(device=...) and loading the weights); the hook stays and that "
+                "forward decides"
+            )
+
     def _undecided(self, reason: str) -> NoReturn:
         # Not a verdict on the architecture: the hooks stay, and the next forward decides.
         raise _Undecided(
@@ -1070,6 +1155,8 @@ class CAMHook(_Recording):
     def _layouts(self, tensor: Tensor, target: Tensor) -> Iterator[tuple[str, int]]:
         """The layouts (with prefix tokens) under which ``tensor`` could pool to ``target`` ``(N, C)``."""
         channels = target.numel() // max(tensor.shape[0], 1) if tensor.dim() else 0
+        if not tensor.dim() or target.numel() != tensor.shape[0] * channels:
+            return  # not one vector per sample of this batch
         if tensor.dim() == 4 and tensor.shape[1] == channels:
             yield "nchw", 0
         if tensor.dim() == 4 and tensor.shape[3] == channels:
@@ -1109,8 +1196,10 @@ class CAMHook(_Recording):
     def _search_outputs(self, forward: _Forward, target: Tensor, dropout: bool) -> tuple[nn.Module, Tensor] | None:
         """The last module whose output averages to ``target`` (a model that pools with ``Tensor.mean``)."""
         for module, tensor, version in reversed(forward.outputs):
-            if _version(tensor) != version or _contains(module, self.classifier):
-                continue  # changed in place since (its values are not those pooled), or the head itself
+            if (_version(tensor) != version and self.method == "cam") or _contains(module, self.classifier):
+                # changed in place since (its values are not those pooled), or the head itself; Grad-CAM
+                # reads the values and the gradient of the tensor as it is at the end of the forward
+                continue
             for layout, prefix in self._layouts(tensor, target):
                 if layout == "tokens":
                     cells = tensor.shape[1] - prefix
@@ -1241,14 +1330,19 @@ class CAMHook(_Recording):
         return features
 
     def _averaged_heads(self, forward: _Forward, output: Tensor) -> tuple[tuple[int, Any, Any], ...] | None:
-        """Two classifier calls whose outputs' mean the model returns (a distillation head), if any."""
+        """Two classifier calls whose outputs' mean the model returns (a distillation head), if any.
+
+        ``None`` for an empty output too: no value can tell (every comparison of nothing holds).
+        """
+        if output.numel() == 0:
+            return None
         calls = [c for c in forward.linears if isinstance(c[1], Tensor) and isinstance(c[2], Tensor)]
         calls = [c for c in calls if c[2].numel() == output.numel()]
         for i, first in enumerate(calls):
             for second in calls[i + 1 :]:
                 if first[0] != second[0]:
-                    mean = (_wide(first[2]).reshape(output.shape) + _wide(second[2]).reshape(output.shape)) / 2
-                    scale = (_wide(first[2]).abs() + _wide(second[2]).abs()).reshape(output.shape) / 2
+                    a, b = _wide(first[2]).reshape(output.shape), _wide(second[2]).reshape(output.shape)
+                    mean, scale = (a + b) / 2, (a.abs() + b.abs()) / 2
                     if bool(((mean - _wide(output)).abs() <= _rtol(output.dtype) * scale + 1e-30).all()):
                         return first, second
         return None
@@ -1322,46 +1416,88 @@ class CAMHook(_Recording):
         )
 
     def _detect_gradcam(self, forward: _Forward) -> Tensor:
-        """Grad-CAM's features: the input of the pooling that ran last (or the named features)."""
+        """Grad-CAM's features: the named ones, the input of the global pooling module that ran last, or
+        (a model that pools with ``Tensor.mean``) the map or raster tokens whose average a later module takes.
+
+        Only a map whose cells are known to lie on the image is taken: a 4-D tensor that merely ran
+        last (an attention tensor ``(N, heads, T, head_dim)``) is refused by name.
+        """
         calls = forward.pools
+        pooled: Tensor | None
         if self._features_named:
             if not calls:
                 self._fail(f"the features '{self._features_name}' did not run in the forward of {self._model_name}")
             if len(calls) > 1:
                 self._fail(self._runs_more_than_once(len(calls)))
             index, features, pooled = calls[0]
+            if pooled is not None:  # a pooling's input; another module's output was activated by its hook
+                features = self._activate(features)
         else:
-            pooling = [call for call in calls if call[2] is not None and call[1].dim() == 4]
-            if pooling:
-                index, features, pooled = pooling[-1]
-                self._set_head(forward.pool_candidates[index], self.classifier)
-                if sum(call[0] == index for call in calls) > 1:
-                    self._fail(self._runs_more_than_once(sum(call[0] == index for call in calls)))
-            else:  # a model that pools with Tensor.mean: its last 4-D map before the head
-                maps = [
-                    (module, tensor)
-                    for module, tensor, version in forward.outputs
-                    if tensor.dim() == 4
-                    and tensor.shape[-2:].numel() > 1
-                    and _version(tensor) == version
-                    and not _contains(module, self.classifier)
-                ]
-                if not maps:
-                    self._fail(
-                        f"CAMHook(method='gradcam') found no 4-D feature map in the forward of {self._model_name}; "
-                        "pass features= (the module whose output is the feature map)"
-                    )
-                module, features = maps[-1]
-                self._set_head(module, self.classifier)
-                pooled = None
-        features = self._activate(features)
-        width = getattr(self._module, "num_features", None)  # timm's count of the features' channels
-        channels = pooled.numel() // max(features.shape[0], 1) if pooled is not None else width
-        nhwc = features.dim() == 4 and features.shape[1] != channels and features.shape[-1] == channels
-        self.layout, self.prefix_tokens = ("nhwc", 0) if nhwc else ("nchw", 0)
+            # a global pooling (one value per channel), not one inside the backbone (DenseNet's transitions)
+            pooling = [
+                call
+                for call in calls
+                if call[2] is not None
+                and call[1].dim() == 4
+                and call[2].numel() in (call[1].shape[0] * call[1].shape[1], call[1].shape[0] * call[1].shape[3])
+            ]
+            if not pooling:
+                found = next(
+                    (hit for v in reversed(forward.vectors) if (hit := self._search_outputs(forward, v, False))),
+                    None,
+                )
+                if found is None:
+                    self._fail(self._no_gradcam_map(forward))
+                self._set_head(found[0], self.classifier)  # _search_outputs chose the layout
+                self._resolved = True
+                self._attach_features()
+                return self._activate(found[1])
+            index, features, pooled = pooling[-1]
+            self._set_head(forward.pool_candidates[index], self.classifier)
+            if sum(call[0] == index for call in calls) > 1:
+                self._fail(self._runs_more_than_once(sum(call[0] == index for call in calls)))
+            features = self._activate(features)
+        if features.dim() == 3:  # named tokens, in raster order after the model's prefix tokens
+            self.layout, self.prefix_tokens = self._shape_layout(features)
+        else:
+            width = getattr(self._module, "num_features", None)  # timm's count of the features' channels
+            channels = pooled.numel() // max(features.shape[0], 1) if pooled is not None else width
+            nhwc = features.shape[1] != channels and features.shape[-1] == channels
+            self.layout, self.prefix_tokens = ("nhwc", 0) if nhwc else ("nchw", 0)
         self._resolved = True
         self._attach_features()
         return features
+
+    def _no_gradcam_map(self, forward: _Forward) -> str:
+        """Why Grad-CAM found no map whose cells lie on the image, naming what ran last, and the way out."""
+        model = self._model_name
+        advice = (
+            "; pass features= naming the module whose output is the feature map ((N, C, h, w) or (N, h, w, C), "
+            "or tokens (N, T, C) in raster order after any prefix tokens)"
+        )
+        if forward.unordered is not None:
+            return (
+                f"CAMHook(method='gradcam'): {model} pools the tokens of '{self._name(forward.unordered)}', but "
+                "CAMHook does not know where they lie on the image (their order is known for the raster patch "
+                f"grid of {', '.join(sorted(_RASTER_TOKENS))}){advice}"
+            )
+        token = next((t for t in (self._class_token(forward, v) for v in forward.vectors) if t is not None), None)
+        last = next(
+            ((m, t) for m, t, _ in reversed(forward.outputs) if t.dim() == 4 and not _contains(m, self.classifier)),
+            None,
+        )
+        ran = f"; the last 4-D output, '{self._name(last[0])}' {tuple(last[1].shape)}, is no such map" if last else ""
+        if token is not None:
+            advice = (
+                f"; it classifies its class token (the first token of '{self._name(token)}'), not a pooling: build "
+                "it with average pooling (timm: global_pool='avg'), or pass features= naming tokens (N, T, C) in "
+                "raster order that the class token attends to"
+            )
+        return (
+            f"CAMHook(method='gradcam') found no feature map of {model} whose cells it can place on the image: "
+            "no average pooling module ran, and no module's output (a map, or the tokens of a model known to keep "
+            f"them in raster order) averages to a vector its head takes{ran}{advice}"
+        )
 
     def _runs_more_than_once(self, calls: int) -> str:
         return (
@@ -1565,7 +1701,8 @@ class CAMHook(_Recording):
     @property
     def offset(self) -> Tensor | None:
         """The per-label constant ``(L,)`` the head adds to the maps' average: ``heatmaps.mean((2, 3)) + offset``
-        is the logits.
+        is the logits (with dropout between the pooling and the classifier active, in train mode, the
+        logits with that dropout off: their expectation over its mask).
 
         The classifier's bias for a GAP-FC head (zeros without one), ``W @ beta + bias`` with a
         norm's shift ``beta`` after the pooling. Detached. ``None`` until the first forward has

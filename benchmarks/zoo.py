@@ -20,6 +20,10 @@ input size goes through ``CAMHook(model)``:
 - ``WRONG``: maps that break the invariant without an error. ``crash``: an exception from inside
   torch or timm. Both are defects; the command exits with status 1 when any occurs.
 
+Every map must also lie on the input's grid: ``h x w`` cells are ``H / s x W / s`` (each within a
+cell) for one stride ``s``, so that a tensor that is no map of the image (an attention tensor
+``(N, heads, T, head_dim)``) is WRONG even when its values are finite.
+
 The table is written to ``--results`` (``.json`` and ``.md``) and printed.
 """
 
@@ -41,7 +45,7 @@ import torch
 from attn_consistency import CAMHook
 from examples._files import write_text_atomic
 
-__all__ = ["families", "main", "probe", "representative"]
+__all__ = ["families", "main", "on_grid", "probe", "representative"]
 
 # Name fragments of small variants, smallest first: how a family's representative is chosen.
 _SMALL = (
@@ -92,6 +96,16 @@ def _images(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
 
 
+def on_grid(maps: Sequence[int], image: Sequence[int]) -> bool:
+    """Whether maps of ``h x w`` cells can cover an ``H x W`` image at one stride ``s``.
+
+    ``|h - H / s| < 1`` and ``|w - W / s| < 1`` for one integer ``s``: what padding or rounding in
+    the strided layers leaves of ``h = H / s``, and the aspect of the image kept.
+    """
+    (h, w), (height, width) = maps, image
+    return any(abs(h - height / s) < 1 and abs(w - width / s) < 1 for s in range(1, max(height, width) + 1))
+
+
 def _attempt(model: torch.nn.Module, method: str, tolerance: float) -> dict[str, Any]:
     """One CAMHook on ``model``: the status, the maps' size and the invariant's relative error."""
     x = _images(model)
@@ -113,6 +127,11 @@ def _attempt(model: torch.nn.Module, method: str, tolerance: float) -> dict[str,
         if "cam" in locals():
             cam.remove()
     result: dict[str, Any] = {"maps": list(heatmaps.shape[-2:])}
+    if heatmaps.dim() != 4 or not on_grid(heatmaps.shape[-2:], x.shape[-2:]):
+        grid = "x".join(map(str, heatmaps.shape[-2:]))
+        image = "x".join(map(str, x.shape[-2:]))
+        reason = f"maps of shape {tuple(heatmaps.shape)}: {grid} cells lie on no grid of the {image} input"
+        return result | {"status": "WRONG", "error": None, "reason": reason}
     if method == "gradcam":
         (grad,) = torch.autograd.grad(heatmaps.square().sum(), x)
         ok = bool(heatmaps.isfinite().all()) and bool(grad.abs().sum() > 0)
@@ -143,7 +162,7 @@ def probe(name: str, model: torch.nn.Module, tolerance: float = 1e-4, **remedies
                 return result | again | {"status": f"exact ({remedy})"}
     if "method='gradcam'" in reason:
         again = _attempt(model, "gradcam", tolerance)
-        return result | again | ({"reason": reason} if again["status"] != "crash" else {})
+        return result | again | ({} if "reason" in again else {"reason": reason})  # a crash's or WRONG's own
     return result
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from benchmarks.zoo import _table, probe
+from benchmarks.zoo import _table, on_grid, probe
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,6 +49,30 @@ def test_probe_reports_a_silently_wrong_map_as_wrong(monkeypatch) -> None:
     monkeypatch.setattr(CAMHook, "pop", lambda self: [m * 1.5 for m in pop(self)])
     result = probe("test_resnet", timm.create_model("test_resnet", num_classes=5).eval())
     assert result["status"] == "WRONG" and result["error"] > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("maps", "image", "fits"),
+    [
+        ((7, 7), (224, 224), True),  # stride 32
+        ((8, 8), (299, 299), True),  # a stride that rounds
+        ((4, 2), (64, 32), True),
+        ((2, 4), (64, 32), False),  # the aspect of the image turned
+        ((17, 64), (224, 224), False),  # tokens x head_dim of an attention tensor
+    ],
+)
+def test_maps_on_the_input_grid(maps: tuple[int, int], image: tuple[int, int], fits: bool) -> None:
+    assert on_grid(maps, image) is fits
+
+
+def test_probe_reports_a_gradcam_map_off_the_input_grid_as_wrong(monkeypatch) -> None:
+    # finite maps whose gradient reaches the backbone, but with their cells in one row: not a map of the image
+    from attn_consistency import CAMHook
+
+    pop = CAMHook.pop
+    monkeypatch.setattr(CAMHook, "pop", lambda self: [m.flatten(2)[:, :, None] for m in pop(self)])
+    result = probe("test_mambaout", timm.create_model("test_mambaout", num_classes=5).eval())
+    assert result["status"] == "WRONG" and "cells lie on no grid of the" in result["reason"], result
 
 
 def test_table_counts_the_families() -> None:
