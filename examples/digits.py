@@ -8,12 +8,11 @@ crops of the photographs that ``scikit-image`` ships. Both come inside their whe
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+
+from examples.synthetic import GeneratedImages, check_sizes, one_thread
 
 __all__ = ["DigitMosaics", "digit_pools"]
 
@@ -25,16 +24,6 @@ _PHOTOS = (
 _SPLITS = {"train": (0, 300), "test": (300, 500)}  # per class: which of its 500 digits a split draws from
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @functools.cache  # read once per process: the train and test splits share the files
@@ -75,7 +64,7 @@ def digit_pools(labels: torch.Tensor, split: str) -> list[torch.Tensor]:
     return [torch.nonzero(labels == k).flatten()[low:high] for k in range(10)]
 
 
-class DigitMosaics(Dataset):
+class DigitMosaics(GeneratedImages):
     """Multi-label images of real handwritten digits pasted on crops of real photographs.
 
     Image ``i`` holds between 1 and ``max_objects`` digits (uniformly many; a digit that finds no
@@ -109,7 +98,6 @@ class DigitMosaics(Dataset):
         label_names: ``("0", ..., "9")``.
     """
 
-    encoding = "binary"
     mean = _IMAGENET_MEAN
     std = _IMAGENET_STD
     label_names = tuple(str(k) for k in range(10))
@@ -131,14 +119,7 @@ class DigitMosaics(Dataset):
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
-        for name, value in (("min_size", min_size), ("max_size", max_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not 8.0 <= min_size * image_size <= max_size * image_size <= 0.8 * image_size:
-            raise ValueError(
-                "need 8 <= min_size * image_size <= max_size * image_size <= 0.8 * image_size, "
-                f"got min_size={min_size}, max_size={max_size}, image_size={image_size}"
-            )
+        check_sizes(min_size, max_size, image_size)
         self.num_images, self.image_size, self.split = num_images, image_size, split
         digits, labels = _digits()
         pools = digit_pools(labels, split)
@@ -147,7 +128,7 @@ class DigitMosaics(Dataset):
         self.images = torch.empty(num_images, 3, image_size, image_size)
         self.targets = torch.zeros(num_images, 10)
         self.boxes: list[list[tuple[int, int, int, int, int]]] = []
-        with _one_thread():
+        with one_thread():
             for i in range(num_images):
                 self.images[i], boxes = self._render(digits, pools, photos, max_objects, min_size, max_size, generator)
                 self.boxes.append(boxes)
@@ -156,19 +137,6 @@ class DigitMosaics(Dataset):
         mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
         self.images = (self.images - mean) / std
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.targets[index]
-
-    @classmethod
-    def denormalize(cls, images: torch.Tensor) -> torch.Tensor:
-        """Map normalised images (``(..., 3, H, W)``) back to ``[0, 1]`` RGB, e.g. for overlays."""
-        mean = images.new_tensor(cls.mean).view(3, 1, 1)
-        std = images.new_tensor(cls.std).view(3, 1, 1)
-        return images * std + mean
 
     def _background(self, photos: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
         size = self.image_size

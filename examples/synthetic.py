@@ -32,7 +32,10 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "SHAPE_NAMES",
+    "GeneratedImages",
     "SyntheticShapes",
+    "check_sizes",
+    "one_thread",
     "pointing_game",
     "pointing_game_hits",
     "pointing_game_per_label",
@@ -84,7 +87,7 @@ def _shape_sdf(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, restoring the caller's setting afterwards.
 
     Generation is many element-wise ops on a few million values: extra threads gave no speed-up
@@ -118,7 +121,46 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
-class SyntheticShapes(Dataset):
+def check_sizes(min_size: object, max_size: object, image_size: int) -> None:
+    """Refuse object sizes (fractions of ``image_size``) below 8 pixels, above 0.8 of it, or reversed."""
+    for name, value in (("min_size", min_size), ("max_size", max_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 8.0 <= min_size * image_size <= max_size * image_size <= 0.8 * image_size:
+        raise ValueError(
+            "need 8 <= min_size * image_size <= max_size * image_size <= 0.8 * image_size, "
+            f"got min_size={min_size}, max_size={max_size}, image_size={image_size}"
+        )
+
+
+class GeneratedImages(Dataset):
+    """A multi-label dataset materialised as tensors: ``images``, ``targets`` and ``boxes``.
+
+    Subclasses fill the tensors and set the normalisation constants ``mean`` and ``std``.
+    """
+
+    encoding = "binary"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_images: int
+    images: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.targets[index]
+
+    @classmethod
+    def denormalize(cls, images: torch.Tensor) -> torch.Tensor:
+        """Map normalised images (``(..., 3, H, W)``) back to ``[0, 1]`` RGB, e.g. for overlays."""
+        mean = images.new_tensor(cls.mean).view(3, 1, 1)
+        std = images.new_tensor(cls.std).view(3, 1, 1)
+        return images * std + mean
+
+
+class SyntheticShapes(GeneratedImages):
     """Multi-label images of coloured shapes, materialised once as tensors.
 
     Image ``i`` holds between 1 and ``max_objects`` objects (uniformly many; an object that finds
@@ -167,7 +209,6 @@ class SyntheticShapes(Dataset):
         True
     """
 
-    encoding = "binary"
     mean = _MEAN
     std = _STD
 
@@ -187,14 +228,7 @@ class SyntheticShapes(Dataset):
         self.num_classes = _check_int("num_classes", num_classes, 1, len(SHAPE_NAMES))
         self.max_objects = _check_int("max_objects", max_objects, 1)
         self.seed = _check_int("seed", seed, 0)
-        for name, value in (("min_size", min_size), ("max_size", max_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not 8.0 <= min_size * image_size <= max_size * image_size <= 0.8 * image_size:
-            raise ValueError(
-                "need 8 <= min_size * image_size <= max_size * image_size <= 0.8 * image_size, "
-                f"got min_size={min_size}, max_size={max_size}, image_size={image_size}"
-            )
+        check_sizes(min_size, max_size, image_size)
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
         self.min_size, self.max_size, self.split = float(min_size), float(max_size), split
@@ -207,22 +241,9 @@ class SyntheticShapes(Dataset):
         self.instance_masks = torch.zeros(num_images, size, size, dtype=torch.uint8)
         self.boxes: list[list[tuple[int, int, int, int, int]]] = []
         chunk = max(1, _CHUNK_PIXELS // size**2)
-        with _one_thread():
+        with one_thread():
             for start in range(0, num_images, chunk):
                 self._render_chunk(slice(start, min(start + chunk, num_images)), generator)
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.targets[index]
-
-    @classmethod
-    def denormalize(cls, images: torch.Tensor) -> torch.Tensor:
-        """Map normalised images (``(..., 3, H, W)``) back to ``[0, 1]`` RGB, e.g. for overlays."""
-        mean = images.new_tensor(cls.mean).view(3, 1, 1)
-        std = images.new_tensor(cls.std).view(3, 1, 1)
-        return images * std + mean
 
     def _render_chunk(self, rows: slice, generator: torch.Generator) -> None:
         n, size, num_obj = rows.stop - rows.start, self.image_size, self.max_objects
