@@ -112,6 +112,10 @@ def test_a_headless_browser_shows_the_math_typeset(site: Path, name: str, tmp_pa
     for delimiter in (r"\(", r"\["):
         at = dom.text.find(delimiter)
         assert at < 0, f"raw TeX left on {name}: ...{dom.text[max(at - 80, 0) : at + 80]}..."
+    # math the Markdown parser did not hand to MathJax (e.g. a line of a formula read as a list
+    # item) shows its TeX commands as text
+    raw = re.search(r"\\(?:tfrac|frac|overline|mathrm|varepsilon|ell|sum|big|lVert|qquad)\b", dom.text)
+    assert raw is None, f"raw TeX left on {name}: ...{dom.text[max(raw.start() - 80, 0) : raw.end() + 80]}..."
 
 
 def index_snippets() -> dict[str, str]:
