@@ -251,6 +251,29 @@ def _known_layout(model: nn.Module, name: str, stage: nn.Module) -> tuple[str, s
     return None
 
 
+# modules whose forward is known not to permute its output: torch's layers and torchvision's CNN blocks
+_NO_PERMUTE = ("torch.nn.modules.", "torchvision.models.")
+
+
+def _last_layer_is_spatial(stage: nn.Module) -> bool:
+    """Whether ``stage`` is built of known modules and its last layer with weights is a conv or a batch/group norm.
+
+    A weaker cue than :func:`_known_layout` (the stage may end in a residual sum, as a ResNet
+    block), used only when a map's channels fit both dim 1 and dim 3. A module of other code
+    may permute its output in its forward (a convolution, then ``permute`` to NHWC), and a
+    layer that works on the last dimension (``nn.Linear``, ``nn.LayerNorm``) after the
+    convolution leaves the layout open: both give no cue.
+    """
+    if not all(type(module).__module__.startswith(_NO_PERMUTE) for module in stage.modules()):
+        return False
+    for module in reversed(list(stage.modules())):
+        if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            return True
+        if isinstance(module, (nn.Linear, nn.LayerNorm)):
+            return False
+    return False
+
+
 def _num_labels(model: nn.Module) -> int | None:
     """Labels of the model's own classifier (timm's ``get_classifier()``, else its last Linear)."""
     get_classifier = getattr(model, "get_classifier", None)
@@ -621,6 +644,10 @@ class MultiScaleHeads(_Recording, nn.Module):
                 )
             return layout
         nchw, nhwc = shape[1] == expected, shape[3] == expected
+        if nchw and nhwc and _last_layer_is_spatial(cast(tuple[nn.Module, ...], self._stage_modules)[index]):
+            # a square-ish map whose channels fit both dims: the stage's last layer with weights says
+            # NCHW (a ResNet's layer1 at 256 px: 64 channels, 64x64 cells)
+            nhwc = False
         if nchw and nhwc:
             raise ValueError(
                 f"stage {name!r} gives maps of shape {shape}: its side head's {expected} channels could be dim 1 "

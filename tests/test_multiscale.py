@@ -855,3 +855,21 @@ def test_timm_swin_stages_are_read_as_nhwc():
         torch.testing.assert_close(record.heatmaps[stage], side_head_on(heads, stage, seen[stage])[0], rtol=0, atol=0)
     for handle in handles:
         handle.remove()
+
+
+def test_a_resnet_stage_as_wide_as_its_channels_is_read_as_nchw():
+    """layer1 of a ResNet-18 at 256 px gives (N, 64, 64, 64): torchvision's blocks of convolutions say NCHW."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    heads = MultiScaleHeads(model, ["layer1", "layer4"])
+    seen, handles = capture(model, ["layer1"])
+    with torch.no_grad():
+        model(torch.randn(2, 3, 256, 256))
+    (record,) = heads.pop()
+    assert seen["layer1"].shape == (2, 64, 64, 64)
+    with torch.no_grad():
+        expected, _ = heads.head("layer1")(seen["layer1"], heads.detach_classifier)
+    torch.testing.assert_close(record.heatmaps["layer1"], expected, rtol=0, atol=0)
+    for handle in handles:
+        handle.remove()
