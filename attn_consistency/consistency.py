@@ -4,8 +4,9 @@ r"""The attention consistency loss (paper Eq. 5 and 7) and the multi-view traini
    \qquad \ell_a = \sum_T w_T\, \ell_{a,T}
 
 with :math:`M = g(I)` the heatmaps of the original view and :math:`M' = g(T(I))` those of
-the transformed view. ``distance="relative"`` divides it by the heatmaps' own variance,
-so that a weight means the same on any model (see :func:`attention_consistency`).
+the transformed view. ``distance="relative"`` divides it by the heatmaps' own spatial variance
+(plus 1e-3 of their mean square, a floor for flat maps), so that a weight means the same on any
+model (see :func:`attention_consistency`).
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ class AttentionConsistencyLoss(nn.Module):
             ``targets`` the same way, and names ``images`` (or a ``resized`` batch) when
             non-finite heatmaps come from a non-finite input.
         distance: ``'mse'`` (paper Eq. 5) or ``'relative'`` (Eq. 5 over the heatmaps'
-            variance: the same weight means the same strength on any model), see
+            spatial variance, floored by 1e-3 of their mean square: the same weight means the
+            same strength on any model), see
             :func:`attention_consistency`.
         schedule: a multiplier of the loss per step, e.g. :class:`~attn_consistency.Ramp`
             (a warm-up from 0); any callable ``step -> float``. :meth:`views` counts its

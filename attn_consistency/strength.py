@@ -4,8 +4,9 @@ The distance of Eq. 5 is in the heatmaps' own units, so the paper's weight of 1 
 different strength on another model, another label count or another stage of training.
 Three levers control it (see :class:`~attn_consistency.AttentionConsistencyLoss`):
 
-- ``distance="relative"`` divides Eq. 5 by the heatmaps' own spatial variance (in the
-  gradient: the loss is scale-free), so that one weight means the same on any model;
+- ``distance="relative"`` divides Eq. 5 by the heatmaps' own spatial variance plus 1e-3 of
+  their mean square (in the gradient: the loss is scale-free), so that one weight means the
+  same on any model;
 - a weight schedule such as :class:`Ramp` (a warm-up from 0), here;
 - the weights themselves.
 
@@ -95,7 +96,15 @@ def _ramp_state(state: object, root: str, prefix: str = "") -> tuple[int | None,
         return f"{root} {prefix + key!r}"
 
     start = _state_count(name("start"), entries["start"], optional=True)
-    reference = _state_number(name("reference"), entries["reference"], optional=True)
+    reference = _state_number(name("reference"), entries["reference"], optional=True, finite=False)
+    if reference is not None and not math.isfinite(reference):
+        # written before non-finite windows were skipped: that reference kept the term off for good
+        warnings.warn(
+            f"{name('reference')} is {reference}: the trigger's starting loss is measured again",
+            ConsistencyWarning,
+            stacklevel=2,
+        )
+        reference = None
     observed = _state_count(name("observed"), entries["observed"]) or 0
     # the partial window's sum: a non-finite one is skipped when its window closes
     total = _state_number(name("sum"), entries["sum"], finite=False) or 0.0

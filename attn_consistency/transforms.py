@@ -312,7 +312,8 @@ def _segment_tensors(shape: tuple[int, int], shape_t: tuple[int, int], like: Ten
             (weight.flatten() / area).to(like.device),
         )
         while len(_segment_cache) >= _SEGMENT_CACHE_SIZE:
-            del _segment_cache[next(iter(_segment_cache))]
+            # DataParallel's replicas evict from this cache in threads: another may have taken the key
+            _segment_cache.pop(next(iter(_segment_cache.copy())), None)
         _segment_cache[key] = cached
     return cached
 

@@ -314,9 +314,11 @@ def _write_failed(error: Exception, what: str, path: Path, tmp: Path) -> OSError
         space = f"the disk is full or over quota{where}"
     elif system:
         space = ""
-    else:  # torch's writer reports a short write as "unexpected pos": a full disk or quota, most often
+    elif "unexpected pos" in reason:  # torch's writer's short write: a full disk or quota, most often
         where = f" ({_size(free)} free on {shown(path.parent)} now)" if free is not None else ""
         space = f"the disk may be full or over quota{where}"
+    else:  # another error of the writer (e.g. an object torch cannot serialise): not the disk's
+        space = ""
     kept = f"{shown(path)} keeps its previous content" if path.exists() else f"{shown(path)} was not written"
     message = f"cannot write {what} {shown(path)}{after}: {source}{reason}; " + "; ".join(filter(None, (space, kept)))
     code = error.errno if system else (errno.ENOSPC if full else None)

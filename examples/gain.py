@@ -10,7 +10,8 @@ mAP is well below ceiling (70-90). Two regimes:
 - ``real`` (the paper's regime, run on request): EfficientNet-Lite0 with its ImageNet weights
   (``examples.pretrained``) fine-tuned on :class:`examples.digits.DigitMosaics`, real handwritten
   digits on real photographs, at 160 px (5x5 heatmaps; the scaled view 128 px, 4x4). To fit a
-  2-core CPU, the stem and the first 8 of its 16 blocks stay as pretrained (``freeze``).
+  2-core CPU, the weights of the stem and of the first 8 of its 16 blocks are not trained
+  (``freeze``; their batch norms still update their statistics).
 
 Rows (every row of a regime and seed sees the same data, order and initial weights):
 

@@ -75,7 +75,8 @@ class TrainConfig:
     csv_test: str | None = None
     arch: str = "small_resnet"
     pretrained: str | None = None  # None | "imagenet" | path to a local state dict
-    # modules (names, and everything under them) left as pretrained: no gradient, no weight decay;
+    # modules (names, and everything under them) whose weights are not trained: no gradient, no weight
+    # decay (their batch norms still update their running statistics in train mode);
     # a fine-tuning run on a CPU freezes the early, high-resolution blocks
     freeze: tuple[str, ...] = ()
     image_size: int = 64
@@ -932,7 +933,7 @@ def _parse_bool(text: str) -> bool:
 _NAME_LISTS = {
     "transforms": "views: flip scale rotate translate",
     "stages": "side heads (MSAC), e.g. layer2 layer3 layer4",
-    "freeze": "modules kept as pretrained, e.g. _conv_stem _bn0 _blocks.0",
+    "freeze": "modules whose weights are not trained (batch-norm statistics still adapt), e.g. _conv_stem _bn0 _blocks.0",
 }
 
 

@@ -218,3 +218,16 @@ def test_a_first_write_that_fails_removes_the_folders_it_created(tmp_path, monke
     monkeypatch.undo()
     assert _listing(tmp_path) == ["kept"] and _listing(tmp_path / "kept") == []
     remove_empty_folders([tmp_path / "missing"])  # a folder gone already is no error
+
+
+def test_another_error_of_the_writer_is_not_blamed_on_the_disk(tmp_path) -> None:
+    from examples._files import write_atomic
+
+    def fails(handle) -> None:
+        raise RuntimeError("cannot pickle 'generator' object")
+
+    target = tmp_path / "last.pt"
+    with pytest.raises(OSError, match=r"cannot pickle 'generator' object") as raised:
+        write_atomic(target, fails, "checkpoint")
+    assert "disk" not in str(raised.value)
+    assert not list(tmp_path.iterdir())  # no temporary left, nothing written

@@ -358,11 +358,7 @@ DELETE = object()
             "consistency state 'schedule.start' must be None or an int >= 0",
         ),
         (with_entry(["schedule", "observed"], "3"), TypeError, "consistency state 'schedule.observed' must be an int"),
-        (
-            with_entry(["schedule", "reference"], float("nan")),
-            ValueError,
-            "'schedule.reference' must be None or a finite",
-        ),
+        (with_entry(["schedule", "reference"], "2"), TypeError, "'schedule.reference' must be None or a number"),
         (with_entry(["schedule", "sum"], DELETE), ValueError, "consistency state 'schedule' lacks the entry 'sum'"),
         (with_entry(["schedule"], [1, 2]), TypeError, "consistency state 'schedule' must be a dict"),
         (
@@ -607,3 +603,17 @@ def test_the_recommended_loss_is_the_relative_distance_with_the_triggered_ramp_o
         AttentionConsistencyLoss.recommended(epochs=3, steps_per_epoch=0)
     with pytest.raises(TypeError, match="epochs"):
         AttentionConsistencyLoss.recommended(epochs=2.5, steps_per_epoch=10)
+
+
+def test_a_nan_reference_of_an_older_checkpoint_is_measured_again_with_a_warning():
+    from attn_consistency import Ramp
+    from attn_consistency.strength import ConsistencyWarning
+
+    ramp = Ramp(10, trigger=0.5, window=2)
+    with pytest.warns(ConsistencyWarning, match="Ramp state 'reference' is nan"):
+        ramp.load_state_dict({"start": None, "reference": float("nan"), "observed": 4, "sum": 0.0})
+    assert ramp.reference is None
+    for step, loss in enumerate([2.0, 2.0, 0.5, 0.5], start=4):  # a new reference, then a fall below half
+        ramp(step)
+        ramp.observe(torch.tensor(loss))
+    assert ramp.reference == 2.0 and ramp.start == 8
