@@ -71,32 +71,29 @@ def verify_weights(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor
 
     Raises:
         ValueError: naming ``path``, when its SHA-256 does not start with the hash in its name
-            (``<name>-<hash>.pth``), or when it lacks a tensor of ``model`` or has one of
-            another shape.
+            (``<name>-<hash>.pth``), or when it lacks a tensor of ``model``, has one of another
+            shape, or holds one the model does not have.
     """
     path = Path(path)
     stem = path.name.removesuffix(".pth")
     expected = stem.rsplit("-", 1)[-1] if "-" in stem else ""
     if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
         raise ValueError(f"{path}: the name carries no SHA-256 prefix (<name>-<hash>.pth) to check the weights with")
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(expected):
-        raise ValueError(
-            f"{path} is not the file its name says: SHA-256 {digest.hexdigest()[:16]}..., the name says {expected}..."
-        )
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    if not digest.startswith(expected):
+        raise ValueError(f"{path} is not the file its name says: SHA-256 {digest[:16]}..., the name says {expected}...")
     state = load_torch(path, "pretrained weights")
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     wrong = [key for key in own if key in state and tuple(state[key].shape) != tuple(own[key].shape)]
-    if missing or wrong:
+    unexpected = [key for key in state if key not in own]
+    if missing or wrong or unexpected:
         raise ValueError(
             f"{path} does not hold the weights of {type(model).__name__}: missing {missing[:3] or 'nothing'}, "
-            f"of another shape {wrong[:3] or 'nothing'}"
+            f"of another shape {wrong[:3] or 'nothing'}, unexpected {unexpected[:3] or 'nothing'}"
         )
     return state
 

@@ -174,3 +174,14 @@ def test_the_real_regime_runs_at_toy_size(tmp_path, row):
     assert 0.0 <= metrics["mAP"] <= 1.0 and 0.0 <= metrics["pointing-game"] <= 1.0
     assert (tmp_path / row / "last.pt").exists()
     assert f"| real | {row} | 1 |" in table({"real": {row: [metrics]}})
+
+
+def test_weights_with_a_tensor_the_model_lacks_are_refused_by_name(tmp_path):
+    model = pretrained.build_pretrained("efficientnet-lite0", None, imagenet=False)
+    state = dict(model.state_dict()) | {"_extra.weight": torch.zeros(2)}
+    path = tmp_path / "efficientnet-lite0-00000000.pth"
+    torch.save(state, path)
+    digest = __import__("hashlib").sha256(path.read_bytes()).hexdigest()[:8]
+    named = path.rename(tmp_path / f"efficientnet-lite0-{digest}.pth")
+    with pytest.raises(ValueError, match=r"unexpected \['_extra.weight'\]"):
+        pretrained.verify_weights(named, model)
