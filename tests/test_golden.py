@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from golden.cases import CASES, FIXTURE, one_thread_case
+from golden.cases import CASES, FIXTURE, decode, one_thread_case
 
-GOLDEN = torch.load(FIXTURE, weights_only=True)
+GOLDEN = {name: decode(entries) for name, entries in json.loads(FIXTURE.read_text()).items()}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

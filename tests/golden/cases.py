@@ -1,12 +1,14 @@
 """The golden cases: one four-view training step per case, on fixed seeds, through the public API.
 
-``python tests/golden/cases.py`` writes ``step.pt`` from the code as it is; ``tests/test_golden.py``
+``python tests/golden/cases.py`` writes ``step.json`` from the code as it is; ``tests/test_golden.py``
 compares a fresh run with it bit for bit. Regenerate it only for a change of behaviour that is meant
 (and say so in the commit): a reshaping of the code must leave every tensor equal.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,27 @@ from torch import nn
 
 from attn_consistency import AttentionConsistencyLoss, CAMHook, WeightedBCEWithLogitsLoss, get_transform, positive_ratio
 
-FIXTURE = Path(__file__).with_name("step.pt")
+FIXTURE = Path(__file__).with_name("step.json")
+
+
+def encode(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Each tensor's dtype, shape and raw bytes (base64): exact, and a text file, not a checkpoint."""
+    return {
+        key: dict(
+            dtype=str(t.dtype), shape=list(t.shape), data=base64.b64encode(t.contiguous().numpy().tobytes()).decode()
+        )
+        for key, t in tensors.items()
+    }
+
+
+def decode(entries: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The tensors :func:`encode` wrote (float32 only, as every tensor of a case is)."""
+    out = {}
+    for key, entry in entries.items():
+        assert entry["dtype"] == "torch.float32", (key, entry["dtype"])
+        raw = bytearray(base64.b64decode(entry["data"]))
+        out[key] = torch.frombuffer(raw, dtype=torch.float32).reshape(entry["shape"])
+    return out
 
 
 class GapFc(nn.Module):
@@ -90,5 +112,6 @@ def one_thread_case(name: str) -> dict[str, torch.Tensor]:
 
 
 if __name__ == "__main__":
-    torch.save({name: one_thread_case(name) for name in CASES}, FIXTURE)
+    fixture = {name: encode(one_thread_case(name)) for name in CASES}
+    FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
     print(f"wrote {FIXTURE}")
