@@ -49,10 +49,11 @@ __all__ = [
     "attention_consistency",
     "attention_inconsistency",
     "heatmap_variance",
+    "standardized_heatmaps",
 ]
 
 
-_DISTANCES = ("mse", "relative")
+_DISTANCES = ("mse", "relative", "correlation")
 _STOP_GRADIENT = (None, "original", "transformed")
 
 
@@ -145,7 +146,7 @@ def _shape_key(maps: Tensor | Mapping[str, Tensor]) -> Any:
 
 def _check_distance(distance: str) -> str:
     if distance not in _DISTANCES:
-        raise ValueError(f"distance must be 'mse' (paper Eq. 5) or 'relative', got {distance!r}")
+        raise ValueError(f"distance must be 'mse' (paper Eq. 5), 'relative' or 'correlation', got {distance!r}")
     return distance
 
 
@@ -194,6 +195,59 @@ def heatmap_variance(heatmaps: Tensor, heatmaps_t: Tensor) -> Tensor:
     return torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
 
 
+# The floor of distance="correlation": the share of the batches' mean spatial variance that
+# each map's own variance is raised by before it divides the map (see standardized_heatmaps).
+_CORRELATION_EPS = 0.1
+
+
+def standardized_heatmaps(heatmaps: Tensor, heatmaps_t: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The maps that ``distance="correlation"`` compares: each centred on its own mean and divided by its own spread.
+
+    .. math:: Z_{ij} = \frac{M_{ij} - \mu(M_{ij})}{\sqrt{\mathrm{Var}(M_{ij}) + \varepsilon \bar V}},
+       \qquad \bar V = \tfrac12 \big(\overline{\mathrm{Var}}(M) + \overline{\mathrm{Var}}(M')\big),
+       \qquad \varepsilon = 0.1
+
+    and the same for :math:`M'`, where :math:`\mu` and :math:`\mathrm{Var}` are a map's mean
+    and variance over its cells and :math:`\bar V` the variance averaged over the samples and
+    labels of both batches. Eq. 5 of :math:`Z` and :math:`Z'` is then, for maps whose variance
+    is well above the floor, :math:`2 (1 - r)` with :math:`r` the correlation of
+    :math:`T(M)_{ij}` and :math:`M'_{ij}`: it compares where a map is high, not how high.
+
+    - **A map's mean is removed**, and for a GAP-FC head that mean is the label's logit (up to
+      the head's bias): the term's gradient leaves every logit where the classification loss
+      puts it. Eq. 5 also counts the gap between the two views' logits, and that part of its
+      gradient moves them.
+    - **The maps' scale is divided out**, so the term cannot be lowered by shrinking the maps,
+      the way Eq. 5 can (the collapse that costs the paper's loss accuracy on new models): the
+      value is unchanged when both batches are multiplied by one constant, and its gradient
+      is orthogonal to the maps. A map whose variance is well above the floor is nearly free
+      of its own scale too (one view's maps 3 times the other's, exactly equivariant
+      otherwise, give about 0.03 where unrelated maps give about 2).
+    - **The floor** :math:`\varepsilon \bar V` keeps a flat map (an absent label's, whose
+      cells are all about its logit) from being blown up to unit spread: a map with a tenth of
+      the batches' typical variance counts half, a flat one not at all (:math:`Z = 0`). It
+      scales with the maps, so the distance is unchanged when both batches are multiplied by
+      a constant. Where every map of both batches is flat, :math:`Z = 0`.
+
+    The statistics are those of each whole map: for a transform that leaves cells without a
+    counterpart (a rotation by another angle than a multiple of 90 degrees, a translation),
+    maps equal on the valid cells but not elsewhere are standardised apart. For flips,
+    rotations by multiples of 90 degrees and the closed-form scale (its nearest-neighbour
+    upsampling keeps each map's mean and variance), exactly equivariant maps give 0.
+    """
+    check_tensor("heatmaps", heatmaps, 4, "(N, L, h, w)", floating=True)
+    check_tensor("heatmaps_t", heatmaps_t, 4, "(N, L, h', w')", floating=True)
+    stats = [torch.var_mean(maps, (2, 3), unbiased=False, keepdim=True) for maps in (heatmaps, heatmaps_t)]
+    floor = _CORRELATION_EPS * 0.5 * (stats[0][0].mean() + stats[1][0].mean())
+    standardized = []
+    for maps, (variance, mean) in zip((heatmaps, heatmaps_t), stats):
+        spread = variance + floor
+        # 0 only where every map is flat: the centred maps are then 0, and so is Z
+        spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        standardized.append((maps - mean) * spread.rsqrt())
+    return standardized[0], standardized[1]
+
+
 def attention_consistency(
     heatmaps: Tensor,
     heatmaps_t: Tensor,
@@ -226,6 +280,13 @@ def attention_consistency(
     to the maps); a normaliser kept out of the gradient would rescale Eq. 5's gradient and
     keep the shrinking part.
 
+    With ``distance="correlation"`` Eq. 5 compares :func:`standardized_heatmaps`: each map
+    centred on its own mean and divided by its own spread (floored by a tenth of the
+    batches' mean spatial variance). About :math:`2 (1 - r)` per map for the correlation
+    :math:`r` of the two views' maps, 0 for exactly equivariant maps, and free of each map's
+    mean and of the maps' common scale: its gradient moves no logit of a GAP-FC head and
+    cannot shrink the maps.
+
     Computed in float32 (or float64 for float64 input), also under autocast.
 
     Args:
@@ -239,7 +300,8 @@ def attention_consistency(
             means).
         check_finite_values: raise on nan/inf heatmaps. ``None`` checks CPU tensors only:
             on an accelerator the check would wait for the device at every step.
-        distance: ``'mse'`` (paper Eq. 5) or ``'relative'`` (scale-free, see above).
+        distance: ``'mse'`` (paper Eq. 5), ``'relative'`` or ``'correlation'`` (both
+            scale-free, see above).
 
     Returns:
         A scalar, or ``(N, L)`` for ``reduction='none'``. An empty batch (``N = 0`` or
@@ -266,6 +328,8 @@ def attention_consistency(
     dtype = torch.promote_types(heatmaps.dtype, torch.float32)
     with torch.autocast(heatmaps.device.type, enabled=False):
         heatmaps, heatmaps_t = heatmaps.to(dtype), heatmaps_t.to(dtype)
+        if distance == "correlation":
+            heatmaps, heatmaps_t = standardized_heatmaps(heatmaps, heatmaps_t)
         per_map = transform.consistency(heatmaps, heatmaps_t, params)
         if distance == "relative" and per_map.numel():
             per_map = per_map / heatmap_variance(heatmaps, heatmaps_t)
@@ -339,10 +403,11 @@ class AttentionConsistencyLoss(nn.Module):
         check_finite_values: see :func:`attention_consistency`; :meth:`views` checks its
             ``targets`` the same way, and names ``images`` (or a ``resized`` batch) when
             non-finite heatmaps come from a non-finite input.
-        distance: ``'mse'`` (paper Eq. 5) or ``'relative'`` (Eq. 5 over the heatmaps'
+        distance: ``'mse'`` (paper Eq. 5), ``'relative'`` (Eq. 5 over the heatmaps'
             spatial variance, floored by 1e-3 of their mean square: the same weight means the
-            same strength on any model), see
-            :func:`attention_consistency`.
+            same strength on any model) or ``'correlation'`` (Eq. 5 of each map standardised
+            by its own mean and spread: about 2(1 - r), free of the logits and of the maps'
+            common scale), see :func:`attention_consistency`.
         schedule: a multiplier of the loss per step, e.g. :class:`~attn_consistency.Ramp`
             (a warm-up from 0); any callable ``step -> float``. :meth:`views` counts its
             calls with gradients enabled as steps; a loop that calls the module directly

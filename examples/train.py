@@ -94,7 +94,8 @@ class TrainConfig:
     mode: str | None = None  # 'product' (authors' four views) or 'independent'; None: product for flip+scale
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
     # The strength of the term (attn_consistency.strength): 'mse' is the paper's Eq. 5, 'relative'
-    # divides it by the heatmaps' variance; a warm-up ramps the weights from 0 over that fraction of
+    # divides it by the heatmaps' variance, 'correlation' compares each map standardised by its own
+    # mean and spread; a warm-up ramps the weights from 0 over that fraction of
     # the run's steps (epochs x steps per epoch, so a run with a warm-up resumes with its epochs only).
     distance: str = "mse"
     warmup: float = 0.0

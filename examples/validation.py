@@ -181,7 +181,7 @@ _RULES: dict[str, Rule] = {
     "warmup": _interval(0, 1, why=" (a fraction of the run's steps)"),
     "warmup_delay": _interval(0, 1, why=" (a fraction of the run's steps)"),
     "warmup_trigger": _interval(0, 1, high_open=True, why=" (a fraction of the starting classification loss; 0: off)"),
-    "distance": _choice("mse", "relative"),
+    "distance": _choice("mse", "relative", "correlation"),
     "warmup_shape": _choice("linear", "cosine", "gaussian"),
     "stop_gradient": _choice("original", "transformed"),
     "epochs": _count(1),
