@@ -376,9 +376,11 @@ class _WeakHook:
         self._method = method
         self._bound = bound
 
-    # Eager even under torch.compile: the one-off hooks read values, and the recording one
-    # keeps a Python list, whose length a compiled graph would guard on (a recompilation per length).
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch's decorator keeps the signature
+    # Traced under torch.compile, not torch.compiler.disable'd (that decorator imports torch._dynamo,
+    # about half of this package's import time, for every user). Once the first forward has found
+    # and checked the head, the recording hook is tensor code and a list append, which dynamo keeps
+    # in the model's graph: a forward compiles with fullgraph=True (tests/test_compile.py). The
+    # first forward's one-off hooks read values: they break its graph, once.
     def __call__(self, *args: Any) -> None:
         owner = self._ref() if self._ref is not None else None
         if owner is None:
