@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._hooks import _Recording, _unwrap, _WeakHook
 from ._validation import check_bool, check_positive_int, check_weight
-from .cam import _Recording, _unwrap, _WeakHook
 from .consistency import attention_consistency
 from .transforms import Transform
 
