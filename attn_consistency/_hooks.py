@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -63,17 +64,24 @@ class _WeakHook:
         self._method = method
         self._bound = bound
 
-    # Traced under torch.compile, not torch.compiler.disable'd (that decorator imports torch._dynamo,
-    # about half of this package's import time, for every user). Once the first forward has found
-    # and checked the head, the recording hook is tensor code and a list append, which dynamo keeps
-    # in the model's graph: a forward compiles with fullgraph=True (tests/test_compile.py). The
-    # first forward's one-off hooks read values: they break its graph, once.
+    # Traced under torch.compile, not torch.compiler.disable'd at import (that decorator imports
+    # torch._dynamo, about half of this package's import time, for every user). Once the first forward
+    # has found and checked the head, the recording hooks are tensor code and a list append, which
+    # dynamo keeps in the model's graph: a forward compiles with fullgraph=True (tests/test_compile.py).
+    # The first forward's work reads values and adds and removes hooks: under compile it runs eagerly
+    # (a graph break in that forward only), through a wrapper made when it is first needed.
     def __call__(self, *args: Any) -> None:
         owner = self._ref() if self._ref is not None else None
         if owner is None:
             if self._ref is None and args and isinstance(args[0], nn.Module):
                 _forget(args[0], self)  # a copy's hook: no handle can remove it, so it removes itself
             return
+        if torch.compiler.is_compiling() and getattr(owner, "_pending", False):
+            _eager_call()(self, owner, args)
+            return
+        self._call(owner, args)
+
+    def _call(self, owner: _Removable, args: tuple[Any, ...]) -> None:
         try:
             getattr(owner, self._method)(*self._bound, *args)
         except (_Undecided, _NeedsGrad):
@@ -87,6 +95,16 @@ class _WeakHook:
 
     def __deepcopy__(self, memo: dict[int, object]) -> _WeakHook:
         return _WeakHook(None)
+
+
+_EAGER: list[Callable[[_WeakHook, _Removable, tuple[Any, ...]], None]] = []
+
+
+def _eager_call() -> Callable[[_WeakHook, _Removable, tuple[Any, ...]], None]:
+    """:meth:`_WeakHook._call`, run eagerly under torch.compile (made, and torch._dynamo imported, at the first need)."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_WeakHook._call))  # type: ignore[no-untyped-call]
+    return _EAGER[0]
 
 
 def _forget(module: nn.Module, hook: _WeakHook) -> None:

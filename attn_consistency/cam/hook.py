@@ -13,13 +13,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._hooks import _Recording, _remove_all, _unwrap, _WeakHook
-from .detect import (
-    _LIVE,
-    _Detection,
-    _Forward,
-    _resolve,
-    _static_head,
-)
+from .detect import _LIVE, _Detection
 from .heads import (
     _bias,
     _is_classifier,
@@ -28,6 +22,7 @@ from .heads import (
     _weight_parameter,
 )
 from .maps import _Maps
+from .trace import _Forward, _resolve, _static_head
 from .verify import _Verification
 
 

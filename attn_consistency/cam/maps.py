@@ -11,15 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._hooks import _NeedsGrad
-from .detect import (
-    _tensors,
-)
 from .heads import (
     _labels,
     _norm_stats,
     _weight,
     _wide,
 )
+from .trace import _tensors
 
 if TYPE_CHECKING:
     from .hook import CAMHook

@@ -8,12 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .detect import (
-    _Forward,
-    _matches_pooled,
-    _same_values,
-    _tensors,
-)
 from .heads import (
     _bias,
     _labels,
@@ -24,6 +18,7 @@ from .heads import (
     _weight,
     _wide,
 )
+from .trace import _Forward, _matches_pooled, _same_values, _tensors
 
 if TYPE_CHECKING:
     from .hook import CAMHook
