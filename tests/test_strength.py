@@ -334,7 +334,9 @@ def test_relative_distance_in_views_and_the_module(model):
     flip_pair_variance = heatmap_variance(m, m_t)
     torch.testing.assert_close(b.terms["flip@28"], a.terms["flip@28"] / flip_pair_variance, rtol=1e-5, atol=0)
     torch.testing.assert_close(relative(m, m_t, "flip"), attention_consistency(m, m_t, "flip") / flip_pair_variance)
-    with pytest.raises(ValueError, match="distance must be 'mse' \\(paper Eq. 5\\) or 'relative', got 'l2'"):
+    with pytest.raises(
+        ValueError, match="distance must be 'mse' \\(paper Eq. 5\\), 'relative' or 'correlation', got 'l2'"
+    ):
         AttentionConsistencyLoss(distance="l2")
 
 
