@@ -4,19 +4,28 @@ The pieces: :class:`CAMHook` records class activation maps with gradients,
 the transform registry (:func:`get_transform`) moves images and heatmaps alike,
 :class:`AttentionConsistencyLoss` compares the two (its strength set by a
 ``distance``, a weight ``schedule`` such as :class:`Ramp`, and watched by
-:class:`ConsistencyDiagnostics`), and
-:class:`WeightedBCEWithLogitsLoss` is the paper's classification loss.
-:class:`AAMN` (:mod:`attn_consistency.aamn`) is a GAP-FC multi-label head with a categorical
-memory and channel and spatial relation modules, to which all of the above applies.
+:class:`ConsistencyDiagnostics`), :meth:`AttentionConsistencyLoss.views` runs the multi-view
+step, and :class:`WeightedBCEWithLogitsLoss` is the paper's classification loss.
+
+The models of the two related papers live in :mod:`attn_consistency.models`, imported only when
+used: multi-scale attention consistency (:class:`~attn_consistency.models.msac.MultiScaleHeads`, MSAC)
+and AAMN (:class:`~attn_consistency.models.aamn.AAMN`), a GAP-FC multi-label head with a categorical
+memory and channel and spatial relation modules, to which all of the above applies. Their names
+are still found here (``from attn_consistency import AAMN``), through the models package.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-from .aamn import AAMN, AAMNHead, CategoricalMemory, ChannelRelation, SpatialRelation
 from .cam import CAMHook
 from .classification import WeightedBCEWithLogitsLoss, positive_ratio
-from .consistency import AttentionConsistencyLoss, ConsistencyOutput, StageRecorder, attention_consistency
-from .multiscale import AttentionModule, MultiScaleHeads, SideHead, StageRecord, WithSideHeads, multiscale_consistency
+from .consistency import (
+    AttentionConsistencyLoss,
+    ConsistencyOutput,
+    StageRecorder,
+    attention_consistency,
+    attention_inconsistency,
+)
 from .strength import ConsistencyDiagnostics, ConsistencyWarning, Ramp
 from .transforms import (
     Flip,
@@ -29,39 +38,59 @@ from .transforms import (
     register_transform,
 )
 
+# the models' names, found in attn_consistency.models at their first use (PEP 562)
+_MODELS = frozenset(
+    {
+        "AAMN",
+        "AAMNHead",
+        "AttentionModule",
+        "CategoricalMemory",
+        "ChannelRelation",
+        "MultiScaleHeads",
+        "SideHead",
+        "SpatialRelation",
+        "StageRecord",
+        "WithSideHeads",
+        "multiscale_consistency",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODELS:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'attn_consistency' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODELS])
+
+
 try:
     __version__ = version("attn_consistency")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
 __all__ = [
-    "AAMN",
-    "AAMNHead",
     "AttentionConsistencyLoss",
-    "AttentionModule",
     "CAMHook",
-    "CategoricalMemory",
-    "ChannelRelation",
     "ConsistencyDiagnostics",
     "ConsistencyOutput",
     "ConsistencyWarning",
     "Flip",
-    "MultiScaleHeads",
     "Ramp",
     "Rotate",
     "Scale",
-    "SideHead",
-    "SpatialRelation",
-    "StageRecord",
     "StageRecorder",
     "Transform",
     "Translate",
     "WeightedBCEWithLogitsLoss",
-    "WithSideHeads",
     "attention_consistency",
+    "attention_inconsistency",
     "available_transforms",
     "get_transform",
-    "multiscale_consistency",
     "positive_ratio",
     "register_transform",
 ]

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class StageRecorder(Protocol):
     """What :meth:`AttentionConsistencyLoss.views` and :func:`~attn_consistency.consistency.attention_inconsistency` need from
     a recorder of heatmaps at several stages, in place of a :class:`~attn_consistency.CAMHook`
-    (:class:`~attn_consistency.MultiScaleHeads` is one).
+    (:class:`~attn_consistency.models.msac.MultiScaleHeads` is one).
 
     :meth:`pop` returns one record per forward, oldest first, each with ``heatmaps`` and
     ``logits``: mappings from stage name (in :attr:`stages` order) to ``(N, L, h_s, w_s)`` and
@@ -191,7 +191,7 @@ class _Views:
         Args:
             model: the classifier (DDP / compiled wrappers are fine).
             cam: the :class:`CAMHook` attached to ``model``, or a :class:`StageRecorder` such as
-                :class:`~attn_consistency.MultiScaleHeads` (multi-scale attention
+                :class:`~attn_consistency.models.msac.MultiScaleHeads` (multi-scale attention
                 consistency): then every term is computed at every stage, weighted by the
                 transform's weight times the stage's (``cam.stage_weight``), the logits are
                 ``cam.prediction`` and the classification loss ``cam.classification`` (deep
