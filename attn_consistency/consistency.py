@@ -38,7 +38,8 @@ from .strength import (
     _state_count,
     _state_entries,
 )
-from .transforms import Transform, _check_pair, available_transforms, get_transform
+from .transforms import Transform, available_transforms, get_transform
+from .transforms.base import _check_pair
 
 __all__ = [
     "AttentionConsistencyLoss",

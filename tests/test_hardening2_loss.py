@@ -551,7 +551,7 @@ def test_a_fractional_shift_on_the_gpu_does_not_wait_for_the_device():
 
 
 def test_the_scale_terms_cache_is_bounded_and_stays_right():
-    from attn_consistency import transforms
+    from attn_consistency.transforms import scale as transforms
 
     transforms._segment_cache.clear()
     generator = torch.Generator().manual_seed(0)

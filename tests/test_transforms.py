@@ -18,7 +18,8 @@ from attn_consistency import (
     get_transform,
     register_transform,
 )
-from attn_consistency import transforms as transforms_module
+from attn_consistency.transforms import registry as transforms_registry
+from attn_consistency.transforms import scale as transforms_scale
 
 
 def materialised_scale_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def test_scale_term_in_float32_matches_materialised(generator):
 
 
 def test_scale_segments_cover_the_lcm_grid():
-    rows, rows_t, lengths = transforms_module._common_segments(7, 6)
+    rows, rows_t, lengths = transforms_scale._common_segments(7, 6)
     assert sum(lengths) == 42
     assert len(lengths) == 7 + 6 - 1
     upsampled = torch.arange(7).repeat_interleave(6)
@@ -235,7 +236,7 @@ def test_user_transform_registers_and_works_in_the_loss(generator):
         with pytest.raises(ValueError, match="already registered"):
             register_transform("vflip", VerticalFlip)
     finally:
-        transforms_module._REGISTRY.pop("vflip", None)
+        transforms_registry._REGISTRY.pop("vflip", None)
 
 
 def test_register_as_decorator():
@@ -250,7 +251,7 @@ def test_register_as_decorator():
     try:
         assert isinstance(get_transform("identity_for_test"), Identity)
     finally:
-        transforms_module._REGISTRY.pop("identity_for_test", None)
+        transforms_registry._REGISTRY.pop("identity_for_test", None)
 
 
 # ---------------------------------------------------------------- bad input
@@ -443,7 +444,7 @@ def test_scale_term_with_one_cell_maps_equals_materialised(shape, shape_t, gener
     m = torch.randn(3, 2, *shape, generator=generator, dtype=torch.float64)
     m_t = torch.randn(3, 2, *shape_t, generator=generator, dtype=torch.float64)
     assert torch.allclose(
-        transforms_module.scale_consistency(m, m_t).mean(), materialised_scale_mse(m, m_t), rtol=1e-12, atol=0
+        transforms_scale.scale_consistency(m, m_t).mean(), materialised_scale_mse(m, m_t), rtol=1e-12, atol=0
     )
 
 
@@ -461,7 +462,7 @@ def test_scale_sizes_round_to_at_least_one_cell():
 def test_scale_term_of_mixed_dtypes_is_computed_in_the_wider_one(generator):
     m = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64)
     m_t = torch.randn(2, 3, 6, 6, generator=generator)
-    got = transforms_module.scale_consistency(m, m_t)
+    got = transforms_scale.scale_consistency(m, m_t)
     assert got.dtype == torch.float64
     assert torch.allclose(got.mean(), materialised_scale_mse(m, m_t.double()), rtol=1e-12, atol=0)
 
@@ -483,7 +484,7 @@ def test_scale_term_of_mixed_dtypes_is_computed_in_the_wider_one(generator):
 )
 def test_scale_term_refuses_unmatched_batches(m, m_t, match):
     with pytest.raises(ValueError, match=match):
-        transforms_module.scale_consistency(m, m_t)
+        transforms_scale.scale_consistency(m, m_t)
     with pytest.raises(ValueError, match=match):
         Flip().consistency(m, m_t)
 
@@ -639,7 +640,7 @@ def test_registered_name_is_the_transform_name(generator):
         assert torch.allclose(weighted, 0.25 * F.mse_loss(m.flip(-1), m_t), rtol=1e-6, atol=0)
     finally:
         for name in ("myflip", "halfflip", "vflip2"):
-            transforms_module._REGISTRY.pop(name, None)
+            transforms_registry._REGISTRY.pop(name, None)
 
 
 @pytest.mark.parametrize(
