@@ -47,7 +47,8 @@ import torch
 from examples._files import write_text_atomic
 from examples.figure5 import figure5, load_heads, load_trained
 from examples.gain import REGIMES, ROWS, pretrained, run_row
-from examples.train import PRESETS, SYNTHETIC_STAGES, build_datasets, scale_factor
+from examples.presets import PRESETS, SYNTHETIC_STAGES
+from examples.train import build_datasets, scale_factor
 from examples.validation import count_type
 
 __all__ = ["main"]

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attn_consistency import CAMHook, MultiScaleHeads, get_transform
+from examples.checkpoint import load_train_checkpoint
 from examples.train import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TrainConfig,
     build_datasets,
     build_heads,
-    load_train_checkpoint,
     scale_factor,
 )
 from examples.validation import count_type

@@ -19,7 +19,7 @@ Rows (every row of a regime and seed sees the same data, order and initial weigh
 - ``augmentation``: the authors' four views (flip x scale), consistency weights 0: the
   control that isolates the consistency term;
 - ``paper``: the same views with the paper's loss (Eq. 5, every weight 1);
-- ``recommended``: the same views with :data:`examples.train.RECOMMENDED`.
+- ``recommended``: the same views with :data:`examples.presets.RECOMMENDED`.
 
 :data:`SCALE_ROWS` are the control, paper and recommended rows with the scale view alone: the
 transform whose constraint every label survives (digits are not mirror-symmetric, so flip is
@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from examples._files import write_text_atomic
-from examples.train import PRESETS, RECOMMENDED, TrainConfig, train
+from examples.presets import PRESETS, RECOMMENDED
+from examples.train import TrainConfig, train
 
 __all__ = ["AAMN_ROWS", "DEFAULT_REGIMES", "REGIMES", "ROWS", "SCALE_ROWS", "VIEWS", "pretrained", "run_row", "table"]
 

@@ -38,7 +38,7 @@ from attn_consistency import (
     positive_ratio,
 )
 from attn_consistency.metrics import mean_average_precision
-from examples.train import RECOMMENDED
+from examples.presets import RECOMMENDED
 
 __all__ = ["AttentionConsistencyModule", "main"]
 
@@ -47,7 +47,7 @@ class AttentionConsistencyModule(L.LightningModule):
     """A multi-label classifier trained with the classification loss plus attention consistency.
 
     The defaults are the strength this library recommends for a model and data other than the
-    paper's (``examples.train.RECOMMENDED``: the relative distance, a warm-up triggered by the
+    paper's (``examples.presets.RECOMMENDED``: the relative distance, a warm-up triggered by the
     classification loss); ``distance="mse", warmup=0, warmup_trigger=0`` is the paper's loss.
 
     Args:

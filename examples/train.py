@@ -13,14 +13,15 @@ inconsistency of Table 2), writes ``metrics.json`` / ``metrics.csv`` and an atom
 checkpoint ``last.pt`` to ``--out``; ``--resume`` continues an interrupted run.
 """
 
+# The script in four files: this one holds the settings (TrainConfig), the data, the training loop
+# and the evaluation; examples/presets.py the presets, examples/checkpoint.py the checkpoint and
+# metrics files, examples/cli.py the command line (parse_args and main here call it).
+
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import sys
@@ -42,7 +43,6 @@ from attn_consistency import (
     get_transform,
     positive_ratio,
 )
-from attn_consistency.consistency import RECOMMENDED_TRIGGER, RECOMMENDED_WARMUP
 from attn_consistency.metrics import (
     attention_inconsistency,
     average_precision,
@@ -52,15 +52,23 @@ from attn_consistency.metrics import (
 )
 from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
 from attn_consistency.strength import heatmap_spread
-from examples._files import (
-    load_torch,
-    make_folder,
-    malformed,
-    remove_empty_folders,
-    save_torch_atomic,
-    write_text_atomic,
+from examples._files import malformed
+from examples.checkpoint import (
+    _check_same_run,
+    _file_digest,
+    _load_entry,
+    _write_metrics,
+    load_train_checkpoint,
+    save_train_checkpoint,
 )
-from examples.validation import argument_type, check_training_set, device_type, json_value, validate_config
+
+# moved to examples.presets and examples.checkpoint: importable from here as before
+from examples.checkpoint import load_checkpoint as load_checkpoint
+from examples.checkpoint import save_atomic as save_atomic
+from examples.presets import PRESETS as PRESETS
+from examples.presets import RECOMMENDED as RECOMMENDED
+from examples.presets import SYNTHETIC_STAGES as SYNTHETIC_STAGES
+from examples.validation import check_training_set, validate_config
 
 __all__ = ["PRESETS", "TrainConfig", "main", "train"]
 
@@ -146,91 +154,6 @@ class TrainConfig:
     synthetic_classes: int = 6
     synthetic_objects: int = 3
     synthetic_sizes: tuple[float, float] = (0.25, 0.45)  # box side range, fraction of the image
-
-
-_WIDER = dict(
-    dataset="wider", arch="resnet50", image_size=224, scale_size=192, epochs=12, batch_size=16, lr_step=3, lr_gamma=0.5
-)
-_AC = {"f": ("flip",), "s": ("scale",), "fs": ("flip", "scale"), "r": ("rotate",), "t": ("translate",)}
-PRESETS: dict[str, dict[str, Any]] = {}
-for _arch, _tag in (("resnet50", "r50"), ("resnet101", "r101")):
-    PRESETS[f"wider-{_tag}"] = dict(_WIDER, arch=_arch)
-    for _key, _transforms in _AC.items():
-        PRESETS[f"wider-{_tag}-ac{_key}"] = dict(_WIDER, arch=_arch, transforms=_transforms)
-for _key in ("f", "s", "r", "t"):  # the paper's data-augmentation rows R50+f/+s/+r/+t
-    PRESETS[f"wider-r50-{_key}"] = dict(_WIDER, transforms=_AC[_key], consistency=False)
-PRESETS["pa100k-r50"] = dict(_WIDER, dataset="pa100k")
-PRESETS["pa100k-r50-acfs"] = dict(_WIDER, dataset="pa100k", transforms=("flip", "scale"))
-PRESETS["coco-r101"] = dict(
-    dataset="coco", arch="resnet101", image_size=288, scale_size=256, epochs=14, batch_size=24, lr_step=6, lr_gamma=0.1
-)
-PRESETS["coco-r101-acfs"] = dict(
-    PRESETS["coco-r101"], transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8}
-)
-# MSAC (Xu et al., ICONIP 2020): side heads at ResNet stages 2-4 (strides 8, 16, 32), the flip of its
-# abstract, and with the scale term too; every weight 1, as the VAC presets (the paper gives none).
-_MSAC_STAGES = ("layer2", "layer3", "layer4")
-PRESETS["wider-r50-msac"] = dict(_WIDER, transforms=("flip",), stages=_MSAC_STAGES)
-PRESETS["wider-r50-msac-fs"] = dict(_WIDER, transforms=("flip", "scale"), stages=_MSAC_STAGES)
-# The CPU demo. From scratch, the small net sits at chance for ~1000 Adam steps before it finds
-# the shapes, and the consistency loss stretches that plateau further (measured: README, demo).
-# So the demo follows the paper's protocol with a stand-in for ImageNet: `synthetic-pretrain`
-# trains on 4 shapes and other images (seed 1); `synthetic` and `synthetic-acfs` fine-tune it on 6
-# shapes (the demo's rows are examples.gain's fine-tuned regime). 56/64 is close to the paper's
-# 192/224 and gives 7x7 vs 8x8 heatmaps.
-_SYNTHETIC = dict(
-    dataset="synthetic",
-    arch="small_resnet",
-    image_size=64,
-    scale_size=56,
-    batch_size=16,
-    optimizer="adam",
-    weight_decay=0.0,
-    workers=0,
-    synthetic_train=2000,
-)
-PRESETS["synthetic-pretrain"] = dict(
-    _SYNTHETIC, synthetic_classes=4, seed=1, epochs=16, lr=2e-3, lr_step=12, lr_gamma=0.1
-)
-PRESETS["synthetic"] = dict(_SYNTHETIC, synthetic_classes=6, epochs=6, lr=1e-3, lr_step=4, lr_gamma=0.1)
-PRESETS["synthetic-acfs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"))
-# the small net's three blocks (strides 4, 8, 8: 16x16, 8x8 and 8x8 maps at 64 px)
-SYNTHETIC_STAGES = ("layers.0", "layers.1", "layers.2")
-PRESETS["synthetic-msac"] = dict(PRESETS["synthetic"], transforms=("flip",), stages=SYNTHETIC_STAGES)
-PRESETS["synthetic-msac-fs"] = dict(PRESETS["synthetic"], transforms=("flip", "scale"), stages=SYNTHETIC_STAGES)
-
-
-# The recommended strength of the term for a model and data other than the paper's (measured:
-# benchmarks/gain.py, README "Does it pay?"): the paper's presets above keep the paper's loss.
-RECOMMENDED: dict[str, Any] = dict(distance="relative", warmup=RECOMMENDED_WARMUP, warmup_trigger=RECOMMENDED_TRIGGER)
-# Your own data (an image folder with CSV label files): ResNet-50 at the paper's 224/192.
-PRESETS["csv-r50"] = dict(_WIDER, dataset="csv")
-PRESETS["csv-r50-acfs"] = dict(_WIDER, dataset="csv", transforms=("flip", "scale")) | RECOMMENDED
-# AAMN's benchmarks (COCO 2014, VOC 2007, VG-500) with the multi-label protocol of its time, as ML-GCN's
-# code runs it (megvii-research/ML-GCN, demo_voc2007_gcn.py): ResNet-101 at 448 px, SGD momentum 0.9,
-# weight decay 1e-4, batch 16, 20 epochs, a decay at epoch 30 (none within the run). One learning rate
-# for all layers (this script has one): ML-GCN's rate of the pretrained layers, 0.01 (its new layers get
-# 0.1), for its loss averaged over the L labels. For the loss summed over the labels here (paper
-# Eq. 2-3) the same SGD steps take lr 0.01 / L and weight decay 1e-4 * L: the gradient is L times
-# larger, and the decay, added to it, must grow with it. The scaled view at 384 px keeps the paper's
-# 192/224. VOC: difficult objects are left out of the loss (and of the AP). The attention consistency
-# of AAMN (no published system combines them) keeps the paper's loss with the weights of the authors'
-# COCO script, as every reproduction preset; add RECOMMENDED's settings for the strength measured on
-# other models.
-_MULTILABEL = dict(arch="resnet101", image_size=448, scale_size=384, epochs=20, batch_size=16, lr_step=30, lr_gamma=0.1)
-for _dataset, _labels in (("coco", 80), ("voc", 20), ("vg500", 500)):
-    _base = dict(
-        _MULTILABEL,
-        dataset=_dataset,
-        lr=0.01 / _labels,
-        weight_decay=1e-4 * _labels,
-        ignore_unspecified=_dataset == "voc",
-    )
-    PRESETS["coco-r101-448" if _dataset == "coco" else f"{_dataset}-r101"] = _base  # the baselines
-    PRESETS[f"{_dataset}-r101-aamn"] = dict(_base, arch="aamn_resnet101")
-    PRESETS[f"{_dataset}-r101-aamn-acfs"] = dict(
-        _base, arch="aamn_resnet101", transforms=("flip", "scale"), weights={"flip": 0.6, "scale": 0.8}
-    )
 
 
 # --------------------------------------------------------------------------- distributed
@@ -376,88 +299,6 @@ class _EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it
-    (:func:`examples._files.write_atomic`: a failure names ``path`` and leaves it as it was)."""
-    save_torch_atomic(obj, path, "checkpoint")
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    write_text_atomic(text, path, "metrics file")
-
-
-_CHECKPOINT = {"model": dict, "optimizer": dict, "epoch": int, "config": str, "history": str, "label_names": list}
-
-
-def load_checkpoint(path: str | Path) -> Any:
-    """Read a file written by :func:`save_atomic` (tensors and plain types only).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: naming ``path``, for a file torch cannot read or that holds other objects.
-    """
-    return load_torch(path, "checkpoint")
-
-
-def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train`, checked to be one.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: naming ``path``, for a file that is not such a checkpoint: unreadable,
-            holding other objects, or a plain state dict (which ``--pretrained`` takes).
-    """
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "config" not in state:
-        hint = " (a state dict of weights? --pretrained takes those)" if isinstance(state, dict) else ""
-        raise malformed(path, f"not a checkpoint written by examples.train: no 'config'{hint}")
-    for key, kind in _CHECKPOINT.items():
-        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise malformed(
-                path, f"not a checkpoint written by examples.train: {key!r} is {type(state.get(key)).__name__}"
-            )
-    try:
-        config, history = json.loads(state["config"]), json.loads(state["history"])
-    except json.JSONDecodeError as error:
-        raise malformed(path, f"the checkpoint's settings or history are not valid JSON ({error})") from None
-    if not isinstance(config, dict) or not isinstance(history, list) or len(history) != state["epoch"] + 1:
-        raise malformed(path, f"the checkpoint's settings, history and epoch {state['epoch']} disagree")
-    return state
-
-
-def _write_metrics(history: list[dict[str, Any]], out: Path) -> None:
-    # the run's first write creates --out: a run that fails before it (a bad argument, a missing
-    # file) leaves no empty folder, and neither does a first write that fails
-    created = make_folder(out)
-    try:
-        _write_text_atomic(json.dumps(history, indent=2), out / "metrics.json")
-        keys = list(dict.fromkeys(k for row in history for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-        _write_text_atomic(buffer.getvalue(), out / "metrics.csv")
-    except BaseException:
-        remove_empty_folders(created)
-        raise
-
-
-def _load_entry(module: nn.Module, state: dict[str, Any], key: str, path: Path, what: str) -> None:
-    """``module.load_state_dict(state[key])``; a missing or unfitting entry names the file and the entry."""
-    if key not in state:
-        raise malformed(path, f"has no {key!r} entry ({what}), which this run needs")
-    entry = state[key]
-    if not isinstance(entry, dict):
-        raise malformed(path, f"its {key!r} entry ({what}) is a {type(entry).__name__}, expected a state dict")
-    try:
-        module.load_state_dict(entry)
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        raise malformed(path, f"its {key!r} entry ({what}) does not fit this run: {error}") from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -629,12 +470,6 @@ def _progress(iterable, config: TrainConfig, description: str):
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
 
 
-# Settings a resumed run may change: they do not alter what the finished epochs computed.
-_RESUMABLE_CHANGES = frozenset(
-    {"epochs", "out", "progress", "log", "workers", "test_batch_size", "tensorboard", "tensorboard_images"}
-)
-
-
 def _say(config: TrainConfig, text: str, stream: Any = None) -> None:
     """Print a line of the run's report: to ``stream`` (stdout by default), or appended to ``config.log``."""
     if config.log is None:
@@ -645,53 +480,11 @@ def _say(config: TrainConfig, text: str, stream: Any = None) -> None:
             print(text, file=handle)
 
 
-def _older_default(key: str) -> Any:
-    """A setting missing from a checkpoint was added later: the value that run behaved as.
-
-    That is the setting's default, except ``scale_source``, whose default now means
-    ``'original'`` for files; runs before it resampled the batch.
-    """
-    if key == "scale_source":
-        return "resize"
-    field = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(key)
-    if field is None:
-        return None
-    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-    return json.loads(json.dumps(default))
+# --------------------------------------------------------------------------- building a run
 
 
-def _file_digest(path: str | None) -> str | None:
-    """SHA-256 of a local weights file (``None`` for no file or ``"imagenet"``)."""
-    if path in (None, "imagenet"):
-        return None
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _check_same_run(state: dict[str, Any], config: TrainConfig, pretrained_digest: str | None, path: Path) -> None:
-    """Refuse to resume a checkpoint written with other settings or weights (it would mix two runs)."""
-    saved = json.loads(state["config"])
-    current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
-    # the warm-up is a fraction of the run's steps: more epochs would move it under a running run
-    resumable = _RESUMABLE_CHANGES - (
-        {"epochs"} if config.warmup or config.warmup_delay or config.warmup_trigger else set()
-    )
-    changed = [
-        f"{key}: {saved.get(key, _older_default(key))!r} there, {value!r} here"
-        for key, value in current.items()
-        if key not in resumable and saved.get(key, _older_default(key)) != value
-    ]
-    if state.get("pretrained_sha256") != pretrained_digest:
-        changed.append(f"the file {config.pretrained} changed since the run started")
-    if changed:
-        raise ValueError(
-            f"cannot resume {path}: it was written with other settings ({'; '.join(changed)}). "
-            "Resume with the same settings, or write to another --out."
-        )
-
-
-def train(config: TrainConfig, device: str | torch.device | None = None, resume: bool = False) -> list[dict[str, Any]]:
-    """Run (or resume) training; returns the per-epoch metrics written to ``metrics.json``."""
+def _setup(config: TrainConfig, device: str | torch.device | None) -> tuple[TrainConfig, torch.device, _Dist]:
+    """The checked settings (``scale_source`` resolved, as saved), the device and the run's processes."""
     validate_config(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = dataclasses.replace(config, scale_source=scale_source(config))  # saved resolved
@@ -699,57 +492,84 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     if device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
-    out = Path(config.out)  # created at the first write (_write_metrics)
-    torch.manual_seed(config.seed)
+    return config, device, ddp
 
-    train_set, test_set = build_datasets(config)
-    check_training_set(config, len(train_set), ddp.world)
+
+def _build_model(
+    config: TrainConfig, num_labels: int, device: torch.device
+) -> tuple[nn.Module, MultiScaleHeads | None, str | None]:
+    """The model and its side heads on ``device``, frozen where ``config.freeze`` says, and the
+    SHA-256 of the pretrained weights file it started from (``None`` for none or ``"imagenet"``)."""
     from examples.models import build_model
 
-    model = build_model(config.arch, train_set.targets.shape[1], config.pretrained).to(device)
+    model = build_model(config.arch, num_labels, config.pretrained).to(device)
     pretrained_digest = _file_digest(config.pretrained)
-    heads = build_heads(config, model, train_set.targets.shape[1])
+    heads = build_heads(config, model, num_labels)
     if heads is not None:
         heads = heads.to(device)
     if _use(config.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
         heads = heads.to(memory_format=torch.channels_last) if heads is not None else None
     freeze(model, config.freeze)
+    return model, heads, pretrained_digest
+
+
+def _classification_loss(config: TrainConfig, train_set: Dataset, device: torch.device) -> WeightedBCEWithLogitsLoss:
+    """The paper's weighted BCE (Eq. 2-3), with the positive ratios of the training set."""
+    encoding = getattr(train_set, "encoding", "binary")
+    ratio = positive_ratio(train_set.targets, encoding, config.ignore_unspecified)
+    return WeightedBCEWithLogitsLoss(ratio, encoding, config.ignore_unspecified).to(device)
+
+
+def _build_optimizer(config: TrainConfig, model: nn.Module, heads: MultiScaleHeads | None) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or Adam over the weights that are trained (not frozen)."""
     parameters = [
         p for p in (*model.parameters(), *(heads.parameters() if heads is not None else ())) if p.requires_grad
     ]
-    encoding = getattr(train_set, "encoding", "binary")
-    ratio = positive_ratio(train_set.targets, encoding, config.ignore_unspecified)
-    classification = WeightedBCEWithLogitsLoss(ratio, encoding, config.ignore_unspecified).to(device)
-    transforms = _transforms(config)
-    weights = config.weights if config.consistency else {t.name: 0.0 for t in transforms}
-    # the authors' flip + scale step runs all four combinations of the two
-    mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
-    start_epoch, history, state = 0, [], None
-    checkpoint_path = out / "last.pt"
-    if resume and checkpoint_path.exists():
-        state = load_train_checkpoint(checkpoint_path)
-        _check_same_run(state, config, pretrained_digest, checkpoint_path)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:  # same settings, other tensors: an edited file
-            raise malformed(checkpoint_path, f"its weights or optimizer state do not fit this run ({error})") from None
-        if heads is not None:
-            _load_entry(heads, state, "heads", checkpoint_path, "the side heads' weights")
-        start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
+
+def _resume(
+    config: TrainConfig,
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    heads: MultiScaleHeads | None,
+    pretrained_digest: str | None,
+    ddp: _Dist,
+) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
+    """``--resume``: the first epoch to run, the history so far and the checkpoint at ``path``, whose
+    weights and optimizer state are loaded; ``(0, [], None)`` where there is no checkpoint yet.
+
+    Raises:
+        ValueError: naming ``path``, for a checkpoint of another run or one that does not fit it.
+    """
+    if not path.exists():
         if ddp.main:
-            _say(config, f"resuming {checkpoint_path} after epoch {state['epoch'] + 1}", sys.stderr)
-    elif resume and ddp.main:
-        _say(config, f"no checkpoint at {checkpoint_path}: starting afresh", sys.stderr)
+            _say(config, f"no checkpoint at {path}: starting afresh", sys.stderr)
+        return 0, [], None
+    state = load_train_checkpoint(path)
+    _check_same_run(state, config, pretrained_digest, path)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:  # same settings, other tensors: an edited file
+        raise malformed(path, f"its weights or optimizer state do not fit this run ({error})") from None
+    if heads is not None:
+        _load_entry(heads, state, "heads", path, "the side heads' weights")
+    start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
+    if ddp.main:
+        _say(config, f"resuming {path} after epoch {state['epoch'] + 1}", sys.stderr)
+    return start_epoch, history, state
 
+
+def _wrap(
+    config: TrainConfig, model: nn.Module, heads: MultiScaleHeads | None, ddp: _Dist, device: torch.device
+) -> tuple[CAMHook, nn.Module, CAMHook | MultiScaleHeads]:
+    """The model's CAM hook, the module a step trains (the model with its side heads, under DDP
+    and ``torch.compile`` where the run says) and the recorder of the heatmaps the term compares."""
     cam = CAMHook(model)
     # the side heads in one module with the model, so that DDP averages their gradients too
     net: nn.Module = model if heads is None else WithSideHeads(model, heads)
@@ -767,6 +587,13 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
+    return cam, net, recorder
+
+
+def _loader(
+    config: TrainConfig, train_set: Dataset, ddp: _Dist, device: torch.device
+) -> tuple[DistributedSampler | _EpochSampler, DataLoader]:
+    """The sampler (shuffled by seed and epoch; each process its share under DDP) and the training batches."""
     sampler = (
         DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=config.seed)
         if ddp.world > 1
@@ -781,132 +608,259 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
         pin_memory=device.type == "cuda",
         persistent_workers=config.workers > 0,
     )
-    steps_per_epoch = len(loader) if config.max_steps is None else min(len(loader), config.max_steps)
+    return sampler, loader
+
+
+def _consistency_loss(
+    config: TrainConfig,
+    transforms: list,
+    steps: int,
+    ddp: _Dist,
+    state: dict[str, Any] | None,
+    path: Path,
+) -> AttentionConsistencyLoss:
+    """The attention consistency term of a run of ``steps`` steps (its warm-up is a fraction of
+    them), weighted 0 without consistency, with the schedule and diagnostics of a resumed ``state``."""
+    weights = config.weights if config.consistency else {t.name: 0.0 for t in transforms}
     consistency = AttentionConsistencyLoss(
         weights=weights,
         distance=config.distance,
-        schedule=_schedule(config, config.epochs * steps_per_epoch),
+        schedule=_schedule(config, steps),
         stop_gradient=config.stop_gradient,
         diagnostics=config.diagnostics and ddp.main,
     )
     if state is not None and "consistency" in state:  # the schedule and diagnostics of the resumed run
-        _load_entry(
-            consistency, state, "consistency", checkpoint_path, "the consistency loss's schedule and diagnostics"
+        _load_entry(consistency, state, "consistency", path, "the consistency loss's schedule and diagnostics")
+    return consistency
+
+
+@dataclasses.dataclass
+class _Run:
+    """What :func:`train` builds once and every epoch uses."""
+
+    config: TrainConfig
+    device: torch.device
+    ddp: _Dist
+    out: Path
+    train_set: Dataset
+    test_set: Dataset
+    model: nn.Module
+    heads: MultiScaleHeads | None
+    pretrained_digest: str | None
+    cam: CAMHook
+    net: nn.Module
+    recorder: CAMHook | MultiScaleHeads
+    classification: nn.Module
+    consistency: AttentionConsistencyLoss
+    transforms: list
+    mode: str
+    optimizer: torch.optim.Optimizer
+    sampler: DistributedSampler | _EpochSampler
+    loader: DataLoader
+    board: Any  # examples.tensorboard_log's log, or None
+
+    def __post_init__(self) -> None:
+        self.amp = _use(self.config.amp, self.device)
+        self.memory_format = (
+            torch.channels_last if _use(self.config.channels_last, self.device) else torch.preserve_format
         )
+        self.random_augmentation = (
+            bool(self.transforms) and not self.config.consistency and self.config.augmentation == "random"
+        )
+        self.no_consistency = torch.zeros((), device=self.device)
+        # a model with a memory filled from the labels (AAMN) sees every training forward of a step
+        self.observe = getattr(self.model, "observe", None)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "last.pt"
+
+
+# --------------------------------------------------------------------------- an epoch
+
+
+def _forward(
+    run: _Run, epoch: int, step: int, images: Tensor | Sequence[Tensor], targets: Tensor, term_sums: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """The losses of one training step (total, classification, consistency) and its unweighted
+    terms by name (none for one view), each term added to ``term_sums``."""
+    config, device = run.config, run.device
+    images, resized = (images[0], images[1:]) if isinstance(images, (list, tuple)) else (images, [])
+    images, *resized = (x.to(device, non_blocking=True, memory_format=run.memory_format) for x in (images, *resized))
+    targets = targets.to(device, non_blocking=True)
+    terms: dict[str, Tensor] = {}
+    with (
+        run.observe(targets) if run.observe else contextlib.nullcontext(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp),
+    ):
+        if run.transforms and not run.random_augmentation:
+            views = run.consistency.views(
+                run.net,
+                run.recorder,
+                images,
+                run.transforms,
+                mode=run.mode,
+                generator=_step_generator(config, epoch, step),
+                resized=resized,
+                targets=targets,
+                criterion=run.classification,
+            )
+            cls_loss, ac_loss, terms = views.classification, views.loss, views.terms
+            for name, term in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + term.detach().float()
+        else:  # one view: the batch, or a random augmentation of it
+            if run.random_augmentation:
+                images = _random_view(images, resized, run.transforms, _step_generator(config, epoch, step))
+            with run.cam.paused():
+                cls_loss = _classify(run.net, run.heads, images, targets, run.classification)
+            ac_loss = run.no_consistency
+        loss = cls_loss + ac_loss
+    return loss, cls_loss, ac_loss, terms
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[Tensor, dict[str, Tensor], int]:
+    """The training steps of ``epoch``: the sums of (loss, classification, consistency) and of
+    each unweighted term by name over the steps, and the number of steps."""
+    config = run.config
+    run.sampler.set_epoch(epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = config.lr * config.lr_gamma ** (epoch // config.lr_step)
+    run.net.train()
+    run.cam.enabled = run.heads is None  # with side heads, training needs none of the model's own CAMs
+    running = torch.zeros(3, device=run.device)
+    term_sums: dict[str, Tensor] = {}
+    steps = 0
+    for step, (images, targets) in enumerate(
+        _progress(run.loader, config, f"epoch {epoch + 1}") if run.ddp.main else run.loader
+    ):
+        if config.max_steps is not None and step >= config.max_steps:
+            break
+        multiplier = run.consistency.multiplier  # this step's: views() moves the schedule on
+        loss, cls_loss, ac_loss, terms = _forward(run, epoch, step, images, targets, term_sums)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        running += torch.stack([loss.detach(), cls_loss.detach(), ac_loss.detach()]).float()
+        if run.board is not None:
+            terms_now = {f"term/{name}": term for name, term in terms.items()}
+            run.board.step(
+                epoch,
+                step,
+                {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": multiplier} | terms_now,
+            )
+        steps += 1
+    return running, term_sums, steps
+
+
+def _epoch_row(run: _Run, epoch: int, running: Tensor, term_sums: dict[str, Tensor], steps: int) -> dict[str, Any]:
+    """The epoch's row of the history before its evaluation: the learning rate, the mean losses
+    (averaged over the processes), the strength of the term and each term unweighted."""
+    ddp, consistency = run.ddp, run.consistency
+    terms = torch.stack([term_sums[name] for name in sorted(term_sums)]) if term_sums else None
+    if ddp.world > 1:
+        dist.all_reduce(running)
+        running /= ddp.world
+        if terms is not None:  # every replica computes the same terms, in the same order
+            dist.all_reduce(terms)
+            terms /= ddp.world
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+    row |= dict(zip(("loss", "cls_loss", "ac_loss"), (running / max(steps, 1)).tolist()))
+    # how strong the term is next to the classification loss, and each term unweighted
+    row["ac_ratio"] = row["ac_loss"] / row["cls_loss"] if row["cls_loss"] else 0.0
+    row["ac_multiplier"] = consistency.multiplier
+    if consistency.diagnostics is not None and consistency.diagnostics.last:
+        row["ac_grad_ratio"] = consistency.diagnostics.last["gradient_ratio"]
+    if terms is not None:
+        row |= {f"term-{name}": value / max(steps, 1) for name, value in zip(sorted(term_sums), terms.tolist())}
+    return row
+
+
+def _finish_epoch(run: _Run, epoch: int, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """On the main process: ``row`` with the epoch's evaluation added to ``history``, then the
+    metrics files, the checkpoint and the row's line of the report."""
+    model, heads, config = run.model, run.heads, run.config
+    model.eval()
+    if heads is not None:
+        heads.eval()
+    row |= evaluate(model, run.cam, run.test_set, config, run.device, heads)
+    history.append(row)
+    if run.board is not None:
+        run.board.epoch(epoch, row, model, run.cam, heads)
+    _write_metrics(history, run.out)
+    save_train_checkpoint(
+        run.checkpoint_path,
+        model=model,
+        optimizer=run.optimizer,
+        epoch=epoch,
+        config=config,
+        history=history,
+        label_names=list(getattr(run.train_set, "label_names", [])),
+        pretrained_digest=run.pretrained_digest,
+        consistency=run.consistency,
+        heads=heads,
+    )
+    _say(config, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig, device: str | torch.device | None = None, resume: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) training; returns the per-epoch metrics written to ``metrics.json``."""
+    config, device, ddp = _setup(config, device)
+    out = Path(config.out)  # created at the first write (_write_metrics)
+    torch.manual_seed(config.seed)
+
+    train_set, test_set = build_datasets(config)
+    check_training_set(config, len(train_set), ddp.world)
+    model, heads, pretrained_digest = _build_model(config, train_set.targets.shape[1], device)
+    classification = _classification_loss(config, train_set, device)
+    transforms = _transforms(config)
+    # the authors' flip + scale step runs all four combinations of the two
+    mode = config.mode or ("product" if set(config.transforms) == {"flip", "scale"} else "independent")
+    optimizer = _build_optimizer(config, model, heads)
+    checkpoint_path = out / "last.pt"
+    start_epoch, history, state = (
+        _resume(config, checkpoint_path, model, optimizer, heads, pretrained_digest, ddp) if resume else (0, [], None)
+    )
+
+    cam, net, recorder = _wrap(config, model, heads, ddp, device)
+    sampler, loader = _loader(config, train_set, ddp, device)
+    steps_per_epoch = len(loader) if config.max_steps is None else min(len(loader), config.max_steps)
+    consistency = _consistency_loss(config, transforms, config.epochs * steps_per_epoch, ddp, state, checkpoint_path)
     board = None
     if config.tensorboard is not None and ddp.main:
         from examples.tensorboard_log import for_run
 
         board = for_run(config, test_set, steps_per_epoch, start_epoch, list(getattr(train_set, "label_names", [])))
-    amp = _use(config.amp, device)
-    memory_format = torch.channels_last if _use(config.channels_last, device) else torch.preserve_format
-    random_augmentation = bool(transforms) and not config.consistency and config.augmentation == "random"
-    no_consistency = torch.zeros((), device=device)
-    # a model with a memory filled from the labels (AAMN) sees every training forward of a step
-    observe = getattr(model, "observe", None)
+    run = _Run(
+        config=config,
+        device=device,
+        ddp=ddp,
+        out=out,
+        train_set=train_set,
+        test_set=test_set,
+        model=model,
+        heads=heads,
+        pretrained_digest=pretrained_digest,
+        cam=cam,
+        net=net,
+        recorder=recorder,
+        classification=classification,
+        consistency=consistency,
+        transforms=transforms,
+        mode=mode,
+        optimizer=optimizer,
+        sampler=sampler,
+        loader=loader,
+        board=board,
+    )
     for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_gamma ** (epoch // config.lr_step)
-        net.train()
-        cam.enabled = heads is None  # with side heads, training needs none of the model's own CAMs
-        running = torch.zeros(3, device=device)
-        term_sums: dict[str, Tensor] = {}
-        steps = 0
-        for step, (images, targets) in enumerate(
-            _progress(loader, config, f"epoch {epoch + 1}") if ddp.main else loader
-        ):
-            if config.max_steps is not None and step >= config.max_steps:
-                break
-            multiplier = consistency.multiplier  # this step's: views() moves the schedule on
-            images, resized = (images[0], images[1:]) if isinstance(images, (list, tuple)) else (images, [])
-            images, *resized = (
-                x.to(device, non_blocking=True, memory_format=memory_format) for x in (images, *resized)
-            )
-            targets = targets.to(device, non_blocking=True)
-            with (
-                observe(targets) if observe else contextlib.nullcontext(),
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
-            ):
-                if transforms and not random_augmentation:
-                    views = consistency.views(
-                        net,
-                        recorder,
-                        images,
-                        transforms,
-                        mode=mode,
-                        generator=_step_generator(config, epoch, step),
-                        resized=resized,
-                        targets=targets,
-                        criterion=classification,
-                    )
-                    cls_loss, ac_loss = views.classification, views.loss
-                    for name, term in views.terms.items():
-                        term_sums[name] = term_sums.get(name, 0.0) + term.detach().float()
-                else:  # one view: the batch, or a random augmentation of it
-                    if random_augmentation:
-                        images = _random_view(images, resized, transforms, _step_generator(config, epoch, step))
-                    with cam.paused():
-                        cls_loss = _classify(net, heads, images, targets, classification)
-                    ac_loss = no_consistency
-                loss = cls_loss + ac_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += torch.stack([loss.detach(), cls_loss.detach(), ac_loss.detach()]).float()
-            if board is not None:
-                terms_now = (
-                    {f"term/{name}": term for name, term in views.terms.items()}
-                    if transforms and not random_augmentation
-                    else {}
-                )
-                board.step(
-                    epoch,
-                    step,
-                    {"loss": loss, "cls_loss": cls_loss, "ac_loss": ac_loss, "ac_multiplier": multiplier} | terms_now,
-                )
-            steps += 1
-        terms = torch.stack([term_sums[name] for name in sorted(term_sums)]) if term_sums else None
-        if ddp.world > 1:
-            dist.all_reduce(running)
-            running /= ddp.world
-            if terms is not None:  # every replica computes the same terms, in the same order
-                dist.all_reduce(terms)
-                terms /= ddp.world
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row |= dict(zip(("loss", "cls_loss", "ac_loss"), (running / max(steps, 1)).tolist()))
-        # how strong the term is next to the classification loss, and each term unweighted
-        row["ac_ratio"] = row["ac_loss"] / row["cls_loss"] if row["cls_loss"] else 0.0
-        row["ac_multiplier"] = consistency.multiplier
-        if consistency.diagnostics is not None and consistency.diagnostics.last:
-            row["ac_grad_ratio"] = consistency.diagnostics.last["gradient_ratio"]
-        if terms is not None:
-            row |= {f"term-{name}": value / max(steps, 1) for name, value in zip(sorted(term_sums), terms.tolist())}
+        running, term_sums, steps = _train_epoch(run, epoch)
+        row = _epoch_row(run, epoch, running, term_sums, steps)
         cam.enabled = True
         if ddp.main:
-            model.eval()
-            if heads is not None:
-                heads.eval()
-            row |= evaluate(model, cam, test_set, config, device, heads)
-            history.append(row)
-            if board is not None:
-                board.epoch(epoch, row, model, cam, heads)
-            _write_metrics(history, out)
-            save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "config": json.dumps(dataclasses.asdict(config)),
-                    "history": json.dumps(history),
-                    "label_names": list(getattr(train_set, "label_names", [])),
-                    "pretrained_sha256": pretrained_digest,
-                    "consistency": consistency.state_dict(),
-                    **({"heads": heads.state_dict()} if heads is not None else {}),
-                },
-                checkpoint_path,
-            )
-            _say(config, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+            _finish_epoch(run, epoch, row, history)
         if ddp.world > 1:
             dist.barrier()
     if board is not None:
@@ -919,75 +873,22 @@ def train(config: TrainConfig, device: str | torch.device | None = None, resume:
     return history
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-# settings that take a list of names on the command line, with their help
-_NAME_LISTS = {
-    "transforms": "views: flip scale rotate translate",
-    "stages": "side heads (MSAC), e.g. layer2 layer3 layer4",
-    "freeze": "modules whose weights are not trained (batch-norm statistics still adapt), e.g. _conv_stem _bn0 _blocks.0",
-}
-
-
-#: the help of the JSON flags: an example each accepts (with --stages layer2 layer3 layer4, as ResNets name them)
-JSON_EXAMPLES = {
-    "weights": 'transform name -> weight, JSON, e.g. {"flip": 0.6, "scale": 0.8}',
-    "supervision": 'head (a stage of --stages, or "output") -> classification weight, JSON, '
-    'e.g. {"layer2": 0.5, "output": 1.0}',
-    "stage_weights": 'stage of --stages -> weight of its consistency terms, JSON, e.g. {"layer2": 0.5, "layer4": 1.0}',
-}
+# --------------------------------------------------------------------------- command line (examples.cli)
+# examples.cli imports this module, so these import it when called
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a table row")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    parser.add_argument("--device", type=device_type, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        value = getattr(defaults, field.name)
-        if field.name in _NAME_LISTS:
-            parser.add_argument(
-                flag, nargs="*", type=argument_type(field.name, str), default=None, help=_NAME_LISTS[field.name]
-            )
-        elif field.name == "synthetic_sizes":
-            parser.add_argument(
-                flag, nargs=2, type=argument_type(field.name, float), default=None, metavar=("MIN", "MAX")
-            )
-        elif field.name in JSON_EXAMPLES:
-            parser.add_argument(
-                flag, type=argument_type(field.name, json_value), default=None, help=JSON_EXAMPLES[field.name]
-            )
-        elif isinstance(value, bool) or field.type in ("bool | None", "bool"):
-            parser.add_argument(flag, type=argument_type(field.name, _parse_bool), default=None, metavar="BOOL")
-        elif isinstance(value, int) or "int" in str(field.type):
-            parser.add_argument(flag, type=argument_type(field.name, int), default=None)
-        elif isinstance(value, float):
-            parser.add_argument(flag, type=argument_type(field.name, float), default=None)
-        else:
-            parser.add_argument(flag, type=argument_type(field.name, str), default=None)
-    args = parser.parse_args(argv)
-    settings = dict(PRESETS.get(args.preset, {}))
-    for field in dataclasses.fields(TrainConfig):
-        given = getattr(args, field.name)
-        if given is not None:
-            settings[field.name] = tuple(given) if field.name in (*_NAME_LISTS, "synthetic_sizes") else given
-    return TrainConfig(**settings), args
+    """The settings and the arguments of a command line: :func:`examples.cli.parse_args`."""
+    from examples import cli
+
+    return cli.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    config, args = parse_args(argv)
-    return train(config, device=args.device, resume=args.resume)
+    """Train as the command line ``argv`` says: :func:`examples.cli.main`."""
+    from examples import cli
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":
