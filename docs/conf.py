@@ -110,7 +110,7 @@ def _check_docstrings(app: object) -> None:
 
 
 def _write_presets(app: object) -> None:
-    """docs/_generated/presets.md: every preset of examples/train.py, from the code itself."""
+    """docs/_generated/presets.md: every preset of examples/presets.py, from the code itself."""
     from examples.train import PRESETS, TrainConfig
 
     defaults = TrainConfig()
