@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from attn_consistency import (
     AttentionConsistencyLoss,
     CAMHook,
-    MultiScaleHeads,
     Transform,
     WeightedBCEWithLogitsLoss,
     get_transform,
     positive_ratio,
 )
+from attn_consistency.models import MultiScaleHeads
 
 __all__ = [
     "GRADCAM",

@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from attn_consistency import AAMN
+from attn_consistency.models import AAMN
 
 __all__ = ["PREFIX", "build_aamn", "trunk"]
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attn_consistency import CAMHook, MultiScaleHeads, get_transform
+from attn_consistency import CAMHook, get_transform
+from attn_consistency.models import MultiScaleHeads
 from examples.checkpoint import load_train_checkpoint
 from examples.train import (
     IMAGENET_MEAN,

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attn_consistency import CAMHook, MultiScaleHeads
+from attn_consistency import CAMHook
+from attn_consistency.models import MultiScaleHeads
 from examples.figure5 import normalise_together, views_and_maps
 
 __all__ = ["TensorBoardLog", "figure5_grid", "for_run", "overlay", "pick_images"]

@@ -50,7 +50,7 @@ from attn_consistency.metrics import (
     label_based_metrics,
     mean_average_precision,
 )
-from attn_consistency.multiscale import MultiScaleHeads, WithSideHeads
+from attn_consistency.models import MultiScaleHeads, WithSideHeads
 from attn_consistency.strength import heatmap_spread
 from examples._files import malformed
 from examples.checkpoint import (
@@ -114,7 +114,7 @@ class TrainConfig:
     warmup_shape: str = "linear"
     stop_gradient: str | None = None  # None (both views trained, the paper) | original | transformed
     diagnostics: bool = True  # warn once when the heatmaps collapse or the term dwarfs classification
-    # Multi-scale attention consistency (MSAC, attn_consistency.multiscale): side heads at these stages
+    # Multi-scale attention consistency (MSAC, attn_consistency.models.msac): side heads at these stages
     # of the backbone, each term computed per stage; the prediction fuses the heads (fusion: mean |
     # last | output | a stage), each head trained with its supervision weight (stages and 'output').
     stages: tuple[str, ...] = ()
