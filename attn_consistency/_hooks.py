@@ -24,11 +24,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    """Take every hook of ``handles`` off its module, and forget them."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 def _remove_all(hooks: dict[str, list[RemovableHandle]]) -> None:
+    """:func:`_remove_handles` for every group of ``hooks``."""
     for handles in hooks.values():
-        for handle in handles:
-            handle.remove()
-        handles.clear()
+        _remove_handles(handles)
 
 
 class _Undecided(ValueError):

@@ -39,6 +39,19 @@ if TYPE_CHECKING:
 _LIVE: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[CAMHook]] = weakref.WeakKeyDictionary()
 
 
+def _warn_if_shared(cam: CAMHook, stacklevel: int) -> None:
+    """Warn once a second live CAMHook records the features ``cam`` records: both would record every forward."""
+    if cam.features is None:
+        return
+    if any(other is not cam and other.features is cam.features for other in _LIVE.get(cam._module, ())):
+        warnings.warn(
+            f"CAMHook: {cam._model_name} already has a live CAMHook on '{cam._features_name}'; both record "
+            "every forward. Reuse one CAMHook across steps, or call remove() on the old one (or use "
+            "`with CAMHook(...)`) before attaching another.",
+            stacklevel=stacklevel + 1,
+        )
+
+
 class _Detection:
     """CAMHook's first forward: the head's modules found by the hooks they run.
 
@@ -347,15 +360,7 @@ class _Detection:
             features = found
         self._check_channels(features)
         self._resolved = True
-        if self.features is not None:
-            live = _LIVE.get(self._module, ())
-            if any(other is not self and other.features is self.features for other in live):
-                warnings.warn(
-                    f"CAMHook: {self._model_name} already has a live CAMHook on '{self._features_name}'; both "
-                    "record every forward. Reuse one CAMHook across steps, or call remove() on the old one (or use "
-                    "`with CAMHook(...)`) before attaching another.",
-                    stacklevel=2,
-                )
+        _warn_if_shared(self, stacklevel=2)
         self._attach_features()
         return features
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import NoReturn
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._hooks import _Recording, _remove_all, _unwrap, _WeakHook
-from .detect import _LIVE, _Detection
+from .detect import _LIVE, _Detection, _warn_if_shared
 from .heads import (
     _bias,
     _is_classifier,
@@ -281,13 +280,7 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
         self._hooks: dict[str, list[RemovableHandle]] = {"features": [], "model": [], "forward": []}
         weakref.finalize(self, _remove_all, self._hooks)
         live = _LIVE.setdefault(module, weakref.WeakSet())
-        if self.features is not None and any(other.features is self.features for other in live):
-            warnings.warn(
-                f"CAMHook: {self._model_name} already has a live CAMHook on '{self._features_name}'; both record "
-                "every forward. Reuse one CAMHook across steps, or call remove() on the old one (or use "
-                "`with CAMHook(...)`) before attaching another.",
-                stacklevel=2,
-            )
+        _warn_if_shared(self, stacklevel=2)
         live.add(self)
         if self._resolved:
             self._attach_features()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .._hooks import _Recording, _unwrap, _WeakHook
+from .._hooks import _Recording, _remove_handles, _unwrap, _WeakHook
 from .._validation import check_bool, check_positive_int, check_weight
 from ..consistency import attention_consistency
 from ..transforms import Transform
@@ -677,12 +677,6 @@ class MultiScaleHeads(_Recording, nn.Module):
         # in the model's order of stages, whatever order the hooks fired in
         record = StageRecord({s: record.heatmaps[s] for s in self.stages}, {s: record.logits[s] for s in self.stages})
         self._keep(record)
-
-
-def _remove_handles(handles: list[RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 def multiscale_consistency(
