@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from collections.abc import Callable
 from typing import NoReturn
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._hooks import _Recording, _remove_all, _unwrap, _WeakHook
+from .._validation import check_positive_int
 from .detect import _LIVE, _Detection, _warn_if_shared
 from .heads import (
     _bias,
@@ -196,11 +196,7 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
         for name, flag in (("detach_classifier", detach_classifier), ("check", check)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
-        given: object = max_stored  # checked as any object: callers need not be typed
-        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
-            raise TypeError(f"max_stored must be a positive int, got {type(given).__name__} {given!r}")
-        if max_stored < 1:
-            raise ValueError(f"max_stored must be a positive int, got {max_stored!r}")
+        max_stored = check_positive_int("max_stored", max_stored)
         if method not in ("cam", "gradcam"):
             raise ValueError(
                 f"method must be 'cam' (the exact maps of Eq. 1) or 'gradcam' (the differentiable Grad-CAM fallback "
