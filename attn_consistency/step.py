@@ -219,6 +219,29 @@ class _Views:
         Returns:
             A :class:`ConsistencyOutput`.
         """
+        self._check_call(cam, images, mode, targets, criterion)
+        chosen = self._transforms(transforms, mode)
+        self._check_keys(chosen)
+        params = {t.name: t.sample(generator) for t in chosen}
+        views, view_images, sources = self._view_images(images, resized, chosen, params, mode)
+        logits, heatmaps, stage_logits = self._forward_by_size(model, cam, view_images)
+        recorder = None if isinstance(cam, CAMHook) else cam
+        stages = () if recorder is None else recorder.stages
+        loss, terms = self._terms(chosen, views, view_images, heatmaps, params, images, sources, recorder)
+        view_logits, classification = self._classify(views, logits, stage_logits, targets, criterion, recorder)
+        if torch.is_grad_enabled():
+            self._observe(loss, classification, views, heatmaps, view_logits, stage_logits, stages)
+        return ConsistencyOutput(view_logits, loss, terms, views, classification)
+
+    def _check_call(
+        self: AttentionConsistencyLoss,
+        cam: CAMHook | StageRecorder,
+        images: Tensor,
+        mode: str,
+        targets: Tensor | None,
+        criterion: Callable[[Tensor, Tensor], Tensor] | None,
+    ) -> None:
+        """The checks of :meth:`views`' arguments that need no transform."""
         if self.reduction == "none":
             raise ValueError("views() adds up its terms: use reduction='mean' or 'sum'")
         _check_recorder(cam)
@@ -238,9 +261,16 @@ class _Views:
             # a NaN target makes every step's loss NaN: checked as the heatmaps are (CPU only by default)
             if targets.is_floating_point() and data_checks_enabled(self.check_finite_values, targets):
                 check_finite("targets", targets)
-        chosen = self._transforms(transforms, mode)
-        self._check_keys(chosen)
-        params = {t.name: t.sample(generator) for t in chosen}
+
+    def _view_images(
+        self: AttentionConsistencyLoss,
+        images: Tensor,
+        resized: Any,
+        chosen: list[Transform],
+        params: dict[str, Any],
+        mode: str,
+    ) -> tuple[list[tuple[str, ...]], dict[tuple[str, ...], Tensor], Mapping[tuple[int, int], Tensor]]:
+        """The views (the transforms applied to each, the original first), their images, and the resized batches."""
         views: list[tuple[str, ...]]
         if mode == "independent":
             views = [(), *((t.name,) for t in chosen)]
@@ -258,10 +288,21 @@ class _Views:
             raise ValueError(
                 f"resized images of size {sorted(set(sources) - used)} match no scaled view (those are {scaled})"
             )
-        logits, heatmaps, stage_logits = self._forward_by_size(model, cam, view_images)
-        recorder = None if isinstance(cam, CAMHook) else cam
-        stages = () if recorder is None else recorder.stages
+        return views, view_images, sources
 
+    def _terms(
+        self: AttentionConsistencyLoss,
+        chosen: list[Transform],
+        views: list[tuple[str, ...]],
+        view_images: dict[tuple[str, ...], Tensor],
+        heatmaps: dict[tuple[str, ...], Any],
+        params: dict[str, Any],
+        images: Tensor,
+        sources: Mapping[tuple[int, int], Tensor],
+        recorder: StageRecorder | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted consistency loss (times the schedule's multiplier) and each term, by name."""
+        stages = () if recorder is None else recorder.stages
         terms: dict[str, Tensor] = {}
         loss = images.new_zeros((), dtype=torch.promote_types(images.dtype, torch.float32))
         multiplier = self.multiplier
@@ -295,6 +336,19 @@ class _Views:
                     loss = loss + weight * stage_weight * term
         # a schedule at 0 (the start of a warm-up) still reports the terms
         loss = loss * multiplier if multiplier != 1.0 else loss
+        return loss, terms
+
+    def _classify(
+        self: AttentionConsistencyLoss,
+        views: list[tuple[str, ...]],
+        logits: dict[tuple[str, ...], Tensor],
+        stage_logits: dict[tuple[str, ...], Any],
+        targets: Tensor | None,
+        criterion: Callable[[Tensor, Tensor], Tensor] | None,
+        recorder: StageRecorder | None,
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Each view's logits (a recorder's fused prediction) and the classification loss averaged over the views."""
+        stages = () if recorder is None else recorder.stages
         if recorder is not None and stages:
             view_logits = [recorder.prediction(logits[v], stage_logits[v]) for v in views]
         else:
@@ -309,27 +363,38 @@ class _Views:
             )
         elif criterion is not None and targets is not None:
             classification = _mean([_scalar_loss(criterion(x, targets)) for x in view_logits])
-        if torch.is_grad_enabled():
-            schedule: Any = self.schedule  # a Ramp with a trigger observes the classification loss
-            if getattr(schedule, "trigger", None) is not None:
-                if classification is None:
-                    raise ValueError(
-                        "the schedule starts when the classification loss has fallen (Ramp(trigger=...)): give views() "
-                        "targets= and criterion=, or call schedule.observe(loss) at each step yourself"
-                    )
-                schedule.observe(classification, step=self.steps)
-            if self.diagnostics is not None and not torch.compiler.is_compiling():
-                gradients = None
-                # with stages: each stage's maps against its own logits, the deepest stage's spread
-                maps = [heatmaps[v][s] for v in views for s in stages] if stages else [heatmaps[v] for v in views]
-                maps_logits = [stage_logits[v][s] for v in views for s in stages] if stages else view_logits
-                if self.diagnostics.due and classification is not None:
-                    gradients = gradient_ratio(loss, classification, maps, maps_logits)
-                self.diagnostics.update(
-                    heatmaps[views[0]][stages[-1]] if stages else heatmaps[views[0]], loss, classification, gradients
+        return view_logits, classification
+
+    def _observe(
+        self: AttentionConsistencyLoss,
+        loss: Tensor,
+        classification: Tensor | None,
+        views: list[tuple[str, ...]],
+        heatmaps: dict[tuple[str, ...], Any],
+        view_logits: list[Tensor],
+        stage_logits: dict[tuple[str, ...], Any],
+        stages: tuple[str, ...],
+    ) -> None:
+        """A training step's bookkeeping: the trigger's loss, the diagnostics, the step count."""
+        schedule: Any = self.schedule  # a Ramp with a trigger observes the classification loss
+        if getattr(schedule, "trigger", None) is not None:
+            if classification is None:
+                raise ValueError(
+                    "the schedule starts when the classification loss has fallen (Ramp(trigger=...)): give views() "
+                    "targets= and criterion=, or call schedule.observe(loss) at each step yourself"
                 )
-            self.step()
-        return ConsistencyOutput(view_logits, loss, terms, views, classification)
+            schedule.observe(classification, step=self.steps)
+        if self.diagnostics is not None and not torch.compiler.is_compiling():
+            gradients = None
+            # with stages: each stage's maps against its own logits, the deepest stage's spread
+            maps = [heatmaps[v][s] for v in views for s in stages] if stages else [heatmaps[v] for v in views]
+            maps_logits = [stage_logits[v][s] for v in views for s in stages] if stages else view_logits
+            if self.diagnostics.due and classification is not None:
+                gradients = gradient_ratio(loss, classification, maps, maps_logits)
+            self.diagnostics.update(
+                heatmaps[views[0]][stages[-1]] if stages else heatmaps[views[0]], loss, classification, gradients
+            )
+        self.step()
 
     def _term(
         self: AttentionConsistencyLoss,
