@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,96 @@ from .heads import (
 from .maps import _Maps
 from .trace import _Forward, _resolve, _static_head
 from .verify import _Verification
+
+
+def _check_options(
+    model: object,
+    activation: object,
+    detach_classifier: object,
+    check: object,
+    max_stored: object,
+    method: object,
+) -> int:
+    """CAMHook's checks of its arguments that need no look at the model's modules; ``max_stored`` as an int."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(_unwrap(model), torch.jit.ScriptModule):
+        raise TypeError("model must be an eager nn.Module, got a TorchScript module, whose forward runs no hooks")
+    if activation is not None and not callable(activation):
+        raise TypeError(f"activation must be a function of the features or None, got {type(activation).__name__}")
+    for name, flag in (("detach_classifier", detach_classifier), ("check", check)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+    max_stored = check_positive_int("max_stored", max_stored)
+    if method not in ("cam", "gradcam"):
+        raise ValueError(
+            f"method must be 'cam' (the exact maps of Eq. 1) or 'gradcam' (the differentiable Grad-CAM fallback "
+            f"for heads that are not affine), got {method!r}"
+        )
+    return max_stored
+
+
+class _Head(NamedTuple):
+    """The head CAMHook starts from: named by the user, or guessed from the model's family."""
+
+    features: nn.Module | None
+    classifier: nn.Module
+    activation: Callable[[Tensor], Tensor] | None
+    named_features: nn.Module | None
+    named_classifier: nn.Module | None
+    resolved: bool  # known, or both named: no first-forward search
+
+
+def _find_head(
+    model: nn.Module,
+    module: nn.Module,
+    features: nn.Module | str | None,
+    classifier: nn.Module | str | None,
+    method: str,
+) -> _Head:
+    """The modules ``features`` and ``classifier`` name (or the family's guess), checked."""
+    module = _unwrap(model)
+    named_features = _resolve(model, module, "features", features) if features is not None else None
+    named_classifier = _resolve(model, module, "classifier", classifier) if classifier is not None else None
+    guess_features, guess_classifier, guess_activation, known = _static_head(module)
+    head_features = named_features if named_features is not None else guess_features
+    head_classifier = named_classifier if named_classifier is not None else guess_classifier
+    if head_classifier is None:
+        raise ValueError(
+            f"could not find the linear classifier of {type(module).__name__} (it has no nn.Linear and no 1x1 "
+            "nn.Conv2d); pass features= (the pooling module, or the module whose output is pooled) and classifier="
+        )
+    if not (isinstance(head_classifier, nn.Linear) if method == "gradcam" else _is_classifier(head_classifier)):
+        raise TypeError(
+            f"classifier must be an nn.Linear{'' if method == 'gradcam' else ' (or a 1x1 nn.Conv2d)'} giving the "
+            f"logits, got {type(head_classifier).__name__}"
+            f"{' with kernel ' + 'x'.join(map(str, head_classifier.kernel_size)) if isinstance(head_classifier, nn.Conv2d) else ''}"
+            "; pass classifier= to name it"
+        )
+    # Known families and named modules are the head; otherwise the first forward decides
+    # among every pooling and every linear layer (those named stand alone), and a wrong
+    # guess must not be an error.
+    resolved = known or (named_features is not None and named_classifier is not None)
+    resolved = resolved and method == "cam"  # Grad-CAM finds its pooling at the first forward
+    if isinstance(named_features, nn.Linear):
+        raise TypeError(
+            "features must be the pooling module or the module whose output is the 4-D feature map, got an nn.Linear"
+        )
+    if (
+        (resolved or named_features is not None)
+        and head_features is not None
+        and any(m is head_classifier for m in head_features.modules())
+    ):
+        raise ValueError(
+            f"features must run before the classifier, got a {type(head_features).__name__} that holds it; "
+            "name the pooling module or the module whose output is pooled"
+        )
+    if resolved and nn.parameter.is_lazy(_weight_parameter(head_classifier)):
+        raise ValueError(
+            f"the classifier {type(head_classifier).__name__} is not initialized yet; run one forward "
+            "of the model before attaching the CAMHook"
+        )
+    return _Head(head_features, head_classifier, guess_activation, named_features, named_classifier, resolved)
 
 
 class CAMHook(_Detection, _Verification, _Maps, _Recording):
@@ -187,63 +277,11 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
         max_stored: int = 64,
         method: str = "cam",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(_unwrap(model), torch.jit.ScriptModule):
-            raise TypeError("model must be an eager nn.Module, got a TorchScript module, whose forward runs no hooks")
-        if activation is not None and not callable(activation):
-            raise TypeError(f"activation must be a function of the features or None, got {type(activation).__name__}")
-        for name, flag in (("detach_classifier", detach_classifier), ("check", check)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
-        max_stored = check_positive_int("max_stored", max_stored)
-        if method not in ("cam", "gradcam"):
-            raise ValueError(
-                f"method must be 'cam' (the exact maps of Eq. 1) or 'gradcam' (the differentiable Grad-CAM fallback "
-                f"for heads that are not affine), got {method!r}"
-            )
+        max_stored = _check_options(model, activation, detach_classifier, check, max_stored, method)
         module = _unwrap(model)
-        named_features = _resolve(model, module, "features", features) if features is not None else None
-        named_classifier = _resolve(model, module, "classifier", classifier) if classifier is not None else None
-        guess_features, guess_classifier, guess_activation, known = _static_head(module)
-        head_features = named_features if named_features is not None else guess_features
-        head_classifier = named_classifier if named_classifier is not None else guess_classifier
-        if head_classifier is None:
-            raise ValueError(
-                f"could not find the linear classifier of {type(module).__name__} (it has no nn.Linear and no 1x1 "
-                "nn.Conv2d); pass features= (the pooling module, or the module whose output is pooled) and classifier="
-            )
-        if not (isinstance(head_classifier, nn.Linear) if method == "gradcam" else _is_classifier(head_classifier)):
-            raise TypeError(
-                f"classifier must be an nn.Linear{'' if method == 'gradcam' else ' (or a 1x1 nn.Conv2d)'} giving the "
-                f"logits, got {type(head_classifier).__name__}"
-                f"{' with kernel ' + 'x'.join(map(str, head_classifier.kernel_size)) if isinstance(head_classifier, nn.Conv2d) else ''}"
-                "; pass classifier= to name it"
-            )
-        # Known families and named modules are the head; otherwise the first forward decides
-        # among every pooling and every linear layer (those named stand alone), and a wrong
-        # guess must not be an error.
-        resolved = known or (named_features is not None and named_classifier is not None)
-        resolved = resolved and method == "cam"  # Grad-CAM finds its pooling at the first forward
-        if isinstance(named_features, nn.Linear):
-            raise TypeError(
-                "features must be the pooling module or the module whose output is the 4-D feature map, "
-                "got an nn.Linear"
-            )
-        if (
-            (resolved or named_features is not None)
-            and head_features is not None
-            and any(m is head_classifier for m in head_features.modules())
-        ):
-            raise ValueError(
-                f"features must run before the classifier, got a {type(head_features).__name__} that holds it; "
-                "name the pooling module or the module whose output is pooled"
-            )
-        if resolved and nn.parameter.is_lazy(_weight_parameter(head_classifier)):
-            raise ValueError(
-                f"the classifier {type(head_classifier).__name__} is not initialized yet; run one forward "
-                "of the model before attaching the CAMHook"
-            )
+        head = _find_head(model, module, features, classifier, method)
+        head_features, head_classifier, guess_activation = head.features, head.classifier, head.activation
+        named_features, named_classifier, resolved = head.named_features, head.named_classifier, head.resolved
         self._module = module
         self._model_name = type(module).__name__
         self._set_head(head_features, head_classifier)
