@@ -15,7 +15,7 @@ are still found here (``from attn_consistency import AAMN``), through the models
 """
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cam import CAMHook
 from .classification import WeightedBCEWithLogitsLoss, positive_ratio
@@ -38,7 +38,44 @@ from .transforms import (
     register_transform,
 )
 
-# the models' names, found in attn_consistency.models at their first use (PEP 562)
+if TYPE_CHECKING:  # what type checkers and IDEs see for the names served by __getattr__ below
+    from .models import (
+        AAMN as AAMN,
+    )
+    from .models import (
+        AAMNHead as AAMNHead,
+    )
+    from .models import (
+        AttentionModule as AttentionModule,
+    )
+    from .models import (
+        CategoricalMemory as CategoricalMemory,
+    )
+    from .models import (
+        ChannelRelation as ChannelRelation,
+    )
+    from .models import (
+        MultiScaleHeads as MultiScaleHeads,
+    )
+    from .models import (
+        SideHead as SideHead,
+    )
+    from .models import (
+        SpatialRelation as SpatialRelation,
+    )
+    from .models import (
+        StageRecord as StageRecord,
+    )
+    from .models import (
+        WithSideHeads as WithSideHeads,
+    )
+    from .models import (
+        multiscale_consistency as multiscale_consistency,
+    )
+
+# the models' names, found in attn_consistency.models at their first use (PEP 562); not in
+# __all__, so `from attn_consistency import *` gives the core only
+
 _MODELS = frozenset(
     {
         "AAMN",

@@ -74,6 +74,8 @@ class _WeakHook:
     # torch._dynamo, about half of this package's import time, for every user). Once the first forward
     # has found and checked the head, the recording hooks are tensor code and a list append, which
     # dynamo keeps in the model's graph: a forward compiles with fullgraph=True (tests/test_compile.py).
+    # That graph guards on how many entries are kept: pop() after each step, as views() does, or
+    # it recompiles once per count, up to dynamo's recompile limit, and then runs eagerly.
     # The first forward's work reads values and adds and removes hooks: under compile it runs eagerly
     # (a graph break in that forward only), through a wrapper made when it is first needed.
     def __call__(self, *args: Any) -> None:

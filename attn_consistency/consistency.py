@@ -1,4 +1,4 @@
-r"""The attention consistency loss (paper Eq. 5 and 7) and the multi-view training step.
+r"""The attention consistency loss (paper Eq. 5 and 7), its distances, and the inconsistency metric.
 
 .. math:: \ell_a = \frac{1}{NLHW} \sum_{i=1}^N \sum_{j=1}^L \lVert T(M)_{ij} - M'_{ij} \rVert^2
    \qquad \ell_a = \sum_T w_T\, \ell_{a,T}
@@ -6,7 +6,9 @@ r"""The attention consistency loss (paper Eq. 5 and 7) and the multi-view traini
 with :math:`M = g(I)` the heatmaps of the original view and :math:`M' = g(T(I))` those of
 the transformed view. ``distance="relative"`` divides it by the heatmaps' own spatial variance
 (plus 1e-3 of their mean square, a floor for flat maps), so that a weight means the same on any
-model (see :func:`attention_consistency`).
+model (see :func:`attention_consistency`); ``distance="correlation"`` compares each map
+standardised by its own mean and spread. The multi-view training step
+(:meth:`AttentionConsistencyLoss.views`) is in :mod:`attn_consistency.step`.
 """
 
 from __future__ import annotations
@@ -126,20 +128,25 @@ def standardized_heatmaps(heatmaps: Tensor, heatmaps_t: Tensor) -> tuple[Tensor,
     :math:`T(M)_{ij}` and :math:`M'_{ij}`: it compares where a map is high, not how high.
 
     - **A map's mean is removed**, and for a GAP-FC head that mean is the label's logit (up to
-      the head's bias): the term's gradient leaves every logit where the classification loss
-      puts it. Eq. 5 also counts the gap between the two views' logits, and that part of its
-      gradient moves them.
+      the head's bias): the term's gradient on each map sums to 0 over its cells, so it has no
+      part that pulls a logit directly (the features it changes still move the logits as any
+      change of the backbone does). Eq. 5 also counts the gap between the two views' logits,
+      and that part of its gradient pulls them together.
     - **The maps' scale is divided out**, so the term cannot be lowered by shrinking the maps,
       the way Eq. 5 can (the collapse that costs the paper's loss accuracy on new models): the
       value is unchanged when both batches are multiplied by one constant, and its gradient
-      is orthogonal to the maps. A map whose variance is well above the floor is nearly free
+      is orthogonal to the two batches taken together (Euler; not to each batch alone, so not
+      under ``stop_gradient`` either). A map whose variance is well above the floor is nearly free
       of its own scale too (one view's maps 3 times the other's, exactly equivariant
       otherwise, give about 0.03 where unrelated maps give about 2).
     - **The floor** :math:`\varepsilon \bar V` keeps a flat map (an absent label's, whose
       cells are all about its logit) from being blown up to unit spread: a map with a tenth of
       the batches' typical variance counts half, a flat one not at all (:math:`Z = 0`). It
       scales with the maps, so the distance is unchanged when both batches are multiplied by
-      a constant. Where every map of both batches is flat, :math:`Z = 0`.
+      a constant. It is shared by the maps compared together (the samples of the batch, and
+      in :meth:`~AttentionConsistencyLoss.views` the views stacked into one term), so a map's
+      value depends a little on the others, as batch normalisation does. Where every map of
+      both batches is flat, :math:`Z = 0`.
 
     The statistics are those of each whole map: for a transform that leaves cells without a
     counterpart (a rotation by another angle than a multiple of 90 degrees, a translation),
@@ -196,8 +203,8 @@ def attention_consistency(
     centred on its own mean and divided by its own spread (floored by a tenth of the
     batches' mean spatial variance). About :math:`2 (1 - r)` per map for the correlation
     :math:`r` of the two views' maps, 0 for exactly equivariant maps, and free of each map's
-    mean and of the maps' common scale: its gradient moves no logit of a GAP-FC head and
-    cannot shrink the maps.
+    mean and of the maps' common scale: its gradient has no part along any map's mean (a
+    GAP-FC logit) and none that shrinks the maps.
 
     Computed in float32 (or float64 for float64 input), also under autocast.
 

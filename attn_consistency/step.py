@@ -190,7 +190,7 @@ class _Views:
 
         Args:
             model: the classifier (DDP / compiled wrappers are fine).
-            cam: the :class:`CAMHook` attached to ``model``, or a :class:`StageRecorder` such as
+            cam: the :class:`~attn_consistency.cam.CAMHook` attached to ``model``, or a :class:`StageRecorder` such as
                 :class:`~attn_consistency.models.msac.MultiScaleHeads` (multi-scale attention
                 consistency): then every term is computed at every stage, weighted by the
                 transform's weight times the stage's (``cam.stage_weight``), the logits are

@@ -86,11 +86,13 @@ def _check_docstrings(app: object) -> None:
     each module, each name in its ``__all__``, and the public methods a class defines itself
     (a method that overrides a documented one inherits its docstring)."""
     logger = logging.getLogger(__name__)
+    # every module of the package, subpackages included (cam/, transforms/, models/)
     modules = [attn_consistency] + [
-        importlib.import_module(f"attn_consistency.{info.name}")
-        for info in pkgutil.iter_modules(attn_consistency.__path__)
-        if not info.name.startswith("_")
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(attn_consistency.__path__, "attn_consistency.")
+        if not any(part.startswith("_") for part in info.name.split("."))
     ]
+    checked: set[tuple[type, str]] = set()
     for module in modules:
         if not inspect.getdoc(module):
             logger.warning(f"module {module.__name__} has no docstring")
@@ -98,15 +100,23 @@ def _check_docstrings(app: object) -> None:
             obj = getattr(module, name)
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and not inspect.getdoc(obj):
                 logger.warning(f"{module.__name__}.{name} has no docstring")
-            if inspect.isclass(obj) and obj.__module__ == module.__name__:
-                for member, value in vars(obj).items():
+            if not inspect.isclass(obj):
+                continue
+            # the class's own public methods and those of its bases in the package (CAMHook's and the
+            # loss's mixins), each checked once
+            for owner in (c for c in obj.__mro__ if c.__module__.startswith("attn_consistency")):
+                for member, value in vars(owner).items():
                     function = value.fget if isinstance(value, property) else value
                     if member.startswith("_") or not (inspect.isfunction(function) or isinstance(value, property)):
                         continue
+                    if (owner, member) in checked:
+                        continue
+                    checked.add((owner, member))
                     doc = inspect.getdoc(value) if not isinstance(value, property) else inspect.getdoc(function)
-                    inherited = any(getattr(getattr(base, member, None), "__doc__", None) for base in obj.__mro__[1:])
+                    bases = owner.__mro__[1:]
+                    inherited = any(getattr(getattr(base, member, None), "__doc__", None) for base in bases)
                     if not doc and not inherited:
-                        logger.warning(f"{module.__name__}.{name}.{member} has no docstring")
+                        logger.warning(f"{owner.__module__}.{owner.__qualname__}.{member} has no docstring")
 
 
 def _write_presets(app: object) -> None:

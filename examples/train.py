@@ -892,4 +892,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    # `python -m examples.train` runs this file as __main__; examples.cli then imports it again as
+    # examples.train (one more module object, with its own TrainConfig), and only that one is used
     main()

@@ -86,6 +86,30 @@ def test_a_forward_with_side_heads_compiles_as_one_graph() -> None:
     assert not counters["graph_break"]
 
 
+def test_forwards_without_pop_in_between_stay_right_through_recompilation() -> None:
+    # The recording hook appends to a Python list, and dynamo guards on its length: compiled
+    # forwards without pop() in between recompile once per length, up to dynamo's recompile
+    # limit, after which the frame runs eagerly. Measured here: 12 forwards, 8 graphs. The maps
+    # must stay right through all of it; a step that pops (views() does) keeps one graph (above).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model()
+    x = torch.randn(2, 3, 28, 28)
+    with CAMHook(model, max_stored=32) as cam:
+        model(x)
+        (expected,) = cam.pop()
+        compiled = torch.compile(model, backend="eager")
+        for _ in range(12):
+            compiled(x)
+        recorded = cam.pop()
+    assert len(recorded) == 12
+    for maps in recorded:
+        torch.testing.assert_close(maps, expected, rtol=1e-6, atol=1e-6)
+    assert 1 < counters["stats"]["unique_graphs"] <= torch._dynamo.config.recompile_limit
+
+
 class _Syncs(TorchDispatchMode):
     """Counts the ops that make the host wait for the device (a value read or a data-dependent shape)."""
 

@@ -20,9 +20,7 @@ of silently giving wrong maps.
 
 from __future__ import annotations
 
+from .._hooks import _WeakHook  # noqa: F401  (its path in pickles of models saved with a hook attached before the split)
 from .hook import CAMHook
 
 __all__ = ["CAMHook"]
-
-# documented, and pickled, under the name users import it by
-CAMHook.__module__ = __name__

@@ -56,7 +56,8 @@ class _Detection:
     """CAMHook's first forward: the head's modules found by the hooks they run.
 
     A mixin of :class:`~attn_consistency.CAMHook`: its methods take the CAMHook as ``self``
-    (annotated so, and type-checked against it), and the attributes they set are declared here.
+    (annotated so, and type-checked against its attributes); the attributes declared here are
+    those whose type mypy would otherwise take from an assignment in these methods.
     """
 
     layout: str | None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .._hooks import _Recording, _remove_all, _unwrap, _WeakHook
+from .._hooks import _Recording, _remove_all, _remove_handles, _unwrap, _WeakHook
 from .._validation import check_positive_int
 from .detect import _LIVE, _Detection, _warn_if_shared
 from .heads import (
@@ -65,7 +65,6 @@ class _Head(NamedTuple):
 
 def _find_head(
     model: nn.Module,
-    module: nn.Module,
     features: nn.Module | str | None,
     classifier: nn.Module | str | None,
     method: str,
@@ -279,7 +278,7 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
     ) -> None:
         max_stored = _check_options(model, activation, detach_classifier, check, max_stored, method)
         module = _unwrap(model)
-        head = _find_head(model, module, features, classifier, method)
+        head = _find_head(model, features, classifier, method)
         head_features, head_classifier, guess_activation = head.features, head.classifier, head.activation
         named_features, named_classifier, resolved = head.named_features, head.named_classifier, head.resolved
         self._module = module
@@ -354,9 +353,7 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
         self._hooks["features"].append(handle)
 
     def _remove_hooks(self, kind: str) -> None:
-        for handle in self._hooks[kind]:
-            handle.remove()
-        self._hooks[kind].clear()
+        _remove_handles(self._hooks[kind])
 
     @staticmethod
     def _fail(message: str, error: type[Exception] = ValueError) -> NoReturn:

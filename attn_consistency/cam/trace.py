@@ -1,4 +1,5 @@
-"""What the first forward's hooks saw: the modules called, the tensors they gave, and how two tensors are compared."""
+"""The head before and during the first forward: the modules a name or a model family points to, what the
+first forward's hooks saw (the modules called, the tensors they gave), and how two tensors are compared."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ of the code must leave every tensor equal.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import platform
 import sys
@@ -77,17 +78,22 @@ def decode(entries: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def host() -> dict[str, str]:
-    """What a float32 result's last bits depend on: torch, the CPU kernels it dispatches to, the CPU."""
-    cpu = platform.processor()
+    """What a float32 result's last bits depend on: torch, the CPU kernels it dispatches to, the CPU
+    (its model name, which can be a generic one such as "Intel(R) Xeon(R) Processor", and a digest of
+    its feature flags, which tell two generations of that name apart)."""
+    cpu, flags = platform.processor(), ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+            lines = info.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags")), "")
     except OSError:
         pass
     return dict(
         torch=torch.__version__,
         capability=torch.backends.cpu.get_cpu_capability(),
         cpu=cpu,
+        cpu_flags=hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16],
         machine=platform.machine(),
     )
 
