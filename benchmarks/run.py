@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.run --preset cpu                  # ResNet-18, 112/96 px, batch 8, CPU
+    python -m benchmarks.run --preset cpu-compile          # the same steps eager and torch.compile'd
     python -m benchmarks.run --preset cuda-r50             # ResNet-50 224/192, batch 32 and 64
     python -m benchmarks.run --preset cuda-r101-coco       # ResNet-101 448/384, 80 labels
     python -m benchmarks.run --preset cuda-r50 --dry-run   # print the cases and exit
@@ -64,6 +65,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-msac": {
         "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
         "steps": 10, "warmup": 2, "threads": 1, "stages": ["layer2", "layer3", "layer4"], "parts": ["step"],
+        "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
+    },
+    # The training steps eager and under torch.compile (inductor on the CPU), side by side.
+    "cpu-compile": {
+        "device": "cpu", "arch": "resnet18", "labels": 14, "batch": [8], "size": 112, "scale_size": 96,
+        "steps": 10, "warmup": 2, "threads": 1, "runner": ["eager", "compile"], "parts": ["step"],
         "loss_rounds": 4, "loss_warmup": 1, "reference_memory_gb": 1.0,
     },
     # What the Grad-CAM fallback costs against exact maps, on a model where both apply: (e)/(c).
