@@ -53,7 +53,7 @@ def _same_keys(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 
 def test_the_fixture_holds_every_case() -> None:
     assert sorted(GOLDEN) == sorted(CASES)
-    assert set(HOST) == {"torch", "capability", "cpu", "machine"}
+    assert set(HOST) == {"torch", "capability", "cpu", "cpu_flags", "machine"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
