@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.harness import environment, paired_ratio, summarize
 from examples._files import write_text_atomic
 
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratio = paired_ratio(times["attn_consistency"], times["torch"])
     result = {
         "command": sys.argv,
-        "environment": environment(__import__("torch").device("cpu")),
+        "environment": environment(torch.device("cpu")),
         "seconds": {name: summarize(values) | {"times_s": values} for name, values in times.items()},
         "ratio": ratio,
         "heavy_modules_loaded": sorted(loaded),

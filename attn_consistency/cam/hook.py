@@ -279,15 +279,13 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
         max_stored = _check_options(model, activation, detach_classifier, check, max_stored, method)
         module = _unwrap(model)
         head = _find_head(model, features, classifier, method)
-        head_features, head_classifier, guess_activation = head.features, head.classifier, head.activation
-        named_features, named_classifier, resolved = head.named_features, head.named_classifier, head.resolved
         self._module = module
         self._model_name = type(module).__name__
-        self._set_head(head_features, head_classifier)
+        self._set_head(head.features, head.classifier)
         # the activation found with the features applies only when the user named neither
         # (Grad-CAM differentiates the tensor the model itself pools, which a function applied by the
         # hook is not; DenseNet's in-place ReLU leaves that tensor as the output of its features)
-        guessed = guess_activation if method == "cam" else None
+        guessed = head.activation if method == "cam" else None
         self.activation = activation if activation is not None or features is not None else guessed
         self.detach_classifier = detach_classifier
         self.method = method
@@ -305,9 +303,9 @@ class CAMHook(_Detection, _Verification, _Maps, _Recording):
         self._stored: list[Tensor] = []
         self._warned_overflow = False
         self._warned_outside = False
-        self._features_named = named_features is not None
-        self._classifier_named = named_classifier is not None
-        self._resolved = resolved
+        self._features_named = head.named_features is not None
+        self._classifier_named = head.named_classifier is not None
+        self._resolved = head.resolved
         self._pending = True  # the first-forward verification
         self._forward: _Forward | None = None
         self._hooks: dict[str, list[RemovableHandle]] = {"features": [], "model": [], "forward": []}
